@@ -1,0 +1,3 @@
+from kwasm_py.cli import main
+
+main()
