@@ -8,6 +8,7 @@ Never touches the machine's own containerd socket, state or services.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -153,7 +154,7 @@ class PrivateContainerd:
                 status = cri.status(str(self.socket), timeout=1.0)
                 if status.runtime_ready:
                     return status
-            except Exception as err:  # noqa: BLE001 - polling until it answers
+            except Exception as err:
                 last = err
             if self.supervisor is not None and self.supervisor.poll() is not None:
                 break
@@ -250,10 +251,8 @@ class PrivateContainerd:
 
 
 def with_suppressed(fn: object) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         fn()  # type: ignore[operator]
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def fake_shim(directory: Path, name: str = "spin", *, log: Path | None = None) -> Path:

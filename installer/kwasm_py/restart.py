@@ -88,6 +88,15 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
+def pid_sees_root(pid: int, root: Path) -> bool:
+    """Whether process `pid` has `root` as its / (so it is a process of that node)."""
+    try:
+        theirs, ours = Path(f"/proc/{pid}/root").stat(), Path(root).stat()
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def pid_namespace(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
