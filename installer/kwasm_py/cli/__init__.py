@@ -52,7 +52,7 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as ex:  # noqa: BLE001 - click usage errors arrive as ClickException
+    except Exception as ex:
         import click
 
         if isinstance(ex, click.ClickException):
