@@ -449,7 +449,11 @@ class ClientKube:
     def _json(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> JSON:
         resp = self._call(what, fn, *args, **kwargs)
         try:
-            doc = json.loads(resp.data)
+            raw = resp.data
+        finally:
+            resp.release_conn()
+        try:
+            doc = json.loads(raw)
         except ValueError as ex:
             raise KubeError(f"{what}: the API server sent no JSON") from ex
         return doc if isinstance(doc, dict) else {}
@@ -464,7 +468,7 @@ class ClientKube:
     def patch_node(self, name: str, patch: JSON) -> None:
         # kubernetes 35 sends a dict body as a strategic merge patch: for maps that is a merge,
         # and a None value deletes the key.
-        self._call(f"node {name}", self._core.patch_node, name, patch).release_conn()
+        self._json(f"node {name}", self._core.patch_node, name, patch)
 
 
 def connect(

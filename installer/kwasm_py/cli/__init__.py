@@ -39,7 +39,10 @@ def render_error(err: KwasmError) -> None:
 def main() -> None:
     """Console-script entry point: run the app, turn expected failures into exit codes."""
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False click *returns* the code of a typer.Exit instead of raising.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KwasmError as err:
         render_error(err)
         sys.exit(err.exit_code)
