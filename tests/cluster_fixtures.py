@@ -1,6 +1,6 @@
 """Fixtures for the cluster-side tests: the stand-in API, kubeconfigs, agent processes.
 
-Test modules load them with ``pytest_plugins = ["cluster_fixtures"]``, so this file does not
+Test modules load them with ``pytest_plugins = ["tests.cluster_fixtures"]``, so this file does not
 depend on (or clash with) a shared conftest.py.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import NAMESPACE, AgentFactory
-from kube_standin import StandIn
+from tests.cluster_helpers import NAMESPACE, AgentFactory
+from tests.kube_standin import StandIn
 
 
 @pytest.fixture

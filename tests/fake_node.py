@@ -65,11 +65,7 @@ def main() -> int:
         if fail.exists():
             note({"ok": False})
             shared_note("end")
-            print(
-                json.dumps(
-                    {"ok": False, "step": "verify", "error": fail.read_text().strip(), "hint": "h"}
-                )
-            )
+            print(json.dumps({"ok": False, "step": "verify", "error": fail.read_text().strip(), "hint": "h"}))
             return 1
         drift = root / "drift"
         changed = not state["installed"] or drift.exists()

@@ -440,9 +440,7 @@ class StandIn:
             },
         }
         with self.cond:
-            return copy.deepcopy(
-                self._store(RESOURCES[0], self._new(RESOURCES[0], node, ""), "ADDED")
-            )
+            return copy.deepcopy(self._store(RESOURCES[0], self._new(RESOURCES[0], node, ""), "ADDED"))
 
     def node(self, name: str) -> JSON:
         with self.cond:
@@ -521,8 +519,7 @@ class StandIn:
             return [
                 r
                 for r in self.requests
-                if (method is None or r.method == method)
-                and (plural is None or f"/{plural}" in r.path)
+                if (method is None or r.method == method) and (plural is None or f"/{plural}" in r.path)
             ]
 
     def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
@@ -786,9 +783,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "kind": "APIVersions",
                     "versions": ["v1"],
-                    "serverAddressByClientCIDRs": [
-                        {"clientCIDR": "0.0.0.0/0", "serverAddress": host}
-                    ],
+                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
                 },
             )
             return True

@@ -6,11 +6,11 @@ import json
 import socket
 from pathlib import Path
 
-from cluster_helpers import run_cli
-from kube_standin import StandIn
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
+from tests.cluster_helpers import run_cli
+from tests.kube_standin import StandIn
 
-pytest_plugins = ["cluster_fixtures"]
+pytest_plugins = ["tests.cluster_fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,9 +44,7 @@ def test_annotate_all_selector_and_label(standin: StandIn, kubeconfig: Path, cap
     """--all patches every node; -l only matching ones; --label opts in with a label."""
     standin.add_node("a", labels={"pool": "wasm"})
     standin.add_node("b")
-    res = run_cli(
-        capsys, "annotate-node", "-l", "pool=wasm", "--label", "--kubeconfig", str(kubeconfig)
-    )
+    res = run_cli(capsys, "annotate-node", "-l", "pool=wasm", "--label", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert standin.node("a")["metadata"]["labels"][OPT_IN_KEY] == "true"
     assert OPT_IN_KEY not in standin.node("b")["metadata"]["labels"]
@@ -64,9 +62,7 @@ def test_annotate_many_nodes_bounded_parallel(standin: StandIn, kubeconfig: Path
     """200 nodes are all patched, with a count summary instead of a 200-row table."""
     for i in range(200):
         standin.add_node(f"n{i:03}")
-    res = run_cli(
-        capsys, "annotate-node", "--all", "--parallel", "8", "--kubeconfig", str(kubeconfig)
-    )
+    res = run_cli(capsys, "annotate-node", "--all", "--parallel", "8", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert "200 of 200 nodes opted in" in res.out
     assert "n150" not in res.out
@@ -112,9 +108,7 @@ def test_status_table_and_json(standin: StandIn, kubeconfig: Path, capsys):
         annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(ok_status)},
     )
     bad_status = {"ok": False, "time": "t2", "step": "verify", "reason": "runtime missing"}
-    standin.add_node(
-        "bad", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)}
-    )
+    standin.add_node("bad", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     standin.add_node("off")
     res = run_cli(capsys, "status", "-o", "json", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
@@ -132,9 +126,7 @@ def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path, capsys):
     """wait exits 1 naming the node that is not provisioned and why; 0 once all are."""
     bad_status = {"ok": False, "time": "t", "step": "verify", "reason": "runtime missing"}
     standin.add_node("n1", labels={PROVISIONED_LABEL: "true"}, annotations={OPT_IN_KEY: "true"})
-    standin.add_node(
-        "n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)}
-    )
+    standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     res = run_cli(capsys, "wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
     assert "node 'n2' not ready: runtime missing" in res.err and "'n1'" not in res.err

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kube_standin import StandIn
 from kwasm_py import kube
 from kwasm_py.errors import KubeError, KwasmError
+from tests.kube_standin import StandIn
 
-pytest_plugins = ["cluster_fixtures"]
+pytest_plugins = ["tests.cluster_fixtures"]
 
 
 def free_port() -> int:

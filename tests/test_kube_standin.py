@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kube_standin import StandIn, json_patch, label_match, merge_patch
+from tests.kube_standin import StandIn, json_patch, label_match, merge_patch
 
-pytest_plugins = ["cluster_fixtures"]
+pytest_plugins = ["tests.cluster_fixtures"]
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH")

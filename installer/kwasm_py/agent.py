@@ -293,9 +293,7 @@ class Agent:
     def _watch(self, rv: str, timeout: int) -> str:
         started = time.monotonic()
         seen = 0
-        for event in self.api.watch_node(
-            self.cfg.node_name, resource_version=rv, timeout_seconds=timeout
-        ):
+        for event in self.api.watch_node(self.cfg.node_name, resource_version=rv, timeout_seconds=timeout):
             obj = event.get("object") or {}
             new_rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
             rv = new_rv or rv
@@ -367,15 +365,12 @@ class Agent:
                 {
                     "metadata": {
                         "labels": {PROVISIONED_LABEL: "true"},
-                        "annotations": {
-                            STATUS_ANNOTATION: nodeview.provisioned_status(result, now=now)
-                        },
+                        "annotations": {STATUS_ANNOTATION: nodeview.provisioned_status(result, now=now)},
                     }
                 },
             )
             runtimes = ",".join(
-                f"{r.get('handler')}@{str(r.get('sha256', ''))[:12]}"
-                for r in result.get("runtimes") or []
+                f"{r.get('handler')}@{str(r.get('sha256', ''))[:12]}" for r in result.get("runtimes") or []
             )
             reason = "Repaired" if repair else "Provisioned"
             self.emit(
@@ -416,9 +411,7 @@ class Agent:
                 "metadata": {
                     "labels": labels,
                     "annotations": {
-                        STATUS_ANNOTATION: nodeview.failed_status(
-                            step=ex.step, reason=ex.error, now=now
-                        )
+                        STATUS_ANNOTATION: nodeview.failed_status(step=ex.step, reason=ex.error, now=now)
                     },
                 }
             },
@@ -598,10 +591,7 @@ class Agent:
         while not done.wait(max(0.05, self.cfg.lease_duration / 3)):
             try:
                 lease = self.api.get_lease(self.cfg.namespace, name)
-                if (
-                    lease is None
-                    or (lease.get("spec") or {}).get("holderIdentity") != self.identity
-                ):
+                if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                     self.log("lease_lost", level="warning", lease=name)
                     return
                 lease["spec"]["renewTime"] = micro_time(self.wall_clock())
@@ -613,10 +603,7 @@ class Agent:
         for _ in range(3):
             try:
                 lease = self.api.get_lease(self.cfg.namespace, name)
-                if (
-                    lease is None
-                    or (lease.get("spec") or {}).get("holderIdentity") != self.identity
-                ):
+                if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                     return
                 spec = dict(lease.get("spec") or {})
                 for key in ("holderIdentity", "acquireTime", "renewTime"):

@@ -57,9 +57,7 @@ class AgentApi(Protocol):
 
     def patch_node(self, name: str, patch: JSON) -> None: ...
 
-    def watch_node(
-        self, name: str, *, resource_version: str, timeout_seconds: int
-    ) -> Iterator[JSON]: ...
+    def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]: ...
 
     def create_event(self, namespace: str, event: JSON) -> None: ...
 
@@ -279,9 +277,7 @@ class LeanKube:
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout, context=self._ssl
-            )
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _open(
@@ -347,13 +343,9 @@ class LeanKube:
         return [i for i in items if isinstance(i, dict)]
 
     def patch_node(self, name: str, patch: JSON) -> None:
-        self.request(
-            "PATCH", f"/api/v1/nodes/{urllib.parse.quote(name)}", body=patch, content_type=MERGE
-        )
+        self.request("PATCH", f"/api/v1/nodes/{urllib.parse.quote(name)}", body=patch, content_type=MERGE)
 
-    def watch_node(
-        self, name: str, *, resource_version: str, timeout_seconds: int
-    ) -> Iterator[JSON]:
+    def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]:
         """Stream watch events of one Node; an ERROR event raises KubeError (410 when stale)."""
         query = {
             "watch": "true",
@@ -382,8 +374,7 @@ class LeanKube:
                     obj = event.get("object") or {}
                     code = obj.get("code")
                     raise KubeError(
-                        f"watch of node {name}: {code} {obj.get('reason', '')}: "
-                        f"{obj.get('message', '')}",
+                        f"watch of node {name}: {code} {obj.get('reason', '')}: {obj.get('message', '')}",
                         status=int(code) if isinstance(code, int) else None,
                     )
                 yield event
@@ -471,9 +462,7 @@ class ClientKube:
         self._json(f"node {name}", self._core.patch_node, name, patch)
 
 
-def connect(
-    kubeconfig: str | None = None, context: str | None = None, *, pool_size: int = 8
-) -> ClientKube:
+def connect(kubeconfig: str | None = None, context: str | None = None, *, pool_size: int = 8) -> ClientKube:
     """Load credentials (kubeconfig, else in-cluster) into the official client."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
@@ -500,9 +489,7 @@ def connect(
     except ConfigException as ex:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise KubeError(
-            f"bad kubeconfig {where}: {first}", hint="pass --kubeconfig and --context"
-        ) from ex
+        raise KubeError(f"bad kubeconfig {where}: {first}", hint="pass --kubeconfig and --context") from ex
     except (OSError, ValueError) as ex:
         raise KubeError(f"bad kubeconfig {kubeconfig or '~/.kube/config'}: {ex}") from ex
     conf.retries = 0  # a refused connection is one clear error, not three silent retries

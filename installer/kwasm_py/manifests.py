@@ -154,9 +154,7 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
                             "volumeMounts": [{"name": "host-root", "mountPath": HOST_ROOT}],
                         }
                     ],
-                    "volumes": [
-                        {"name": "host-root", "hostPath": {"path": "/", "type": "Directory"}}
-                    ],
+                    "volumes": [{"name": "host-root", "hostPath": {"path": "/", "type": "Directory"}}],
                 },
             },
         },

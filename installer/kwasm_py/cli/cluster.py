@@ -188,9 +188,7 @@ def status(
 
     table = Table("NODE", "OPTED-IN", "PROVISIONED", "RUNTIMES", "SINCE", "LAST FAILURE", box=None)
     for r in rows:
-        runtimes = " ".join(
-            f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes
-        )
+        runtimes = " ".join(f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes)
         table.add_row(
             r.name,
             "yes" if r.opted_in else "no",
@@ -226,9 +224,7 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
             if want:
                 return nodeview.provisioned(node)
             meta = node.get("metadata") or {}
-            return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (
-                meta.get("annotations") or {}
-            )
+            return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (meta.get("annotations") or {})
 
         pending = [t for t in targets if not done(nodes[t])]
         if not pending:
@@ -267,9 +263,7 @@ def wait(
 
 def manifests(
     image: Annotated[str | None, typer.Option("--image", help="installer image")] = None,
-    namespace: Annotated[
-        str | None, typer.Option("--namespace", help="installer namespace")
-    ] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="installer namespace")] = None,
     shim: Annotated[
         list[str] | None, typer.Option("--shim", help="shim path inside the image (repeat)")
     ] = None,
