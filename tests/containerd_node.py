@@ -153,7 +153,7 @@ class PrivateContainerd:
                 status = cri.status(str(self.socket), timeout=1.0)
                 if status.runtime_ready:
                     return status
-            except Exception as err:  # noqa: BLE001 - polling until it answers
+            except Exception as err:
                 last = err
             if self.supervisor is not None and self.supervisor.poll() is not None:
                 break
