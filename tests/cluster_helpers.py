@@ -99,17 +99,17 @@ class AgentFactory:
         root = root or self.tmp_path / f"node-{node}"
         root.mkdir(exist_ok=True)
         log = self.tmp_path / f"agent-{node}-{len(self.started)}.log"
-        full_env = child_env(
-            KUBECONFIG=str(self.kubeconfig),
-            NODE_NAME=node,
-            KWASM_HOST_ROOT=str(root),
-            KWASM_NAMESPACE=NAMESPACE,
-            KWASM_NODE_COMMAND=f"{sys.executable} {FAKE_NODE}",
-            KWASM_BACKOFF_SCALE="0.01",
-            KWASM_WATCH_TIMEOUT="30",
-            KWASM_LEASE_DURATION="30",
-            **env,
-        )
+        settings = {
+            "KUBECONFIG": str(self.kubeconfig),
+            "NODE_NAME": node,
+            "KWASM_HOST_ROOT": str(root),
+            "KWASM_NAMESPACE": NAMESPACE,
+            "KWASM_NODE_COMMAND": f"{sys.executable} {FAKE_NODE}",
+            "KWASM_BACKOFF_SCALE": "0.01",
+            "KWASM_WATCH_TIMEOUT": "30",
+            "KWASM_LEASE_DURATION": "30",
+        }
+        full_env = child_env(**{**settings, **env})
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kwasm_py", "agent"],

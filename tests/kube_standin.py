@@ -297,6 +297,9 @@ class StandIn:
     watch_epoch: int = 0
     server: ThreadingHTTPServer | None = None
     thread: threading.Thread | None = None
+    # Called as on_write(resource, kind, obj) before a write is stored (lock held): lets a test
+    # check the world (e.g. containerd) at the exact moment an object changes.
+    on_write: Any = None
 
     # -- lifecycle
 
@@ -363,6 +366,8 @@ class StandIn:
 
     def _store(self, res: Resource, obj: JSON, kind: str) -> JSON:
         """Write obj with a new resourceVersion and record a watch event (cond held)."""
+        if self.on_write is not None:
+            self.on_write(res, kind, obj)
         self.rv += 1
         meta = obj.setdefault("metadata", {})
         meta["resourceVersion"] = str(self.rv)

@@ -134,7 +134,7 @@ def annotate_node(
         if err is not None and err.status == 404:
             print(f"error: node {name!r} not found", file=sys.stderr)
         elif err is not None:
-            print(f"error: node {name!r}: {err.message}", file=sys.stderr)
+            print(f"error: {err.message}", file=sys.stderr)
     ok = [n for n in names if results.get(n) is None]
     code = 1 if failed else 0
     if wait and ok:
