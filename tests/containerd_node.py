@@ -8,6 +8,7 @@ Never touches the machine's own containerd socket, state or services.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -250,10 +251,8 @@ class PrivateContainerd:
 
 
 def with_suppressed(fn: object) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         fn()  # type: ignore[operator]
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def fake_shim(directory: Path, name: str = "spin", *, log: Path | None = None) -> Path:

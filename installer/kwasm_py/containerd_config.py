@@ -387,8 +387,16 @@ def _remove(doc: ConfigDoc, path: tuple[str, ...], *, source: str) -> Edit:
     for key in path[:-1]:
         node = node[key]
     removed_table = lookup(doc.data, path)
-    del node[path[-1]]
-    body = tomlkit.dumps(tdoc)
+    body = ""
+    if isinstance(node, tomlkit.items.InlineTable):
+        try:
+            body = _inline_splice(doc.body, node.as_string(), path[-1], removed_table, add=False)
+            _check_meaning(body, expected, source=source, what="removing the runtime")
+        except ConfigError:
+            body = ""
+    if not body:
+        del node[path[-1]]
+        body = tomlkit.dumps(tdoc)
     _check_meaning(body, expected, source=source, what="removing the runtime")
     return Edit(
         text=doc.prelude + body,
@@ -417,22 +425,50 @@ def _insert_block(doc: ConfigDoc, path: tuple[str, ...], table: dict[str, Any], 
             node[key] = tomlkit.table(is_super_table=True)
         node = node[key]
     if isinstance(node, tomlkit.items.InlineTable):
-        node[path[-1]] = _inline(table)
+        body = _inline_splice(doc.body, node.as_string(), path[-1], table, add=True)
     else:
         node[path[-1]] = table
-    return tomlkit.dumps(tdoc)
+        body = tomlkit.dumps(tdoc)
+    _check_meaning(body, expected, source=source, what="adding the runtime")
+    return body
+
+
+def _inline_entry(key: str, table: dict[str, Any]) -> str:
+    parts = [f"{k} = {_inline_entry_value(v)}" for k, v in table.items()]
+    name = tomlscan.format_key((key,), '"')
+    return name + " = { " + ", ".join(parts) + " }"
+
+
+def _inline_entry_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_inline_entry_value(v)}" for k, v in value.items()) + " }"
+    return _value(value, '"')
+
+
+def _inline_splice(body: str, inline: str, key: str, table: dict[str, Any], *, add: bool) -> str:
+    """Add (or take out) `, key = {...}` inside an inline table, touching nothing else."""
+    if body.count(inline) != 1:
+        raise ConfigError("the runtimes inline table cannot be located unambiguously; refusing")
+    piece = ", " + _inline_entry(key, table)
+    if add:
+        close = inline.rstrip().rfind("}")
+        head = inline[:close].rstrip()
+        if head == "{":
+            new_inline = "{ " + piece[2:] + " }" + inline[close + 1 :]
+        else:
+            new_inline = head + piece + inline[len(head) :]
+    elif inline.count(piece) == 1:
+        new_inline = inline.replace(piece, "")
+    elif inline.count(piece[2:]) == 1:
+        new_inline = inline.replace(piece[2:], "").replace("{  }", "{}")
+    else:
+        raise ConfigError("our runtime in the inline table was changed by hand; refusing")
+    return body.replace(inline, new_inline)
 
 
 def _insert_text(doc: ConfigDoc, path: tuple[str, ...], block: str) -> str:
     sc = tomlscan.scan(doc.body)
     return _splice(sc, path, block)
-
-
-def _inline(table: dict[str, Any]) -> tomlkit.items.InlineTable:
-    out = tomlkit.inline_table()
-    for key, value in table.items():
-        out[key] = _inline(value) if isinstance(value, dict) else value
-    return out
 
 
 def _splice(sc: tomlscan.Scan, path: tuple[str, ...], block: str) -> str:

@@ -35,7 +35,6 @@ from kwasm_py.hostfs import HostFS, file_sha256
 from kwasm_py.model import (
     BACKUP_DIR_NAME,
     DEFAULT_INSTALL_DIR,
-    LOCK_FILE_NAME,
     STATE_FILE_NAME,
     ConfigKind,
     ContainerdVersion,
@@ -131,6 +130,7 @@ class Node:
     layout: Layout
     state: st.State | None
     step: str = "start"
+    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root)
     _containerd: ContainerdVersion | None = None
     _asked: bool = False
 
@@ -152,7 +152,7 @@ class Node:
 
     def containerd_version(self) -> ContainerdVersion | None:
         """Ask the running containerd once; None when it does not answer."""
-        if not self._asked:
+        if not self._asked and self.pid_ok:
             self._asked = True
             try:
                 self._containerd = cri.version(self.socket, timeout=2.0)
@@ -161,7 +161,17 @@ class Node:
         return self._containerd
 
     def cri_status(self) -> cri.CriStatus:
+        if not self.pid_ok:
+            raise UsageError(
+                f"--pid {self.opts.pid} is not a process of the node at {self.fs.root} "
+                "(its / is elsewhere), so its containerd cannot be reached through it",
+                hint="pass a PID of the node (PID 1 in a hostPID pod), or --restart none",
+            )
         return cri.status(self.socket, timeout=3.0)
+
+    def require_pid(self) -> None:
+        if self.layout.restart.method is not RestartMethod.NONE and not self.pid_ok:
+            self.cri_status()
 
 
 def _read_state(fs: HostFS, path: PurePosixPath) -> st.State | None:
@@ -176,9 +186,10 @@ def open_node(opts: NodeOptions) -> Node:
         raise UsageError(f"--host-root {root} is not a directory")
     fs = HostFS(root)
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
+    pid_ok = restart.pid_sees_root(opts.pid, root)
     detected: Layout | None
     try:
-        facts = nodeprobe.gather(fs, pid=opts.pid)
+        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None)
         detected = layout.detect(facts)
     except KwasmError:
         if opts.config is None and state is None:
@@ -191,7 +202,7 @@ def open_node(opts: NodeOptions) -> Node:
             detected, config=PurePosixPath(state.config.path), restart=None, socket=None
         )
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
-    return Node(opts=opts, fs=fs, layout=chosen, state=state)
+    return Node(opts=opts, fs=fs, layout=chosen, state=state, pid_ok=pid_ok)
 
 
 def _shim_digests(opts: NodeOptions) -> list[tuple[ShimSpec, str]]:
@@ -319,7 +330,7 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
     if not root.is_dir():
         raise UsageError(f"--host-root {root} is not a directory")
     fs = HostFS(root)
-    with fs.lock(opts.install_dir / LOCK_FILE_NAME, timeout=opts.lock_timeout):
+    with fs.lock(timeout=opts.lock_timeout):
         node = open_node(opts)
         outcome = Outcome(layout=node.layout.name, config=str(node.layout.config_path))
         if _quick_noop(node, shims):
@@ -330,6 +341,8 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
             return outcome
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
+        if the_plan.changes:
+            node.require_pid()
         _apply(node, the_plan, outcome, log=log)
         return outcome
 
@@ -541,7 +554,7 @@ def uninstall(
     state_path = opts.install_dir / STATE_FILE_NAME
     if _read_state(fs, state_path) is None:
         return Outcome(notes=["nothing installed by kwasm-py on this node"])
-    with fs.lock(opts.install_dir / LOCK_FILE_NAME, timeout=opts.lock_timeout):
+    with fs.lock(timeout=opts.lock_timeout):
         node = open_node(opts)
         state = node.state
         if state is None:
@@ -588,11 +601,15 @@ def uninstall(
             if state.config.created and not keep and not doc.data and not doc.body.strip():
                 new_data = None
         changed = (old.data if old else None) != new_data
+        if changed:
+            node.require_pid()
         try:
             node.step = "config"
             if changed:
                 if new_data is None:
                     fs.remove(cfg_path)
+                    if state.config.kind == ConfigKind.DROP_IN.value:
+                        fs.rmdir_if_empty(cfg_path.parent)
                 else:
                     fs.atomic_write(cfg_path, new_data, mode=old.mode if old else 0o644)
                 log(f"step=config path={cfg_path} action=restore")
@@ -647,7 +664,6 @@ def uninstall(
         outcome.changed = True
         outcome.runtimes = _runtime_dicts(chosen)
     if not keep:
-        fs.remove(opts.install_dir / LOCK_FILE_NAME)
         fs.rmdir_if_empty(opts.install_dir)
     return outcome
 

@@ -169,14 +169,17 @@ class HostFS:
             self.resolve(node_path).rmdir()
 
     @contextlib.contextmanager
-    def lock(self, node_path: PurePosixPath, *, timeout: float) -> Iterator[None]:
-        """Hold an exclusive flock on `node_path`, waiting at most `timeout` seconds for it."""
-        path = self.resolve(node_path)
+    def lock(self, *, timeout: float) -> Iterator[None]:
+        """Hold an exclusive flock on the node's root directory, waiting at most `timeout` s.
+
+        Locking the root directory itself (not a lock file) serialises every kwasm-py run on the
+        node, including one in another pod that mounts the same root, and leaves no file behind:
+        a run that fails before changing anything really changes nothing.
+        """
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as err:
-            raise _io_error("create the lock file", node_path, err) from err
+            raise _io_error("open", self.root, err) from err
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -186,7 +189,7 @@ class HostFS:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise LockHeld(
-                            f"another kwasm-py run holds {node_path} (waited {timeout:.0f} s)",
+                            f"another kwasm-py run holds the lock on {self.root} (waited {timeout:.0f} s)",
                             hint="wait for it to finish, or raise --lock-timeout",
                         ) from None
                     time.sleep(0.05)

@@ -125,7 +125,8 @@ def detect(facts: NodeFacts) -> Layout:
             facts.systemd_units | facts.openrc_services
         ):
             units = ("k3s-agent", "k3s")
-        name = "k3s" if facts.init in ("systemd", "init", "openrc-init") else "k3d"
+        managed = facts.init == "systemd" or bool({"k3s", "k3s-agent"} & facts.openrc_services)
+        name = "k3s" if managed else "k3d"  # k3d: k3s runs as the container's PID 1
         rancher.append(_rancher(name, K3S_DIR, facts, units))
     candidates: list[Layout] = list(rancher)
     if MICROK8S_ARGS / "containerd-template.toml" in found:

@@ -14,9 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from kwasm_py import cri
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
 
@@ -86,6 +85,15 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return raw[raw.rindex(")") + 2 :].split()
+
+
+def pid_sees_root(pid: int, root: Path) -> bool:
+    """Whether process `pid` has `root` as its / (so it is a process of that node)."""
+    try:
+        theirs, ours = Path(f"/proc/{pid}/root").stat(), Path(root).stat()
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def pid_namespace(pid: int) -> str | None:
@@ -174,14 +182,17 @@ def restart(spec: RestartSpec, *, pid: int, runner: Runner = run, timeout: float
         )
 
 
+T = TypeVar("T")
+
+
 def wait_until(
-    check: Callable[[], cri.CriStatus],
-    ready: Callable[[cri.CriStatus], bool],
+    check: Callable[[], T],
+    ready: Callable[[T], bool],
     *,
     timeout: float,
     what: str,
-) -> cri.CriStatus:
-    """Poll containerd's CRI status until `ready` holds, or fail after `timeout` seconds."""
+) -> T:
+    """Poll `check` (containerd's CRI status) until `ready` holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_error = ""
     while True:

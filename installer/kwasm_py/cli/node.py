@@ -58,6 +58,10 @@ SocketOpt = Annotated[
 ]
 Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
+LockTimeout = Annotated[
+    float,
+    typer.Option("--lock-timeout", envvar="KWASM_LOCK_TIMEOUT", help="Seconds to wait for the node lock."),
+]
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -99,6 +103,7 @@ def _options(
     socket: str | None = None,
     force: bool = False,
     timeout: float = 60.0,
+    lock_timeout: float = 120.0,
 ) -> Any:
     from kwasm_py import layout
     from kwasm_py.engine import NodeOptions
@@ -121,6 +126,7 @@ def _options(
         install_dir=node_path(install_dir, "--install-dir") or DEFAULT_INSTALL_DIR,
         force=force,
         verify_timeout=timeout,
+        lock_timeout=lock_timeout,
     )
 
 
@@ -223,6 +229,7 @@ def install(
     sha256: Annotated[list[str] | None, typer.Option("--sha256", help="Expected sha256 per shim.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Take over a runtime of the same handler.")] = False,
     timeout: Timeout = 60.0,
+    lock_timeout: LockTimeout = 120.0,
     output: Output = "text",
 ) -> None:
     """Install shims, configure containerd, restart it and check it registered them."""
@@ -240,6 +247,7 @@ def install(
             socket=socket,
             force=force,
             timeout=timeout,
+            lock_timeout=lock_timeout,
         )
         outcome = engine.install(opts, log=_log)
     except KwasmError as err:
@@ -266,6 +274,7 @@ def uninstall(
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
     timeout: Timeout = 60.0,
+    lock_timeout: LockTimeout = 120.0,
     output: Output = "text",
 ) -> None:
     """Remove exactly what `install` added, restart containerd, check the runtime is gone."""
@@ -280,6 +289,7 @@ def uninstall(
             install_dir=install_dir,
             socket=socket,
             timeout=timeout,
+            lock_timeout=lock_timeout,
         )
         outcome = engine.uninstall(opts, _split(handler), log=_log)
     except KwasmError as err:
