@@ -219,3 +219,18 @@ def test_sigterm_when_idle_exits_promptly(standin: StandIn, agents):
     assert agent.stop(timeout=10) == 0
     assert time.monotonic() - started < 10
     assert agent.events("stop")
+
+
+def test_image_shims_for_this_architecture(tmp_path):
+    """Without --shim the agent installs what the image carries under <dir>/<arch>/."""
+    import pytest
+
+    from kwasm_py.agent import image_shims
+    from kwasm_py.errors import UsageError
+
+    (tmp_path / "arm64").mkdir()
+    (tmp_path / "arm64" / "containerd-shim-spin-v2").write_text("x")
+    (tmp_path / "arm64" / "README").write_text("x")
+    assert image_shims(str(tmp_path), "aarch64") == [str(tmp_path / "arm64" / "containerd-shim-spin-v2")]
+    with pytest.raises(UsageError, match="no shim binaries"):
+        image_shims(str(tmp_path), "x86_64")

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from kwasm_py import nodeview
-from kwasm_py.errors import KubeError
+from kwasm_py.errors import KubeError, UsageError
 from kwasm_py.kube import AgentApi
 from kwasm_py.model import PROVISIONED_LABEL, STATUS_ANNOTATION
 
@@ -123,6 +123,31 @@ class SubprocessEngine:
 
     def status(self) -> JSON:
         return self._run("status")
+
+
+def image_shims(shim_dir: str | None = None, machine: str | None = None) -> list[str]:
+    """The shim binaries baked into the installer image for this node's architecture.
+
+    images/Dockerfile puts them at ``$KWASM_SHIM_DIR/<arch>/containerd-shim-*-v2``; the DaemonSet
+    then needs no architecture-specific ``KWASM_SHIM``.
+    """
+    import platform
+    from pathlib import Path
+
+    from kwasm_py.shim_catalog import normalize_arch
+
+    base = Path(shim_dir or os.environ.get("KWASM_SHIM_DIR") or "/opt/kwasm-py/shims")
+    where = base / normalize_arch(machine or platform.machine())
+    try:
+        found = sorted(str(p) for p in where.glob("containerd-shim-*-v2") if p.is_file())
+    except OSError:
+        found = []
+    if not found:
+        raise UsageError(
+            f"no shim binaries in {where}",
+            hint="pass --shim (or KWASM_SHIM) with the shim paths to install",
+        )
+    return found
 
 
 # ---------------------------------------------------------------------------- helpers

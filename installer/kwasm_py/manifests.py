@@ -16,8 +16,9 @@ JSON = dict[str, Any]
 DEFAULT_IMAGE = "ghcr.io/kwasm-py/installer:0.1.0"
 DEFAULT_NAMESPACE = "kwasm-system"
 APP_NAME = "kwasm-node-installer"
-# Where the image carries the shims it installs (a path inside the installer container).
-DEFAULT_SHIMS = ("/opt/kwasm-py/shims/containerd-shim-spin-v2",)
+# Shim paths inside the installer container. Empty: the agent installs every shim the image
+# carries for the node's architecture ($KWASM_SHIM_DIR/<arch>, see images/Dockerfile).
+DEFAULT_SHIMS: tuple[str, ...] = ()
 DEFAULT_RUNTIME_CLASSES = (("wasmtime-spin", "spin"),)
 LEASE_PREFIX = "kwasm-restart-"
 HOST_ROOT = "/host"
@@ -115,10 +116,11 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         {"name": "KWASM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "KWASM_HOST_ROOT", "value": HOST_ROOT},
         {"name": "KWASM_PID", "value": "1"},
-        {"name": "KWASM_SHIM", "value": ",".join(p.shims)},
         {"name": "KWASM_RESTART", "value": "auto"},
         {"name": "KWASM_MAX_PARALLEL_RESTARTS", "value": str(p.max_parallel_restarts)},
     ]
+    if p.shims:
+        env.append({"name": "KWASM_SHIM", "value": ",".join(p.shims)})
     daemonset = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kwasm_py.errors import KubeError, UsageError
+from kwasm_py.errors import KubeError, KwasmError, UsageError
 from kwasm_py.model import OPT_IN_KEY, STATUS_ANNOTATION
 
 if TYPE_CHECKING:
@@ -360,10 +360,17 @@ def agent(
         Logger,
         SubprocessEngine,
         default_node_command,
+        image_shims,
     )
 
     if not node_name:
         raise UsageError("the agent needs its node name", hint="set NODE_NAME or --node-name")
+    log = Logger(node=node_name)
+    if not shim:  # what the installer image carries for this node's architecture
+        try:
+            shim = ",".join(image_shims())
+        except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
+            log("no_image_shims", level="warning", error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
     api = kube.LeanKube(endpoint)
     env = {
@@ -391,7 +398,7 @@ def agent(
         api,
         SubprocessEngine(default_node_command(), env=env),
         config,
-        log=Logger(node=node_name),
+        log=log,
     )
 
     def on_term(signum: int, frame: object) -> None:
