@@ -234,3 +234,20 @@ def test_image_shims_for_this_architecture(tmp_path):
     assert image_shims(str(tmp_path), "aarch64") == [str(tmp_path / "arm64" / "containerd-shim-spin-v2")]
     with pytest.raises(UsageError, match="no shim binaries"):
         image_shims(str(tmp_path), "x86_64")
+
+
+def test_agent_code_path_does_not_load_the_kubernetes_client():
+    """The resident agent's imports leave the official client (about 64 MB of RSS) unloaded."""
+    import subprocess
+    import sys
+
+    from tests.cluster_helpers import child_env
+
+    code = (
+        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.agent, kwasm_py.kube;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
