@@ -90,6 +90,11 @@ def test_rerun_is_a_noop_and_uninstall_restores(ctd: PrivateContainerd) -> None:
     assert r.returncode == 0 and (out["changed"], out["restarted"]) == (False, False)
     assert ctd.daemon() == running and ctd.config.stat().st_mtime_ns == mtime
 
+    r = install(ctd, shim, "--verify")
+    out = json.loads(r.stdout)
+    assert (out["changed"], out["restarted"], out["verified"]) == (False, False, True)
+    assert ctd.daemon() == running
+
     r = uninstall(ctd)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["restarted"] is True
@@ -213,3 +218,20 @@ def test_debian_packaged_config_keeps_the_default_runtime(generation: str) -> No
         assert "runc" in ctd.cri_status().runtimes
     finally:
         ctd.cleanup()
+
+
+def test_verify_repairs_a_containerd_that_never_loaded_the_runtime(ctd16: PrivateContainerd) -> None:
+    """Files in place but containerd never restarted: --verify notices and restarts once."""
+    ctd = ctd16
+    shim = fake_shim(ctd.dir / "src")
+    args = [a if a != "signal:containerd" else "none" for a in ctd.node_args()]
+    r = run_kwasm("node", "install", *args, "--shim", str(shim), "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["verified"] is False
+    assert "spin" not in ctd.cri_status().runtimes
+    r = install(ctd, shim)
+    assert json.loads(r.stdout)["restarted"] is False, "without --verify the state is trusted"
+    r = install(ctd, shim, "--verify")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0, r.stderr
+    assert (out["restarted"], out["verified"]) == (True, True)
+    assert ctd.cri_status().runtimes["spin"] == installed_path(ctd)

@@ -85,8 +85,8 @@ class SubprocessEngine:
     env: Mapping[str, str] = field(default_factory=dict)  # KWASM_* options for the child
     timeout: float = 600.0
 
-    def _run(self, verb: str) -> JSON:
-        argv = [*self.command, verb, "--output", "json"]
+    def _run(self, verb: str, *extra: str) -> JSON:
+        argv = [*self.command, verb, *extra, "--output", "json"]
         env = {**os.environ, **self.env}
         try:
             proc = subprocess.run(
@@ -116,7 +116,8 @@ class SubprocessEngine:
         return doc
 
     def install(self) -> JSON:
-        return self._run("install")
+        # The label promises containerd has the runtime: ask it even when nothing changes.
+        return self._run("install", "--verify")
 
     def uninstall(self) -> JSON:
         return self._run("uninstall")

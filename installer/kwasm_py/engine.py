@@ -60,6 +60,7 @@ class NodeOptions:
     force: bool = False
     verify_timeout: float = 60.0
     lock_timeout: float = 120.0
+    verify: bool = False  # also ask containerd when nothing needs to change (repair if it lost it)
 
 
 @dataclass
@@ -336,9 +337,16 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
         if _quick_noop(node, shims):
             assert node.state is not None
             outcome.runtimes = _runtime_dicts(node.state.runtimes)
-            outcome.verified = True
-            outcome.notes.append("already installed; nothing to do")
-            return outcome
+            if not opts.verify or node.layout.restart.method is RestartMethod.NONE:
+                outcome.notes.append("already installed: the state file, config and binaries agree")
+                return outcome
+            wanted = {r.handler: r.runtime_type for r in node.state.runtimes}
+            if _reports(node, wanted):
+                outcome.verified = True
+                outcome.notes.append("already installed, and containerd reports it")
+                return outcome
+            outcome.notes.append("files are in place but containerd does not report the runtime")
+            node.state = replace(node.state, status=st.PENDING)  # converge: restart once
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
         if the_plan.changes:
@@ -456,14 +464,17 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
     outcome.runtimes = _runtime_dicts(records)
 
 
-def _registered(node: Node, the_plan: plan.Plan) -> bool:
+def _reports(node: Node, wanted: dict[str, str]) -> bool:
+    """containerd answers, is ready, and lists every handler with its runtime_type."""
     try:
         status = node.cri_status()
     except KwasmError:
         return False
-    return status.runtime_ready and all(
-        status.runtimes.get(e.handler) == e.runtime_type for e in the_plan.entries
-    )
+    return status.runtime_ready and all(status.runtimes.get(h) == t for h, t in wanted.items())
+
+
+def _registered(node: Node, the_plan: plan.Plan) -> bool:
+    return _reports(node, {e.handler: e.runtime_type for e in the_plan.entries})
 
 
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -104,6 +105,7 @@ def _options(
     force: bool = False,
     timeout: float = 60.0,
     lock_timeout: float = 120.0,
+    verify: bool = False,
 ) -> Any:
     from kwasm_py import layout
     from kwasm_py.engine import NodeOptions
@@ -127,6 +129,7 @@ def _options(
         force=force,
         verify_timeout=timeout,
         lock_timeout=lock_timeout,
+        verify=verify,
     )
 
 
@@ -141,6 +144,26 @@ def _fail_json(err: KwasmError, step: str) -> None:
 def _check_output(output: str) -> None:
     if output not in ("text", "json"):
         raise UsageError(f"--output must be text or json, not {output!r}")
+
+
+def _run_step(step: str, output: str, action: Callable[[], Any]) -> Any:
+    """Run an engine action; JSON output prints the outcome (or the failure) as one object.
+
+    Returns the outcome for text output (after printing its notes), None when JSON was printed.
+    """
+    _check_output(output)
+    try:
+        outcome = action()
+    except KwasmError as err:
+        if output == "json":
+            _fail_json(err, step)
+        raise
+    if output == "json":
+        _emit_json(outcome.as_dict())
+        return None
+    for note in outcome.notes:
+        print(f"note: {note}")
+    return outcome
 
 
 def _log(message: str) -> None:
@@ -228,6 +251,14 @@ def install(
     socket: SocketOpt = None,
     sha256: Annotated[list[str] | None, typer.Option("--sha256", help="Expected sha256 per shim.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Take over a runtime of the same handler.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            envvar="KWASM_VERIFY",
+            help="Ask containerd even when nothing changes; repair if needed.",
+        ),
+    ] = False,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
     output: Output = "text",
@@ -235,8 +266,7 @@ def install(
     """Install shims, configure containerd, restart it and check it registered them."""
     from kwasm_py import engine
 
-    _check_output(output)
-    try:
+    def action() -> Any:
         opts = _options(
             host_root=host_root,
             shims=_shims(_split(shim), _split(handler), _split(sha256)),
@@ -248,21 +278,19 @@ def install(
             force=force,
             timeout=timeout,
             lock_timeout=lock_timeout,
+            verify=verify,
         )
-        outcome = engine.install(opts, log=_log)
-    except KwasmError as err:
-        if output == "json":
-            _fail_json(err, "install")
-        raise
-    if output == "json":
-        _emit_json(outcome.as_dict())
+        return engine.install(opts, log=_log)
+
+    outcome = _run_step("install", output, action)
+    if outcome is None:
         return
-    for note in outcome.notes:
-        print(f"note: {note}")
-    state = "changed" if outcome.changed else "unchanged"
     runtimes = ", ".join(f"{r['handler']} -> {r['runtime_type']}" for r in outcome.runtimes)
+    if not outcome.changed:
+        print(f"unchanged: {runtimes} in {outcome.config} ({outcome.layout}); nothing to do")
+        return
     verified = "containerd reports it" if outcome.verified else "not verified (--restart none)"
-    print(f"{state}: {runtimes} in {outcome.config} ({outcome.layout}); {verified}")
+    print(f"changed: {runtimes} in {outcome.config} ({outcome.layout}); {verified}")
 
 
 @app.command()
@@ -280,8 +308,7 @@ def uninstall(
     """Remove exactly what `install` added, restart containerd, check the runtime is gone."""
     from kwasm_py import engine
 
-    _check_output(output)
-    try:
+    def action() -> Any:
         opts = _options(
             host_root=host_root,
             restart=restart,
@@ -291,17 +318,10 @@ def uninstall(
             timeout=timeout,
             lock_timeout=lock_timeout,
         )
-        outcome = engine.uninstall(opts, _split(handler), log=_log)
-    except KwasmError as err:
-        if output == "json":
-            _fail_json(err, "uninstall")
-        raise
-    if output == "json":
-        _emit_json(outcome.as_dict())
-        return
-    for note in outcome.notes:
-        print(f"note: {note}")
-    if outcome.changed:
+        return engine.uninstall(opts, _split(handler), log=_log)
+
+    outcome = _run_step("uninstall", output, action)
+    if outcome is not None and outcome.changed:
         names = ", ".join(r["handler"] for r in outcome.runtimes)
         print(f"removed: {names} from {outcome.config} ({outcome.layout})")
 
