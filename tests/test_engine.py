@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,46 @@ def test_upgrade_while_the_old_shim_runs(node: Path, tmp_path: Path, kwasm: Kwas
     finally:
         running.kill()
         running.wait()
+
+
+def test_runtime_in_an_imported_file_is_a_conflict(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """A `spin` runtime in a file the config imports would fight ours: refused, nothing changed."""
+    main = 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' + V2.split("\n", 1)[1]
+    dropin = (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]\n  runtime_type = "x"\n'
+    )
+    root = tree(
+        tmp_path / "root",
+        {**SYSTEMD, "/etc/containerd/config.toml": main, "/etc/containerd/conf.d/50-wasm.toml": dropin},
+    )
+    before = tree_hash(root)
+    r = kwasm("node", "install", *args(root, shim))
+    assert r.returncode == 1
+    assert "/etc/containerd/conf.d/50-wasm.toml (imported by /etc/containerd/config.toml)" in r.stderr
+    assert tree_hash(root) == before
+
+
+def test_force_takes_over_and_uninstall_gives_it_back(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """--force replaces a foreign `spin` table; uninstall puts theirs back, keeping later edits."""
+    spin = (
+        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]\n'
+        '  runtime_type = "io.containerd.spin.v2"\n'
+    )
+    theirs = V2 + spin
+    root = tree(tmp_path / "root", {**SYSTEMD, "/etc/containerd/config.toml": theirs})
+    assert kwasm("node", "install", *args(root, shim)).returncode == 1
+    r = kwasm("node", "install", *args(root, shim, "--force"))
+    assert r.returncode == 0, r.stderr
+    text = (root / "etc/containerd/config.toml").read_text()
+    assert 'runtime_type = "/opt/kwasm/bin/containerd-shim-spin-v2"' in text
+    assert "io.containerd.spin.v2" not in text
+    # someone edits another part of the file meanwhile: removal is structural and gives theirs back
+    (root / "etc/containerd/config.toml").write_text(
+        text.replace("version = 2\n", "version = 2\noom_score = 0\n")
+    )
+    assert kwasm("node", "uninstall", "--host-root", str(root), "--restart", "none").returncode == 0
+    restored = (root / "etc/containerd/config.toml").read_text()
+    assert restored.startswith("version = 2\noom_score = 0\n")
+    assert tomllib.loads(restored) == tomllib.loads(
+        theirs.replace("version = 2\n", "version = 2\noom_score = 0\n")
+    )
