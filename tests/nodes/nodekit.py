@@ -165,6 +165,19 @@ class NodeHandle:
                 raise AssertionError(f"containerd on {self} not ready after {timeout}s")
             time.sleep(0.05)  # polling a condition with a deadline
 
+    def containerd_starts(self) -> int:
+        """How many times containerd has started on this node (its own boot log lines)."""
+        if self.node.unit is None:
+            log = (Path(self.node.dir) / "nspawn.log").read_text(errors="replace")
+        else:
+            log = self.run("journalctl", "-u", self.node.unit, "-o", "cat", "--no-pager").stdout
+        return log.count("containerd successfully booted")
+
+    @property
+    def restart_args(self) -> tuple[str, ...]:
+        """Extra CLI args this node needs: none under systemd (auto), a signal restart on k3d."""
+        return () if self.node.unit is not None else ("--restart", self.node.restart)
+
     def containerd_major(self) -> int:
         out = self.run("containerd", "--version", check=True).stdout.split()
         return int(out[2].lstrip("v").split(".")[0])
