@@ -77,3 +77,9 @@ class FetchError(KwasmError):
 
 class SandboxError(KwasmError):
     """A local test node could not be built, booted or stopped."""
+
+
+class CatalogError(KwasmError):
+    """The shim catalog (images/shims.toml) is malformed or asked for something it lacks."""
+
+    exit_code = 2

@@ -14,7 +14,6 @@ STATUS_ANNOTATION = "kwasm.sh/kwasm-status"
 # Where things live on the node, as node paths (inside the host root).
 DEFAULT_INSTALL_DIR = PurePosixPath("/opt/kwasm")
 STATE_FILE_NAME = "kwasm-state.json"
-LOCK_FILE_NAME = ".kwasm.lock"
 BACKUP_DIR_NAME = "backup"
 BIN_DIR_NAME = "bin"
 

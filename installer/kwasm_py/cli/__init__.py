@@ -37,25 +37,15 @@ def render_error(err: KwasmError) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turn expected failures into exit codes."""
+    """Console-script entry point: run the app, turn expected failures into exit codes.
+
+    typer/click handle usage errors themselves (exit 2 with the usage line); KwasmError is
+    the one family of expected failures and is rendered here once; anything else is a bug.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except KwasmError as err:
         render_error(err)
         sys.exit(err.exit_code)
-    except typer.Exit as ex:
-        sys.exit(ex.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as ex:  # noqa: BLE001 - click usage errors arrive as ClickException
-        import click
-
-        if isinstance(ex, click.ClickException):
-            ex.show()
-            sys.exit(ex.exit_code)
-        raise

@@ -1,7 +1,346 @@
-"""`kwasm-py node ...`: the node engine's commands (placeholder)."""
+"""`kwasm-py node ...`: what the DaemonSet pod does on its node, as commands.
+
+Paths given to --config, --socket and --install-dir are node paths (inside --host-root).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Install or remove shims on this node.")
+from kwasm_py.errors import KwasmError, UsageError
+from kwasm_py.model import DEFAULT_INSTALL_DIR, ShimSpec
+
+app = typer.Typer(no_args_is_help=True, help="Install or remove containerd shims on a node.")
+
+HostRoot = Annotated[
+    Path,
+    typer.Option("--host-root", envvar="KWASM_HOST_ROOT", help="Where the node's / is mounted here."),
+]
+Shims = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--shim",
+        envvar="KWASM_SHIM",
+        help="Shim binary (containerd-shim-NAME-v2) to install; repeatable.",
+    ),
+]
+Handlers = Annotated[
+    list[str] | None,
+    typer.Option("--handler", envvar="KWASM_HANDLER", help="Runtime handler (default: NAME)."),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", envvar="KWASM_CONFIG", help="Node path of the file to edit."),
+]
+RestartOpt = Annotated[
+    str,
+    typer.Option(
+        "--restart",
+        envvar="KWASM_RESTART",
+        help="auto, none, systemd:UNIT, openrc:SERVICE or signal:PROCESS.",
+    ),
+]
+PidOpt = Annotated[
+    int, typer.Option("--pid", envvar="KWASM_PID", help="A node process to nsenter (hostPID: 1).")
+]
+InstallDir = Annotated[
+    str,
+    typer.Option("--install-dir", envvar="KWASM_INSTALL_DIR", help="Node dir for shims and state."),
+]
+SocketOpt = Annotated[
+    str | None,
+    typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
+]
+Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
+LockTimeout = Annotated[
+    float,
+    typer.Option("--lock-timeout", envvar="KWASM_LOCK_TIMEOUT", help="Seconds to wait for the node lock."),
+]
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for value in values or []:
+        out.extend(v for v in value.split(",") if v)
+    return out
+
+
+def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[ShimSpec, ...]:
+    from kwasm_py.plan import shim_name
+
+    if handlers and len(handlers) != len(paths):
+        raise UsageError("give one --handler per --shim (or none)")
+    if sha256 and len(sha256) != len(paths):
+        raise UsageError("give one --sha256 per --shim (or none)")
+    specs = []
+    for i, path in enumerate(paths):
+        name = shim_name(path)
+        specs.append(
+            ShimSpec(
+                source=path,
+                name=name,
+                handler=handlers[i] if handlers else name,
+                sha256=sha256[i] if sha256 else None,
+            )
+        )
+    return tuple(specs)
+
+
+def _options(
+    *,
+    host_root: Path,
+    shims: tuple[ShimSpec, ...] = (),
+    config: str | None = None,
+    restart: str = "auto",
+    pid: int = 1,
+    install_dir: str = str(DEFAULT_INSTALL_DIR),
+    socket: str | None = None,
+    force: bool = False,
+    timeout: float = 60.0,
+    lock_timeout: float = 120.0,
+) -> Any:
+    from kwasm_py import layout
+    from kwasm_py.engine import NodeOptions
+
+    def node_path(value: str | None, flag: str) -> PurePosixPath | None:
+        if value is None:
+            return None
+        path = PurePosixPath(value)
+        if not path.is_absolute():
+            raise UsageError(f"{flag} {value!r} must be an absolute path on the node")
+        return path
+
+    return NodeOptions(
+        host_root=host_root,
+        shims=shims,
+        config=node_path(config, "--config"),
+        restart=layout.parse_restart(restart),
+        socket=node_path(socket, "--socket"),
+        pid=pid,
+        install_dir=node_path(install_dir, "--install-dir") or DEFAULT_INSTALL_DIR,
+        force=force,
+        verify_timeout=timeout,
+        lock_timeout=lock_timeout,
+    )
+
+
+def _emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _fail_json(err: KwasmError, step: str) -> None:
+    _emit_json({"ok": False, "step": step, "error": err.message, "hint": err.hint})
+
+
+def _check_output(output: str) -> None:
+    if output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {output!r}")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@app.command()
+def plan(
+    host_root: HostRoot,
+    shim: Shims = None,
+    handler: Handlers = None,
+    config: ConfigOpt = None,
+    restart: RestartOpt = "auto",
+    pid: PidOpt = 1,
+    install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
+    socket: SocketOpt = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
+    output: Output = "text",
+) -> None:
+    """Show what `install` would do; change nothing."""
+    from kwasm_py import engine
+    from kwasm_py import restart as restart_mod
+
+    _check_output(output)
+    opts = _options(
+        host_root=host_root,
+        shims=_shims(_split(shim), _split(handler), []),
+        config=config,
+        restart=restart,
+        pid=pid,
+        install_dir=install_dir,
+        socket=socket,
+        force=force,
+    )
+    node, the_plan = engine.plan_only(opts)
+    lay = node.layout
+    data = {
+        "layout": lay.name,
+        "evidence": list(lay.evidence),
+        "config": str(lay.config_path),
+        "config_kind": lay.kind.value,
+        "reads": str(lay.rendered_path or lay.config_path),
+        "containerd": str(the_plan.containerd or "unknown (not answering)"),
+        "schema": the_plan.schema.value,
+        "notes": list(the_plan.notes),
+        "diff": the_plan.diff(),
+        "binaries": [
+            {"source": b.shim.source, "dest": str(b.dest), "sha256": b.sha256, "write": b.write}
+            for b in the_plan.binaries
+        ],
+        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
+        "changes": the_plan.changes,
+    }
+    if output == "json":
+        _emit_json(data)
+        return
+    lines = [
+        f"layout:     {data['layout']}",
+        *(f"            - {e}" for e in lay.evidence),
+        f"config:     {data['config']} ({data['config_kind']}; containerd reads {data['reads']})",
+        f"containerd: {data['containerd']}",
+        f'table:      plugins."{the_plan.schema.value}".containerd.runtimes',
+        *(f"note:       {n}" for n in the_plan.notes),
+    ]
+    for b in the_plan.binaries:
+        action = "write" if b.write else "unchanged"
+        lines.append(f"shim:       {b.shim.source} -> {b.dest} ({action}, sha256 {b.sha256[:16]}…)")
+    lines.append(f"restart:    {data['restart']}")
+    if not the_plan.changes:
+        lines.append("nothing to change")
+    print("\n".join(lines))
+    if the_plan.config_changed:
+        print(the_plan.diff(), end="")
+
+
+@app.command()
+def install(
+    host_root: HostRoot,
+    shim: Shims = None,
+    handler: Handlers = None,
+    config: ConfigOpt = None,
+    restart: RestartOpt = "auto",
+    pid: PidOpt = 1,
+    install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
+    socket: SocketOpt = None,
+    sha256: Annotated[list[str] | None, typer.Option("--sha256", help="Expected sha256 per shim.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Take over a runtime of the same handler.")] = False,
+    timeout: Timeout = 60.0,
+    lock_timeout: LockTimeout = 120.0,
+    output: Output = "text",
+) -> None:
+    """Install shims, configure containerd, restart it and check it registered them."""
+    from kwasm_py import engine
+
+    _check_output(output)
+    try:
+        opts = _options(
+            host_root=host_root,
+            shims=_shims(_split(shim), _split(handler), _split(sha256)),
+            config=config,
+            restart=restart,
+            pid=pid,
+            install_dir=install_dir,
+            socket=socket,
+            force=force,
+            timeout=timeout,
+            lock_timeout=lock_timeout,
+        )
+        outcome = engine.install(opts, log=_log)
+    except KwasmError as err:
+        if output == "json":
+            _fail_json(err, "install")
+        raise
+    if output == "json":
+        _emit_json(outcome.as_dict())
+        return
+    for note in outcome.notes:
+        print(f"note: {note}")
+    state = "changed" if outcome.changed else "unchanged"
+    runtimes = ", ".join(f"{r['handler']} -> {r['runtime_type']}" for r in outcome.runtimes)
+    verified = "containerd reports it" if outcome.verified else "not verified (--restart none)"
+    print(f"{state}: {runtimes} in {outcome.config} ({outcome.layout}); {verified}")
+
+
+@app.command()
+def uninstall(
+    host_root: HostRoot,
+    handler: Handlers = None,
+    restart: RestartOpt = "auto",
+    pid: PidOpt = 1,
+    install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
+    socket: SocketOpt = None,
+    timeout: Timeout = 60.0,
+    lock_timeout: LockTimeout = 120.0,
+    output: Output = "text",
+) -> None:
+    """Remove exactly what `install` added, restart containerd, check the runtime is gone."""
+    from kwasm_py import engine
+
+    _check_output(output)
+    try:
+        opts = _options(
+            host_root=host_root,
+            restart=restart,
+            pid=pid,
+            install_dir=install_dir,
+            socket=socket,
+            timeout=timeout,
+            lock_timeout=lock_timeout,
+        )
+        outcome = engine.uninstall(opts, _split(handler), log=_log)
+    except KwasmError as err:
+        if output == "json":
+            _fail_json(err, "uninstall")
+        raise
+    if output == "json":
+        _emit_json(outcome.as_dict())
+        return
+    for note in outcome.notes:
+        print(f"note: {note}")
+    if outcome.changed:
+        names = ", ".join(r["handler"] for r in outcome.runtimes)
+        print(f"removed: {names} from {outcome.config} ({outcome.layout})")
+
+
+@app.command()
+def status(
+    host_root: HostRoot,
+    pid: PidOpt = 1,
+    install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
+    config: ConfigOpt = None,
+    socket: SocketOpt = None,
+    ask: Annotated[
+        bool, typer.Option("--containerd/--no-containerd", help="Also ask containerd over CRI.")
+    ] = True,
+    output: Output = "text",
+) -> None:
+    """What kwasm-py installed here, whether it still holds, and what containerd says."""
+    from kwasm_py import engine
+
+    _check_output(output)
+    opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)
+    report = engine.status(opts, ask_containerd=ask)
+    if output == "json":
+        _emit_json(report.as_dict())
+        return
+    print(f"layout:     {report.layout}")
+    print(f"config:     {report.config}")
+    print(f"state:      {report.status}")
+    for r in report.runtimes:
+        print(f"runtime:    {r['handler']} -> {r['runtime_type']} (sha256 {r['sha256'][:16]}…)")
+    if report.containerd is not None:
+        cs = report.containerd
+        if "error" in cs:
+            print(f"containerd: not answering ({cs['error']})")
+        else:
+            runtimes = ", ".join(f"{k}={v}" for k, v in sorted(cs["runtimes"].items()))
+            ready = "ready" if cs["ready"] else "NOT ready"
+            print(f"containerd: {cs['version']} {ready}; runtimes: {runtimes}")
+    for d in report.drift:
+        print(f"drift:      {d}")
+    if report.drift:
+        raise typer.Exit(1)

@@ -1,0 +1,73 @@
+"""Fetch throughput: `artifacts.fetch_shims` (download + sha256 + safe tar check + extract +
+atomic place) against a plain `requests` download of the same archive, same server, same run.
+
+    python bench/bench_shims.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from tests.shim_http import catalog_text, serve, sha, shim_tar
+
+from kwasm_py import artifacts, shim_catalog
+
+
+def _plain(url: str, out: Path) -> None:
+    with requests.get(url, stream=True, timeout=30) as r, out.open("wb") as f:
+        r.raise_for_status()
+        for chunk in r.iter_content(256 * 1024):
+            f.write(chunk)
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows {figure, value, floor, ratio, unit}: throughput of fetch vs plain download."""
+    size = (8 if quick else 64) * 1_000_000
+    rounds = 3 if quick else 7
+    for var in ("http_proxy", "HTTP_PROXY"):
+        os.environ.pop(var, None)
+    archive, _ = shim_tar(payload=os.urandom(size))  # random: gzip cannot shrink it
+    mb = len(archive) / 1e6
+    work = Path(tempfile.mkdtemp(prefix="bench-shims-"))
+    try:
+        with serve() as srv:
+            srv.add("/a.tar.gz", data=archive)
+            url = srv.url("/a.tar.gz")
+            shims = shim_catalog.parse(
+                catalog_text({"spin": {"url": url, "archive_sha256": sha(archive)}})
+            ).select()
+            plain, fetch = [], []
+            for i in range(rounds):
+                t = time.perf_counter()
+                _plain(url, work / f"plain-{i}")
+                plain.append(time.perf_counter() - t)
+                (work / f"plain-{i}").unlink()
+                t = time.perf_counter()
+                artifacts.fetch_shims(shims, "amd64", work / f"fetch-{i}")
+                fetch.append(time.perf_counter() - t)
+                shutil.rmtree(work / f"fetch-{i}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    floor = mb / statistics.median(plain)
+    value = mb / statistics.median(fetch)
+    return [
+        {
+            "figure": f"shims fetch throughput ({mb:.0f} MB archive, verify+extract+place)",
+            "value": round(value, 1),
+            "floor": round(floor, 1),
+            "ratio": round(value / floor, 3),
+            "unit": "MB/s",
+        }
+    ]
+
+
+if __name__ == "__main__":
+    for row in run("--quick" in sys.argv):
+        print(row)

@@ -1,0 +1,722 @@
+"""The node engine: install, uninstall and inspect shims on one node, safely.
+
+Order of effects on install (each a possible crash point, each safe to resume):
+lock -> backup the original config once -> state file `pending` -> shim binaries -> config ->
+restart -> containerd confirms the runtime -> state file `installed`.
+If containerd does not come back or does not list the runtime, the previous config and binaries
+are put back, containerd is restarted again, and the run fails saying so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kwasm_py import containerd_config as cc
+from kwasm_py import cri, layout, nodeprobe, plan, restart
+from kwasm_py import state as st
+from kwasm_py.errors import (
+    ChecksumError,
+    ConflictError,
+    HostIOError,
+    KwasmError,
+    RestartError,
+    UsageError,
+    VerifyError,
+)
+from kwasm_py.hostfs import HostFS, file_sha256
+from kwasm_py.model import (
+    BACKUP_DIR_NAME,
+    DEFAULT_INSTALL_DIR,
+    STATE_FILE_NAME,
+    ConfigKind,
+    ContainerdVersion,
+    CriSchema,
+    Layout,
+    RestartMethod,
+    RestartSpec,
+    ShimSpec,
+)
+
+KILL_ENV = "KWASM_TEST_KILL_AT"  # tests: SIGKILL ourselves at a named step
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    host_root: Path
+    shims: tuple[ShimSpec, ...] = ()
+    config: PurePosixPath | None = None
+    restart: RestartSpec | None = None  # None: from the detected layout
+    socket: PurePosixPath | None = None
+    pid: int = 1
+    install_dir: PurePosixPath = DEFAULT_INSTALL_DIR
+    force: bool = False
+    verify_timeout: float = 60.0
+    lock_timeout: float = 120.0
+
+
+@dataclass
+class Outcome:
+    ok: bool = True
+    changed: bool = False
+    restarted: bool = False
+    verified: bool = False
+    layout: str = ""
+    config: str = ""
+    runtimes: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "changed": self.changed,
+            "restarted": self.restarted,
+            "verified": self.verified,
+            "layout": self.layout,
+            "config": self.config,
+            "runtimes": self.runtimes,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Report:
+    installed: bool
+    layout: str
+    config: str
+    status: str = ""
+    runtimes: list[dict[str, str]] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    containerd: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed,
+            "status": self.status,
+            "layout": self.layout,
+            "config": self.config,
+            "runtimes": self.runtimes,
+            "drift": self.drift,
+            "containerd": self.containerd,
+        }
+
+
+def _kill_point(step: str) -> None:
+    if os.environ.get(KILL_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared context
+
+
+@dataclass
+class Node:
+    """One node as the engine sees it: files, state, layout, containerd."""
+
+    opts: NodeOptions
+    fs: HostFS
+    layout: Layout
+    state: st.State | None
+    step: str = "start"
+    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root)
+    _containerd: ContainerdVersion | None = None
+    _asked: bool = False
+
+    @property
+    def install_dir(self) -> PurePosixPath:
+        return self.opts.install_dir
+
+    @property
+    def state_path(self) -> PurePosixPath:
+        return self.install_dir / STATE_FILE_NAME
+
+    @property
+    def backup_dir(self) -> PurePosixPath:
+        return self.install_dir / BACKUP_DIR_NAME
+
+    @property
+    def socket(self) -> str:
+        return restart.socket_path(self.opts.pid, self.layout.socket)
+
+    def containerd_version(self) -> ContainerdVersion | None:
+        """Ask the running containerd once; None when it does not answer."""
+        if not self._asked and self.pid_ok:
+            self._asked = True
+            try:
+                self._containerd = cri.version(self.socket, timeout=2.0)
+            except KwasmError:
+                self._containerd = None
+        return self._containerd
+
+    def cri_status(self) -> cri.CriStatus:
+        if not self.pid_ok:
+            raise UsageError(
+                f"--pid {self.opts.pid} is not a process of the node at {self.fs.root} "
+                "(its / is elsewhere), so its containerd cannot be reached through it",
+                hint="pass a PID of the node (PID 1 in a hostPID pod), or --restart none",
+            )
+        return cri.status(self.socket, timeout=3.0)
+
+    def require_pid(self) -> None:
+        if self.layout.restart.method is not RestartMethod.NONE and not self.pid_ok:
+            self.cri_status()
+
+
+def _read_state(fs: HostFS, path: PurePosixPath) -> st.State | None:
+    info = fs.read(path)
+    return None if info is None else st.from_json(info.data, source=str(path))
+
+
+def open_node(opts: NodeOptions) -> Node:
+    """Detect the layout (or take it from the state file / overrides) and read the state."""
+    root = Path(opts.host_root)
+    if not root.is_dir():
+        raise UsageError(f"--host-root {root} is not a directory")
+    fs = HostFS(root)
+    state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
+    pid_ok = restart.pid_sees_root(opts.pid, root)
+    detected: Layout | None
+    try:
+        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None)
+        detected = layout.detect(facts)
+    except KwasmError:
+        if opts.config is None and state is None:
+            raise
+        detected = None
+    owned_elsewhere = detected is not None and str(detected.config_path) != (state and state.config.path)
+    if state is not None and opts.config is None and detected is not None and owned_elsewhere:
+        # Keep editing the file we own.
+        detected = layout.override(
+            detected, config=PurePosixPath(state.config.path), restart=None, socket=None
+        )
+    chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
+    return Node(opts=opts, fs=fs, layout=chosen, state=state, pid_ok=pid_ok)
+
+
+def _shim_digests(opts: NodeOptions) -> list[tuple[ShimSpec, str]]:
+    out = []
+    for shim in opts.shims:
+        path = Path(shim.source)
+        if not path.is_file():
+            raise UsageError(f"shim {path} does not exist or is not a file")
+        if not os.access(path, os.X_OK):
+            raise UsageError(f"shim {path} is not executable", hint=f"chmod +x {path}")
+        digest = file_sha256(path)
+        assert digest is not None
+        if shim.sha256 and shim.sha256.lower() != digest:
+            raise ChecksumError(
+                f"shim {path} has sha256 {digest}, expected {shim.sha256.lower()}",
+                hint="the file is not the release you meant; fetch it again",
+            )
+        out.append((shim, digest))
+    return out
+
+
+def _check_imports(node: Node, own: str | None, handlers: list[str]) -> None:
+    """A runtime of the same handler in an imported file would fight with ours."""
+    if own is None:
+        return
+    try:
+        data = cc.load(own, source=str(node.layout.config_path)).data
+    except KwasmError:
+        return
+    for pattern in data.get("imports") or []:
+        if not isinstance(pattern, str) or not pattern.startswith("/"):
+            continue
+        for host_path in sorted(glob.glob(str(node.fs.root) + pattern)):
+            node_path = "/" + os.path.relpath(host_path, node.fs.root)
+            if PurePosixPath(node_path) == node.layout.config_path:
+                continue
+            text = node.fs.read_text(PurePosixPath(node_path))
+            if text is None:
+                continue
+            try:
+                imported = cc.load(text, source=node_path).data
+            except KwasmError:
+                continue
+            for schema in CriSchema:
+                for handler in handlers:
+                    if cc.find_runtime(imported, schema, handler) is not None:
+                        raise ConflictError(
+                            f"{node_path} (imported by {node.layout.config_path}) already defines "
+                            f"runtime `{handler}`",
+                            hint="remove it there, or pick another --handler",
+                        )
+
+
+def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
+    fs, lay = node.fs, node.layout
+    own = fs.read_text(lay.config_path)
+    reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
+    _check_imports(node, own, [s.handler for s, _ in shims])
+    containerd = node.containerd_version()
+    if containerd is None and node.state is not None and node.state.containerd:
+        containerd = cri.parse_version(node.state.containerd)
+    installed = {
+        node.install_dir / "bin" / s.binary_name: fs.sha256(node.install_dir / "bin" / s.binary_name)
+        for s, _ in shims
+    }
+    return plan.make_plan(
+        layout=lay,
+        own_text=own,
+        reference_text=reference,
+        containerd=containerd,
+        shims=shims,
+        installed=installed,
+        install_dir=node.install_dir,
+        state=node.state,
+        force=node.opts.force,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# install
+
+
+def plan_only(opts: NodeOptions) -> tuple[Node, plan.Plan]:
+    node = open_node(opts)
+    if not opts.shims:
+        raise UsageError("no --shim given")
+    return node, make_plan(node, _shim_digests(opts))
+
+
+def _runtime_dicts(
+    records: tuple[st.RuntimeRecord, ...] | list[st.RuntimeRecord],
+) -> list[dict[str, str]]:
+    return [
+        {"handler": r.handler, "runtime_type": r.runtime_type, "shim": r.shim, "sha256": r.sha256}
+        for r in records
+    ]
+
+
+def _quick_noop(node: Node, shims: list[tuple[ShimSpec, str]]) -> bool:
+    """The state file says it is all in place, and the files agree: nothing to do."""
+    state = node.state
+    if state is None or state.status != st.INSTALLED:
+        return False
+    if state.config.path != str(node.layout.config_path):
+        return False
+    if node.fs.sha256(node.layout.config_path) != state.config.written_sha256:
+        return False
+    wanted = {s.handler for s, _ in shims}
+    if wanted != {r.handler for r in state.runtimes}:
+        return False
+    for shim, digest in shims:
+        record = state.runtime(shim.handler)
+        if record is None or record.sha256 != digest or record.name != shim.name:
+            return False
+        if node.fs.sha256(PurePosixPath(record.shim)) != digest:
+            return False
+    return True
+
+
+def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) -> Outcome:
+    if not opts.shims:
+        raise UsageError("no --shim given")
+    shims = _shim_digests(opts)  # before the lock: bad input fails fast and changes nothing
+    root = Path(opts.host_root)
+    if not root.is_dir():
+        raise UsageError(f"--host-root {root} is not a directory")
+    fs = HostFS(root)
+    with fs.lock(timeout=opts.lock_timeout):
+        node = open_node(opts)
+        outcome = Outcome(layout=node.layout.name, config=str(node.layout.config_path))
+        if _quick_noop(node, shims):
+            assert node.state is not None
+            outcome.runtimes = _runtime_dicts(node.state.runtimes)
+            outcome.verified = True
+            outcome.notes.append("already installed; nothing to do")
+            return outcome
+        the_plan = make_plan(node, shims)
+        outcome.notes.extend(the_plan.notes)
+        if the_plan.changes:
+            node.require_pid()
+        _apply(node, the_plan, outcome, log=log)
+        return outcome
+
+
+def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[str], None]) -> None:
+    fs, lay, opts = node.fs, node.layout, node.opts
+    prev_state = node.state
+    cfg_path = lay.config_path
+    old_info = fs.read(cfg_path)
+    # 1. back up the original once (the first time kwasm-py touches this file)
+    own_prev = prev_state if prev_state is not None and prev_state.config.path == str(cfg_path) else None
+    if own_prev is not None:
+        backup = own_prev.config.backup
+        original_sha = own_prev.config.original_sha256
+        created = own_prev.config.created
+    else:
+        created = old_info is None
+        original_sha = hashlib.sha256(old_info.data).hexdigest() if old_info else None
+        backup = None
+        if old_info is not None:
+            backup_path = node.backup_dir / (cfg_path.name + ".orig")
+            node.step = "backup"
+            fs.makedirs(node.backup_dir)
+            fs.atomic_write(backup_path, old_info.data, mode=0o600, keep_metadata=False)
+            backup = str(backup_path)
+    _kill_point("backup")
+    new_bytes = the_plan.new_text.encode()
+    records = tuple(
+        st.RuntimeRecord(
+            handler=entry.handler,
+            name=step.shim.name,
+            runtime_type=entry.runtime_type,
+            shim=str(step.dest),
+            sha256=step.sha256,
+            table=entry.as_table(),
+            replaced=the_plan.replaced.get(entry.handler),
+        )
+        for entry, step in zip(the_plan.entries, the_plan.binaries, strict=True)
+    )
+    containerd = the_plan.containerd
+    new_state = st.State(
+        status=st.PENDING,
+        layout=lay.name,
+        config=st.ConfigRecord(
+            path=str(cfg_path),
+            kind=lay.kind.value,
+            created=created,
+            original_sha256=original_sha,
+            written_sha256=hashlib.sha256(new_bytes).hexdigest(),
+            backup=backup,
+            schema=the_plan.schema.value,
+            version_added=the_plan.version_added,
+        ),
+        runtimes=records,
+        containerd=str(containerd) if containerd else "",
+        restart=str(lay.restart),
+        socket=str(lay.socket),
+        updated=_now(),
+    )
+    # 2. intent: from here on the tables and files named in the state are ours
+    node.step = "state"
+    fs.makedirs(node.install_dir)
+    fs.atomic_write(node.state_path, new_state.to_json(), mode=0o600, keep_metadata=False)
+    # 3. binaries (keep what was there for rollback)
+    previous_bins: dict[PurePosixPath, bytes | None] = {}
+    try:
+        node.step = "binary"
+        for step in the_plan.writes:
+            old_bin = fs.read(step.dest)
+            previous_bins[step.dest] = old_bin.data if old_bin else None
+            fs.makedirs(step.dest.parent)
+            digest = fs.copy_in(Path(step.shim.source), step.dest, mode=0o755)
+            if digest != step.sha256:
+                raise ChecksumError(f"{step.shim.source} changed while it was being copied")
+            log(f"step=binary dest={step.dest} sha256={digest}")
+        _kill_point("binary")
+        # 4. config
+        node.step = "config"
+        if the_plan.config_changed:
+            if lay.kind is ConfigKind.DROP_IN:
+                fs.makedirs(cfg_path.parent)
+            fs.atomic_write(cfg_path, new_bytes, mode=0o644)
+            log(f"step=config path={cfg_path}")
+        _kill_point("config")
+        # 5. restart when containerd has to read something new (or we cannot know it did)
+        interrupted = prev_state is not None and prev_state.status != st.INSTALLED
+        must_restart = the_plan.config_changed or interrupted
+        if must_restart and interrupted and not the_plan.config_changed:
+            must_restart = not _registered(node, the_plan)
+        node.step = "restart"
+        if must_restart and lay.restart.method is not RestartMethod.NONE:
+            restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+            outcome.restarted = True
+            log(f"step=restart method={lay.restart}")
+        _kill_point("restart")
+        # 6. containerd itself must list the runtime
+        node.step = "verify"
+        if lay.restart.method is not RestartMethod.NONE:
+            _wait_registered(node, the_plan, timeout=opts.verify_timeout)
+            outcome.verified = True
+    except KwasmError as err:
+        _rollback(node, err, old_info, previous_bins, prev_state, the_plan, outcome)
+        raise
+    # 7. done
+    _kill_point("state")
+    node.step = "state"
+    final = replace(new_state, status=st.INSTALLED, updated=_now())
+    fs.atomic_write(node.state_path, final.to_json(), mode=0o600, keep_metadata=False)
+    outcome.changed = the_plan.changes or outcome.restarted
+    outcome.runtimes = _runtime_dicts(records)
+
+
+def _registered(node: Node, the_plan: plan.Plan) -> bool:
+    try:
+        status = node.cri_status()
+    except KwasmError:
+        return False
+    return status.runtime_ready and all(
+        status.runtimes.get(e.handler) == e.runtime_type for e in the_plan.entries
+    )
+
+
+def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
+    wanted = {e.handler: e.runtime_type for e in the_plan.entries}
+    try:
+        restart.wait_until(
+            node.cri_status,
+            lambda s: s.runtime_ready and all(s.runtimes.get(h) == t for h, t in wanted.items()),
+            timeout=timeout,
+            what="containerd to report runtime(s) " + ", ".join(sorted(wanted)),
+        )
+    except RestartError as err:
+        try:
+            current = node.cri_status()
+        except KwasmError:
+            raise RestartError(
+                f"containerd did not come back after the restart ({err.message})",
+                hint="see the node's containerd log (journalctl -u containerd)",
+            ) from err
+        missing = {h: current.runtimes.get(h) for h, t in wanted.items() if current.runtimes.get(h) != t}
+        raise VerifyError(
+            "containerd runs but does not report the runtime as configured: "
+            + ", ".join(f"{h} -> {v!r}" for h, v in missing.items())
+            + f" (it reads {node.layout.rendered_path or node.layout.config_path})",
+            hint="containerd ignored the edited file: check --config, the config version, "
+            "and that the file is the one containerd reads",
+        ) from err
+
+
+def _rollback(
+    node: Node,
+    err: KwasmError,
+    old_info: Any,
+    previous_bins: dict[PurePosixPath, bytes | None],
+    prev_state: st.State | None,
+    the_plan: plan.Plan,
+    outcome: Outcome,
+) -> None:
+    """Put back the previous config, binaries and state; restart; amend the error message."""
+    fs, lay = node.fs, node.layout
+    failed_step = node.step
+    notes = []
+    try:
+        if old_info is None:
+            fs.remove(lay.config_path)
+        elif fs.sha256(lay.config_path) != hashlib.sha256(old_info.data).hexdigest():
+            fs.atomic_write(lay.config_path, old_info.data, mode=old_info.mode)
+        for dest, data in previous_bins.items():
+            if data is None:
+                fs.remove(dest)
+            else:
+                fs.atomic_write(dest, data, mode=0o755, keep_metadata=False)
+        if prev_state is None:
+            fs.remove(node.state_path)
+            if lay.config_path.name + ".orig" in fs.listdir(node.backup_dir):
+                fs.remove(node.backup_dir / (lay.config_path.name + ".orig"))
+            fs.rmdir_if_empty(node.backup_dir)
+            fs.rmdir_if_empty(node.install_dir / "bin")
+        else:
+            fs.atomic_write(node.state_path, prev_state.to_json(), mode=0o600, keep_metadata=False)
+        notes.append("rolled back the config and shim binaries")
+        if failed_step in ("restart", "verify") and lay.restart.method is not RestartMethod.NONE:
+            restart.restart(lay.restart, pid=node.opts.pid, timeout=node.opts.verify_timeout)
+            outcome.restarted = True
+            restart.wait_until(
+                node.cri_status,
+                lambda s: s.runtime_ready,
+                timeout=node.opts.verify_timeout,
+                what="containerd to run again with the previous config",
+            )
+            notes.append("containerd runs again with the previous config")
+    except KwasmError as second:
+        notes.append(f"rollback incomplete: {second.message}")
+    err.message = f"{failed_step}: {err.message}; " + "; ".join(notes)
+    err.args = (err.message,)
+
+
+# ---------------------------------------------------------------------------------------------
+# uninstall
+
+
+def uninstall(
+    opts: NodeOptions, handlers: list[str], *, log: Callable[[str], None] = lambda _m: None
+) -> Outcome:
+    root = Path(opts.host_root)
+    if not root.is_dir():
+        raise UsageError(f"--host-root {root} is not a directory")
+    fs = HostFS(root)
+    state_path = opts.install_dir / STATE_FILE_NAME
+    if _read_state(fs, state_path) is None:
+        return Outcome(notes=["nothing installed by kwasm-py on this node"])
+    with fs.lock(timeout=opts.lock_timeout):
+        node = open_node(opts)
+        state = node.state
+        if state is None:
+            return Outcome(notes=["nothing installed by kwasm-py on this node"])
+        cfg_path = PurePosixPath(state.config.path)
+        lay = replace(node.layout, config_path=cfg_path)
+        node.layout = lay
+        outcome = Outcome(layout=state.layout, config=str(cfg_path))
+        chosen = [r for r in state.runtimes if not handlers or r.handler in handlers]
+        unknown = set(handlers) - {r.handler for r in state.runtimes}
+        if unknown:
+            raise UsageError(f"kwasm-py did not install handler(s) {', '.join(sorted(unknown))}")
+        keep = [r for r in state.runtimes if r not in chosen]
+        old = fs.read(cfg_path)
+        new_data: bytes | None
+        if old is None:
+            new_data = None
+        elif not keep and hashlib.sha256(old.data).hexdigest() == state.config.written_sha256:
+            # Nothing else changed since we wrote it: give back the original, byte for byte.
+            if state.config.created:
+                new_data = None
+            else:
+                backup = fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
+                if backup is None:
+                    raise HostIOError(
+                        f"the backup of {cfg_path} is missing ({state.config.backup})",
+                        hint="the runtime table can still be removed by hand",
+                    )
+                new_data = backup.data
+        else:
+            schema = CriSchema(state.config.schema)
+            doc = cc.load(old.data.decode(), source=str(cfg_path))
+            for record in chosen:
+                edit = cc.remove_runtime(
+                    doc,
+                    record.handler,
+                    schema=schema,
+                    restore=record.replaced,
+                    version_added=state.config.version_added and not keep and record is chosen[-1],
+                    source=str(cfg_path),
+                )
+                doc = cc.load(edit.text, source=str(cfg_path))
+            new_data = doc.text.encode()
+            if state.config.created and not keep and not doc.data and not doc.body.strip():
+                new_data = None
+        changed = (old.data if old else None) != new_data
+        if changed:
+            node.require_pid()
+        try:
+            node.step = "config"
+            if changed:
+                if new_data is None:
+                    fs.remove(cfg_path)
+                    if state.config.kind == ConfigKind.DROP_IN.value:
+                        fs.rmdir_if_empty(cfg_path.parent)
+                else:
+                    fs.atomic_write(cfg_path, new_data, mode=old.mode if old else 0o644)
+                log(f"step=config path={cfg_path} action=restore")
+            node.step = "restart"
+            if changed and lay.restart.method is not RestartMethod.NONE:
+                restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                outcome.restarted = True
+                gone = {r.handler for r in chosen}
+                node.step = "verify"
+                restart.wait_until(
+                    node.cri_status,
+                    lambda s: (
+                        s.runtime_ready
+                        and not any(
+                            s.runtimes.get(r.handler) == r.runtime_type for r in chosen if r.handler in gone
+                        )
+                    ),
+                    timeout=opts.verify_timeout,
+                    what="containerd to run without runtime(s) " + ", ".join(sorted(gone)),
+                )
+                outcome.verified = True
+        except KwasmError as err:
+            if changed and old is not None:
+                fs.atomic_write(cfg_path, old.data, mode=old.mode)
+                err.message += "; put the config back as it was"
+                if lay.restart.method is not RestartMethod.NONE:
+                    try:
+                        restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                    except KwasmError as again:
+                        err.message += f"; restart after that failed too: {again.message}"
+            raise
+        for record in chosen:
+            if fs.remove(PurePosixPath(record.shim)):
+                log(f"step=binary action=remove path={record.shim}")
+        if keep:
+            remaining = replace(
+                state,
+                runtimes=tuple(keep),
+                config=replace(
+                    state.config,
+                    written_sha256=hashlib.sha256(new_data or b"").hexdigest(),
+                ),
+                updated=_now(),
+            )
+            fs.atomic_write(node.state_path, remaining.to_json(), mode=0o600, keep_metadata=False)
+        else:
+            if state.config.backup:
+                fs.remove(PurePosixPath(state.config.backup))
+            fs.remove(node.state_path)
+            fs.rmdir_if_empty(node.backup_dir)
+            fs.rmdir_if_empty(node.install_dir / "bin")
+        outcome.changed = True
+        outcome.runtimes = _runtime_dicts(chosen)
+    if not keep:
+        fs.rmdir_if_empty(opts.install_dir)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+def status(opts: NodeOptions, *, ask_containerd: bool = False) -> Report:
+    node = open_node(opts)
+    state = node.state
+    report = Report(
+        installed=state is not None and state.status == st.INSTALLED,
+        status=state.status if state else "absent",
+        layout=state.layout if state else node.layout.name,
+        config=state.config.path if state else str(node.layout.config_path),
+    )
+    if ask_containerd:
+        try:
+            cs = node.cri_status()
+            report.containerd = {
+                "ready": cs.runtime_ready,
+                "version": str(node.containerd_version() or ""),
+                "runtimes": cs.runtimes,
+            }
+        except KwasmError as err:
+            report.containerd = {"ready": False, "error": err.message}
+    if state is None:
+        return report
+    report.runtimes = _runtime_dicts(state.runtimes)
+    text = node.fs.read_text(PurePosixPath(state.config.path))
+    data: dict[str, Any] = {}
+    if text is None:
+        report.drift.append(f"config {state.config.path} is gone")
+    else:
+        try:
+            data = cc.load(text, source=state.config.path).data
+        except KwasmError as err:
+            report.drift.append(err.message)
+    schema = CriSchema(state.config.schema)
+    for record in state.runtimes:
+        if text is not None and cc.find_runtime(data, schema, record.handler) != record.table:
+            report.drift.append(
+                f"config {state.config.path} no longer has runtime {record.handler} as installed"
+            )
+        digest = node.fs.sha256(PurePosixPath(record.shim))
+        if digest is None:
+            report.drift.append(f"shim {record.shim} is missing")
+        elif digest != record.sha256:
+            report.drift.append(
+                f"shim {record.shim} changed (sha256 {digest[:12]}…, installed {record.sha256[:12]}…)"
+            )
+        seen = (report.containerd or {}).get("runtimes")
+        if seen is not None and seen.get(record.handler) != record.runtime_type:
+            report.drift.append(f"containerd does not report runtime {record.handler}")
+    return report

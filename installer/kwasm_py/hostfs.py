@@ -1,0 +1,249 @@
+"""The node's filesystem as seen through its root directory on this machine.
+
+Node paths (``/etc/containerd/config.toml``) are resolved inside the host root the way the node
+itself would resolve them: absolute symlinks point into the root, never out to this machine's
+own files. Writes are atomic (temp file in the same directory, fsync, rename) and keep the
+owner and mode of the file they replace, so a crash leaves either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from kwasm_py.errors import HostIOError, LockHeld
+
+_MAX_LINKS = 40
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    data: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+def _io_error(action: str, path: Path | PurePosixPath, err: OSError) -> HostIOError:
+    reason = err.strerror or str(err)
+    hint = ""
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "the node's filesystem is read-only here; choose a writable --install-dir"
+    elif err.errno == errno.ENOSPC:
+        hint = "the node's filesystem is full; free space and run again"
+    return HostIOError(f"cannot {action} {path}: {reason}", hint=hint)
+
+
+class HostFS:
+    """Files of one node, addressed by node path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def resolve(self, node_path: PurePosixPath) -> Path:
+        """Map a node path to a host path, following symlinks as the node would."""
+        if not node_path.is_absolute():
+            raise HostIOError(f"node path {node_path} is not absolute")
+        parts = list(node_path.parts[1:])
+        resolved: list[str] = []
+        links = 0
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = self.root.joinpath(*resolved, part)
+            if candidate.is_symlink():
+                links += 1
+                if links > _MAX_LINKS:
+                    raise HostIOError(f"too many symlinks resolving {node_path}")
+                target = PurePosixPath(os.readlink(candidate))
+                if target.is_absolute():
+                    resolved = []
+                    parts = list(target.parts[1:]) + parts
+                else:
+                    parts = list(target.parts) + parts
+                continue
+            resolved.append(part)
+        return self.root.joinpath(*resolved)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def exists(self, node_path: PurePosixPath) -> bool:
+        return self.resolve(node_path).exists()
+
+    def read(self, node_path: PurePosixPath) -> FileInfo | None:
+        """The file's bytes and metadata, or None when it does not exist."""
+        path = self.resolve(node_path)
+        try:
+            with path.open("rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError as err:
+            raise HostIOError(f"{node_path} is a directory, not a file") from err
+        except OSError as err:
+            raise _io_error("read", node_path, err) from err
+        return FileInfo(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+
+    def read_text(self, node_path: PurePosixPath) -> str | None:
+        info = self.read(node_path)
+        if info is None:
+            return None
+        try:
+            return info.data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise HostIOError(f"{node_path} is not UTF-8 text") from err
+
+    def sha256(self, node_path: PurePosixPath) -> str | None:
+        return file_sha256(self.resolve(node_path))
+
+    def listdir(self, node_path: PurePosixPath) -> list[str]:
+        try:
+            return sorted(os.listdir(self.resolve(node_path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def atomic_write(
+        self,
+        node_path: PurePosixPath,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        owner: tuple[int, int] | None = None,
+        keep_metadata: bool = True,
+    ) -> None:
+        """Replace the file with `data` atomically (existing owner/mode kept when asked)."""
+        path = self.resolve(node_path)
+        if keep_metadata:
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                mode = stat.S_IMODE(st.st_mode)
+                owner = (st.st_uid, st.st_gid)
+        write_atomic(path, data, mode=mode, owner=owner, label=str(node_path))
+
+    def copy_in(self, source: Path, node_path: PurePosixPath, *, mode: int = 0o755) -> str:
+        """Copy a host file into the node atomically; return its sha256."""
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise _io_error("read", source, err) from err
+        self.atomic_write(node_path, data, mode=mode, keep_metadata=False)
+        return hashlib.sha256(data).hexdigest()
+
+    def makedirs(self, node_path: PurePosixPath) -> None:
+        try:
+            self.resolve(node_path).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _io_error("create directory", node_path, err) from err
+
+    def remove(self, node_path: PurePosixPath) -> bool:
+        try:
+            self.resolve(node_path).unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise _io_error("remove", node_path, err) from err
+        _fsync_dir(self.resolve(node_path.parent))
+        return True
+
+    def rmdir_if_empty(self, node_path: PurePosixPath) -> None:
+        with contextlib.suppress(OSError):
+            self.resolve(node_path).rmdir()
+
+    @contextlib.contextmanager
+    def lock(self, *, timeout: float) -> Iterator[None]:
+        """Hold an exclusive flock on the node's root directory, waiting at most `timeout` s.
+
+        Locking the root directory itself (not a lock file) serialises every kwasm-py run on the
+        node, including one in another pod that mounts the same root, and leaves no file behind:
+        a run that fails before changing anything really changes nothing.
+        """
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise _io_error("open", self.root, err) from err
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockHeld(
+                            f"another kwasm-py run holds the lock on {self.root} (waited {timeout:.0f} s)",
+                            hint="wait for it to finish, or raise --lock-timeout",
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+
+def file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _io_error("read", path, err) from err
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] | None, label: str) -> None:
+    """Temp file in the same directory, fsync, chmod/chown, rename over, fsync the directory.
+
+    Never rewrites a file in place: a running shim binary stays intact (no "text file busy"),
+    and a crash leaves the old or the new file, never a partial one.
+    """
+    tmp = path.with_name(f".{path.name}.kwasm-tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fchmod(fd, mode)
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(fd, *owner)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _io_error("write", PurePosixPath(label), err) from err
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

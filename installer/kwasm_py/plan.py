@@ -1,0 +1,178 @@
+"""What an install would change on a node: a pure function of what is there now.
+
+Inputs are plain values gathered by the engine (file texts, hashes, the state file, the
+containerd version); the output is a Plan the engine applies step by step and `node plan`
+prints. No I/O here, so every branch is a unit test.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from kwasm_py import containerd_config as cc
+from kwasm_py.errors import ConfigError, UsageError
+from kwasm_py.model import (
+    BIN_DIR_NAME,
+    ConfigKind,
+    ContainerdVersion,
+    CriSchema,
+    Layout,
+    ShimSpec,
+)
+from kwasm_py.state import INSTALLED, State
+
+BASE_TEMPLATE = '{{ template "base" . }}\n'
+
+
+@dataclass(frozen=True)
+class BinaryStep:
+    shim: ShimSpec
+    dest: PurePosixPath
+    sha256: str
+    write: bool  # the installed copy is missing or differs
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    containerd: ContainerdVersion | None
+    schema: CriSchema
+    notes: tuple[str, ...]
+    old_text: str | None
+    new_text: str
+    binaries: tuple[BinaryStep, ...]
+    entries: tuple[cc.RuntimeEntry, ...]
+    replaced: dict[str, str | None] = field(default_factory=dict)
+    version_added: bool = False
+
+    @property
+    def config_changed(self) -> bool:
+        return self.old_text != self.new_text
+
+    @property
+    def writes(self) -> tuple[BinaryStep, ...]:
+        return tuple(b for b in self.binaries if b.write)
+
+    @property
+    def changes(self) -> bool:
+        return self.config_changed or bool(self.writes)
+
+    def diff(self) -> str:
+        path = str(self.layout.config_path)
+        old = (self.old_text or "").splitlines(keepends=True)
+        new = self.new_text.splitlines(keepends=True)
+        fromfile = path if self.old_text is not None else "/dev/null"
+        return "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=path))
+
+
+def shim_name(binary: str) -> str:
+    """`containerd-shim-spin-v2` -> `spin`."""
+    base = PurePosixPath(binary).name
+    if not (base.startswith("containerd-shim-") and base.endswith("-v2")) or base in ("containerd-shim--v2",):
+        raise UsageError(
+            f"shim {binary!r} is not named containerd-shim-NAME-v2",
+            hint="containerd finds shims by that name; rename the file or pass --handler",
+        )
+    return base[len("containerd-shim-") : -len("-v2")]
+
+
+def make_plan(
+    *,
+    layout: Layout,
+    own_text: str | None,
+    reference_text: str | None,
+    containerd: ContainerdVersion | None,
+    shims: list[tuple[ShimSpec, str]],
+    installed: dict[PurePosixPath, str | None],
+    install_dir: PurePosixPath,
+    state: State | None,
+    force: bool = False,
+) -> Plan:
+    """Decide the binaries to write and the config text to have, from what is there now.
+
+    `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
+    of what is there (None when absent).
+    """
+    source = str(layout.config_path)
+    own_state = state if state is not None and state.config.path == source else None
+    base_text = own_text
+    version_line: int | None = None
+    if own_text is None:
+        if layout.kind is ConfigKind.TEMPLATE and layout.name in ("k3s", "k3d", "rke2"):
+            base_text = BASE_TEMPLATE  # never freeze a copy of the rendered file
+        else:
+            base_text = ""
+    assert base_text is not None
+    doc = cc.load(base_text, source=source)
+    reference = None
+    if reference_text is not None and layout.kind is not ConfigKind.CONFIG:
+        rendered = str(layout.rendered_path)
+        reference = cc.load(reference_text, source=rendered).data
+    choice = cc.choose_schema(doc.data, reference=reference, containerd=containerd, source=source)
+    notes = list(choice.notes)
+    if not doc.data and not doc.prelude:
+        if layout.kind is ConfigKind.DROP_IN and reference is not None:
+            version_line = cc.config_version(reference)
+        elif containerd is not None:
+            version_line = 3 if containerd.major >= 2 else 2
+            notes.append(f"writing `version = {version_line}` for containerd {containerd}")
+        elif layout.kind is ConfigKind.CONFIG:
+            raise ConfigError(
+                f"{source} has no settings and containerd's version is unknown, so its schema "
+                "cannot be chosen",
+                hint="start containerd (kwasm-py asks it over CRI), or write `version = 2` "
+                "(containerd 1.x) or `version = 3` (2.x) into the file",
+            )
+    reference_data = reference if reference is not None else doc.data
+    systemd = cc.runc_systemd_cgroup(reference_data, choice.schema) or cc.runc_systemd_cgroup(
+        doc.data, choice.schema
+    )
+    bin_dir = install_dir / BIN_DIR_NAME
+    steps: list[BinaryStep] = []
+    entries: list[cc.RuntimeEntry] = []
+    handlers: set[str] = set()
+    for shim, digest in shims:
+        if shim.handler in handlers:
+            raise UsageError(f"two shims want handler {shim.handler!r}; pass --handler per shim")
+        handlers.add(shim.handler)
+        dest = bin_dir / shim.binary_name
+        steps.append(BinaryStep(shim, dest, digest, write=installed.get(dest) != digest))
+        entries.append(cc.RuntimeEntry(shim.handler, str(dest), systemd_cgroup=systemd))
+    text = doc.text
+    replaced: dict[str, str | None] = {}
+    version_added = bool(own_state and own_state.config.version_added)
+    for entry in entries:
+        current = cc.load(text, source=source)
+        record = own_state.runtime(entry.handler) if own_state else None
+        edit = cc.add_runtime(
+            current,
+            entry,
+            schema=choice.schema,
+            owned=record.table if record else None,
+            force=force,
+            version_line=version_line,
+            source=source,
+        )
+        text = edit.text
+        version_added = version_added or edit.version_added
+        replaced[entry.handler] = edit.replaced if edit.changed else (record.replaced if record else None)
+        if edit.replaced is None and record is not None and edit.changed:
+            replaced[entry.handler] = record.replaced
+    if own_text is None and text == base_text:
+        text = base_text
+    if state is not None and state.status != INSTALLED:
+        notes.append("a previous run was interrupted: finishing it")
+    return Plan(
+        layout=layout,
+        containerd=containerd,
+        schema=choice.schema,
+        notes=tuple(notes),
+        old_text=own_text,
+        new_text=text,
+        binaries=tuple(steps),
+        entries=tuple(entries),
+        replaced=replaced,
+        version_added=version_added,
+    )

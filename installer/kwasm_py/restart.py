@@ -1,0 +1,206 @@
+"""Restarting the node's containerd from outside, as a hostPID pod does, and waiting for it.
+
+Commands run inside the node through ``nsenter --target PID --mount --uts --ipc --net --pid``,
+so the node's own systemctl / rc-service act on the node's own services. The socket of the
+node's containerd is reached from here as ``/proc/PID/root/<socket>``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from kwasm_py import cri
+from kwasm_py.errors import RestartError
+from kwasm_py.model import RestartMethod, RestartSpec
+
+
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]: ...
+
+
+def run(argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run argv (never a shell), capturing output."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as err:
+        raise RestartError(f"cannot run {argv[0]}: not found on this machine") from err
+    except subprocess.TimeoutExpired as err:
+        raise RestartError(f"`{' '.join(argv)}` did not finish within {timeout:.0f} s") from err
+
+
+def in_node(pid: int, argv: Sequence[str]) -> list[str]:
+    """argv that runs `argv` inside the namespaces of node process `pid`."""
+    return [
+        "nsenter",
+        f"--target={pid}",
+        "--mount",
+        "--uts",
+        "--ipc",
+        "--net",
+        "--pid",
+        "--",
+        *argv,
+    ]
+
+
+def socket_path(pid: int, socket: PurePosixPath) -> str:
+    """Where the node's socket is reachable from this machine."""
+    return f"/proc/{pid}/root{socket}"
+
+
+def restart_command(spec: RestartSpec) -> list[str]:
+    if spec.method is RestartMethod.SYSTEMD:
+        return ["systemctl", "restart", spec.target]
+    if spec.method is RestartMethod.OPENRC:
+        return ["rc-service", spec.target, "restart"]
+    if spec.method is RestartMethod.SIGNAL:
+        return ["kill", "-TERM", f"<{spec.target} pid>"]
+    return []
+
+
+def describe(spec: RestartSpec, pid: int) -> str:
+    """The restart as a user would type it (for `plan`)."""
+    if spec.method is RestartMethod.NONE:
+        return "none (--restart none)"
+    if spec.method is RestartMethod.SIGNAL:
+        return f"SIGTERM the {spec.target} process of node PID {pid}; its parent restarts it"
+    return " ".join(in_node(pid, restart_command(spec)))
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    start_ticks: int  # /proc/PID/stat field 22: identifies this incarnation of the pid
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def pid_sees_root(pid: int, root: Path) -> bool:
+    """Whether process `pid` has `root` as its / (so it is a process of that node)."""
+    try:
+        theirs, ours = Path(f"/proc/{pid}/root").stat(), Path(root).stat()
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def find_processes(pid: int, name: str) -> list[Proc]:
+    """Processes called `name` in the PID namespace of `pid` (the node's processes)."""
+    namespace = pid_namespace(pid)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != name or pid_namespace(int(entry)) != namespace:
+            continue
+        fields = _stat_fields(int(entry))
+        if fields:
+            found.append(Proc(int(entry), int(fields[19])))
+    return found
+
+
+def descendants(pid: int, name: str) -> list[Proc]:
+    """Processes called `name` below `pid` in the process tree."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if not fields:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        try:
+            comms[int(entry)] = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        if comms.get(child) == name:
+            fields = _stat_fields(child)
+            if fields:
+                out.append(Proc(child, int(fields[19])))
+        todo.extend(children.get(child, []))
+    return out
+
+
+def alive(proc: Proc) -> bool:
+    fields = _stat_fields(proc.pid)
+    return fields is not None and int(fields[19]) == proc.start_ticks and fields[0] != "Z"
+
+
+def restart(spec: RestartSpec, *, pid: int, runner: Runner = run, timeout: float = 90.0) -> None:
+    """Restart the node's containerd as `spec` says. Returns once the restart was issued."""
+    if spec.method is RestartMethod.NONE:
+        return
+    if spec.method is RestartMethod.SIGNAL:
+        targets = descendants(pid, spec.target) or find_processes(pid, spec.target)
+        if not targets:
+            raise RestartError(f"no {spec.target} process found under node PID {pid}")
+        for proc in targets:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + timeout
+        while any(alive(p) for p in targets):
+            if time.monotonic() > deadline:
+                raise RestartError(f"{spec.target} (pid {targets[0].pid}) ignored SIGTERM")
+            time.sleep(0.01)
+        return
+    argv = in_node(pid, restart_command(spec))
+    result = runner(argv, timeout=timeout)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise RestartError(
+            f"`{' '.join(restart_command(spec))}` failed in the node (exit {result.returncode})"
+            + (f": {detail[-1]}" if detail else ""),
+        )
+
+
+def wait_until(
+    check: Callable[[], cri.CriStatus],
+    ready: Callable[[cri.CriStatus], bool],
+    *,
+    timeout: float,
+    what: str,
+) -> cri.CriStatus:
+    """Poll containerd's CRI status until `ready` holds, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while True:
+        try:
+            current = check()
+            if ready(current):
+                return current
+            last_error = f"containerd answered, but {what} was not true yet"
+        except RestartError as err:
+            last_error = err.message
+        if time.monotonic() > deadline:
+            raise RestartError(f"gave up after {timeout:.0f} s waiting for {what}: {last_error}")
+        time.sleep(0.02)

@@ -1,0 +1,81 @@
+"""The state file: exactly what kwasm-py added to a node, so it can remove that and nothing else.
+
+It is written *before* the config changes (status ``pending``) and again after containerd
+confirmed the runtime (``installed``). A run that finds ``pending`` knows the tables and files
+named there are its own, finishes the job, and restarts containerd at most once.
+Pure: dict <-> dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kwasm_py.errors import HostIOError
+
+SCHEMA = 1
+PENDING = "pending"
+INSTALLED = "installed"
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    handler: str
+    name: str  # shim name (containerd-shim-NAME-v2)
+    runtime_type: str
+    shim: str  # node path of the installed binary
+    sha256: str
+    table: dict[str, Any]  # the exact table written under runtimes.<handler>
+    replaced: str | None = None  # a foreign table --force took over (put back on uninstall)
+    previous_binary: str | None = None  # what was at `shim` before us, if anything (backup path)
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    path: str  # node path of the edited file
+    kind: str  # config | template | drop-in
+    created: bool  # the file did not exist before kwasm-py
+    original_sha256: str | None  # of the file before kwasm-py first touched it
+    written_sha256: str  # of the file as kwasm-py last wrote it
+    backup: str | None  # node path of the original's copy
+    schema: str  # plugin ID the runtimes live under
+    version_added: bool = False
+
+
+@dataclass(frozen=True)
+class State:
+    status: str
+    layout: str
+    config: ConfigRecord
+    runtimes: tuple[RuntimeRecord, ...]
+    containerd: str = ""
+    restart: str = ""
+    socket: str = ""
+    updated: str = ""
+    schema: int = field(default=SCHEMA)
+
+    def runtime(self, handler: str) -> RuntimeRecord | None:
+        return next((r for r in self.runtimes if r.handler == handler), None)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+
+def from_json(raw: bytes, *, source: str) -> State:
+    try:
+        data = json.loads(raw)
+        if data.get("schema") != SCHEMA:
+            raise HostIOError(
+                f"{source} has state schema {data.get('schema')!r}; this kwasm-py reads {SCHEMA}",
+                hint="use the kwasm-py version that wrote it to uninstall",
+            )
+        config = ConfigRecord(**data["config"])
+        runtimes = tuple(RuntimeRecord(**r) for r in data["runtimes"])
+        rest = {k: v for k, v in data.items() if k not in ("config", "runtimes")}
+        return State(config=config, runtimes=runtimes, **rest)
+    except (ValueError, KeyError, TypeError) as err:
+        raise HostIOError(
+            f"{source} is not a kwasm-py state file ({err})",
+            hint="move it away if it is stale; kwasm-py then treats the node as fresh",
+        ) from err
