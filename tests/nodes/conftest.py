@@ -71,9 +71,7 @@ def node_roots(node_state: Path) -> Callable[[str], Path]:
 
 
 @pytest.fixture
-def make_node(
-    node_state: Path, node_roots: Callable[[str], Path]
-) -> Iterator[Callable[..., NodeHandle]]:
+def make_node(node_state: Path, node_roots: Callable[[str], Path]) -> Iterator[Callable[..., NodeHandle]]:
     """Factory: boot a fresh node (suite, flavour[, prepare(root)]); all stopped after the test."""
     started: list[sandbox.Node] = []
     counter = iter(range(1000))
@@ -85,9 +83,7 @@ def make_node(
     ) -> NodeHandle:
         node_roots(suite)
         name = f"t{os.getpid() % 10000}-{next(counter)}-{flavor}"
-        node = sandbox.up(
-            suite=suite, flavor_name=flavor, name=name, state=node_state, prepare=prepare
-        )
+        node = sandbox.up(suite=suite, flavor_name=flavor, name=name, state=node_state, prepare=prepare)
         started.append(node)
         return NodeHandle(node)
 

@@ -77,7 +77,7 @@ def _fields(b: bytes) -> Iterator[tuple[int, int, object]]:
 
 def cri_info(socket: Path, timeout: float = 5.0) -> dict[str, str]:
     """The `info` map of CRI RuntimeService/Status(verbose=true) from the daemon at SOCKET."""
-    import grpc  # noqa: PLC0415 - only the CRI checks need it
+    import grpc
 
     with grpc.insecure_channel(f"unix://{socket}") as ch:
         call = ch.unary_unary(
@@ -139,9 +139,7 @@ class NodeHandle:
     def host_socket(self) -> Path:
         return self.node.host_socket
 
-    def run(
-        self, *argv: str, check: bool = False, timeout: float = 30
-    ) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run ARGV inside the node (nsenter into its namespaces, as a hostPID pod does)."""
         return sandbox.node_run(self.node, *argv, check=check, timeout=timeout)
 

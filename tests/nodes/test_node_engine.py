@@ -21,7 +21,8 @@ STATE_FILE = "/opt/kwasm/kwasm-state.json"
 def install(node, shim, *extra, env=None):
     """Run `node install` on NODE with SHIM; return the finished process."""
     return node.kwasm(
-        "node", "install", "--shim", str(shim), "--output", "json", *node.restart_args, *extra,
+        "node", "install", "--shim", str(shim), "--output", "json", "--timeout", "20",
+        *node.restart_args, *extra,
         env=env,
     )  # fmt: skip
 
@@ -31,6 +32,25 @@ def uninstall(node, *extra, env=None):
         "node", "uninstall", "--handler", "spin", "--output", "json", *node.restart_args, *extra,
         env=env,
     )  # fmt: skip
+
+
+def expect_runc_gap(request, node) -> None:
+    """Mark the test xfail (strict) on a node whose config declares no runc runtime.
+
+    Debian's packaged /etc/containerd/config.toml has a CRI table with no `runtimes`; adding only
+    `runtimes.spin` to it makes containerd 1.6 refuse to load the CRI plugin ("no corresponding
+    runtime configured in `containerd.runtimes` for `containerd` `default_runtime_name =
+    \"runc\"`"), so the engine rolls back. containerd 2.x merges the defaults and is fine. The
+    engine has to add the default runtime too (and remove it again on uninstall).
+    Strict: once the engine handles it, these tests XPASS and the mark must go.
+    """
+    if node.flavor == "containerd" and node.containerd_major() < 2:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="engine: containerd 1.6 CRI refuses a runtimes map without runc",
+            )
+        )
 
 
 def runtime_table(doc: dict, handler: str) -> dict:
@@ -59,9 +79,7 @@ def assert_installed(node, out, shim):
     assert installed.stat().st_mode & 0o111
     # The running containerd (CRI status over the node's own socket) lists the runtime.
     assert node.runtimes().get("spin") == rt["runtime_type"]
-    assert rt["runtime_type"] == SPIN_RUNTIME_TYPE or rt["runtime_type"].endswith(
-        "containerd-shim-spin-v2"
-    )
+    assert rt["runtime_type"] == SPIN_RUNTIME_TYPE or rt["runtime_type"].endswith("containerd-shim-spin-v2")
     # And containerd, asked inside the node, accepts the config it reads.
     dump = node.config_dump()
     assert dump.returncode == 0, dump.stderr
@@ -69,9 +87,10 @@ def assert_installed(node, out, shim):
     return rt
 
 
-def test_install_registers_the_runtime_with_a_real_restart(any_node, test_shim):
+def test_install_registers_the_runtime_with_a_real_restart(request, any_node, test_shim):
     """install edits the right file, restarts containerd for real, and containerd lists spin."""
     node, shim = any_node, test_shim()
+    expect_runc_gap(request, node)
     before_pid, _ = node.wait_ready()
     starts = node.containerd_starts()
     assert "spin" not in node.runtimes()
@@ -94,9 +113,10 @@ def test_install_registers_the_runtime_with_a_real_restart(any_node, test_shim):
     assert status["drift"] == []
 
 
-def test_rerun_changes_nothing(any_node, test_shim):
+def test_rerun_changes_nothing(request, any_node, test_shim):
     """A second identical install: no restart (same containerd PID and start), no file touched."""
     node, shim = any_node, test_shim()
+    expect_runc_gap(request, node)
     first = install(node, shim)
     assert first.returncode == 0, first.stderr
     proc_before = node.wait_ready()
@@ -116,9 +136,10 @@ def test_rerun_changes_nothing(any_node, test_shim):
     assert node.runtimes()["spin"] == out["runtimes"][0]["runtime_type"]
 
 
-def test_uninstall_restores_the_original_files_byte_for_byte(any_node, test_shim):
+def test_uninstall_restores_the_original_files_byte_for_byte(request, any_node, test_shim):
     """uninstall puts back every file as it was (absent stays absent); containerd still runs."""
     node, shim = any_node, test_shim()
+    expect_runc_gap(request, node)
     original = node.snapshot(*watched_files(node), INSTALLED_SHIM)
     assert original[INSTALLED_SHIM] is None
     proc = install(node, shim)
@@ -139,9 +160,10 @@ def test_uninstall_restores_the_original_files_byte_for_byte(any_node, test_shim
     assert json_out(again)["changed"] is False
 
 
-def test_install_then_upgrade_the_shim_in_place(bookworm_node, test_shim):
+def test_install_then_upgrade_the_shim_in_place(request, bookworm_node, test_shim):
     """A new shim build replaces the binary; the config table stays one table."""
     node = bookworm_node
+    expect_runc_gap(request, node)
     v1, v2 = test_shim("v1"), test_shim("v2")
     assert install(node, v1).returncode == 0
     proc = install(node, v2)
@@ -163,3 +185,27 @@ def test_plan_changes_nothing_and_names_the_layout(any_node, test_shim):
     assert node.edited_config in proc.stdout
     assert node.snapshot(*watched_files(node), INSTALLED_SHIM, STATE_FILE) == before
     assert node.containerd() == proc_before
+
+
+def test_full_cycle_on_containerd_16_with_its_default_config(bookworm_node, test_shim):
+    """containerd 1.6 with `containerd config default` as its config: install, no-op, uninstall."""
+    node, shim = bookworm_node, test_shim()
+    node.run("sh", "-c", f"containerd config default > {node.config}", check=True)
+    old, _ = node.wait_ready()
+    node.run("systemctl", "restart", "containerd", check=True)  # returns once it is ready
+    assert node.wait_ready()[0] != old
+    original = node.snapshot(node.config, INSTALLED_SHIM)
+    proc = install(node, shim)
+    assert proc.returncode == 0, proc.stderr
+    out = json_out(proc)
+    assert out["restarted"] is True
+    assert_installed(node, out, shim)
+    running = node.containerd()
+    again = json_out(install(node, shim))
+    assert (again["changed"], again["restarted"]) == (False, False)
+    assert node.containerd() == running
+    removed = uninstall(node)
+    assert removed.returncode == 0, removed.stderr
+    node.wait_ready()
+    assert node.snapshot(node.config, INSTALLED_SHIM) == original
+    assert "spin" not in node.runtimes()
