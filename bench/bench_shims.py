@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import requests
-from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 from kwasm_py import artifacts, shim_catalog
+from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 
 def _plain(url: str, out: Path) -> None:

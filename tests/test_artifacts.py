@@ -7,6 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
+
+from kwasm_py import artifacts, shim_catalog
+from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from tests.shim_http import (
     Member,
     catalog_text,
@@ -17,9 +20,6 @@ from tests.shim_http import (
     sha,
     shim_tar,
 )
-
-from kwasm_py import artifacts, shim_catalog
-from kwasm_py.errors import ChecksumError, FetchError, UsageError
 
 BIN = "containerd-shim-spin-v2"
 
@@ -41,9 +41,7 @@ def no_sleep(monkeypatch):
 
 
 def one(url: str, archive: bytes, **spec: object) -> list[shim_catalog.ShimEntry]:
-    cat = shim_catalog.parse(
-        catalog_text({"spin": {"url": url, "archive_sha256": sha(archive), **spec}})
-    )
+    cat = shim_catalog.parse(catalog_text({"spin": {"url": url, "archive_sha256": sha(archive), **spec}}))
     return cat.select()
 
 
@@ -83,9 +81,7 @@ def test_retries_are_bounded(tmp_path):
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive, fail_first=100)
         with pytest.raises(FetchError, match=r"after 3 attempts.*HTTP 503") as ei:
-            artifacts.fetch_shims(
-                one(srv.url("/a.tar.gz"), archive), "amd64", tmp_path / "d", options=opts
-            )
+            artifacts.fetch_shims(one(srv.url("/a.tar.gz"), archive), "amd64", tmp_path / "d", options=opts)
         assert srv.hits("/a.tar.gz") == 3
     assert srv.url("/a.tar.gz") in ei.value.message
     assert not (tmp_path / "d").exists()

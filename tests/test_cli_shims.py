@@ -64,9 +64,7 @@ def test_fetch_json_output(tmp_path):
                   "--dest", str(tmp_path / "out"), "-o", "json")  # fmt: skip
     doc = json.loads(r.stdout)
     assert doc["ok"] is True
-    assert [(s["name"], s["arch"], s["sha256"]) for s in doc["shims"]] == [
-        ("spin", "amd64", sha(body))
-    ]
+    assert [(s["name"], s["arch"], s["sha256"]) for s in doc["shims"]] == [("spin", "amd64", sha(body))]
 
 
 def test_fetch_progress_bar_on_a_terminal(tmp_path):

@@ -308,3 +308,29 @@ def test_lock_held_is_an_error_after_the_timeout(node: Path, shim: Path, tmp_pat
         assert tree_hash(node) == before
     finally:
         holder.communicate("")
+
+
+def test_upgrade_while_the_old_shim_runs(node: Path, tmp_path: Path, kwasm: Kwasm) -> None:
+    """A shim process running from the installed binary does not block an upgrade (no
+    "text file busy"): the new binary is renamed over it and the old process keeps running."""
+    import shutil
+
+    v1 = tmp_path / "v1" / "containerd-shim-spin-v2"
+    v1.parent.mkdir()
+    shutil.copy("/bin/sleep", v1)
+    assert kwasm("node", "install", *args(node, v1)).returncode == 0
+    installed = node / "opt/kwasm/bin/containerd-shim-spin-v2"
+    running = subprocess.Popen([str(installed), "60"])
+    try:
+        with pytest.raises(OSError, match="Text file busy"):
+            installed.open("r+b")  # what an in-place rewrite would hit
+        v2 = tmp_path / "v2" / "containerd-shim-spin-v2"
+        v2.parent.mkdir()
+        shutil.copy("/bin/true", v2)
+        r = kwasm("node", "install", *args(node, v2))
+        assert r.returncode == 0, r.stderr
+        assert installed.read_bytes() == v2.read_bytes()
+        assert running.poll() is None, "the old shim process was not disturbed"
+    finally:
+        running.kill()
+        running.wait()

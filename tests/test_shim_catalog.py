@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.shim_http import catalog_text
 
 from kwasm_py import shim_catalog
 from kwasm_py.errors import CatalogError
+from tests.shim_http import catalog_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "images" / "shims.toml"
@@ -36,9 +36,7 @@ def test_shipped_spin_points_at_upstream_release_assets():
         "io.containerd.spin.v2",
         "containerd-shim-spin-v2",
     )
-    base = (
-        f"https://github.com/spinframework/containerd-shim-spin/releases/download/{spin.version}/"
-    )
+    base = f"https://github.com/spinframework/containerd-shim-spin/releases/download/{spin.version}/"
     assert spin.artifact("amd64").url == base + "containerd-shim-spin-v2-linux-x86_64.tar.gz"
     assert spin.artifact("arm64").url == base + "containerd-shim-spin-v2-linux-aarch64.tar.gz"
 

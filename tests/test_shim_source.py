@@ -7,10 +7,10 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 from kwasm_py import artifacts, shim_catalog, shim_source
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
+from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = "containerd-shim-spin-v2"
@@ -27,9 +27,7 @@ def _env(monkeypatch):
 
 
 def cat_for(url: str, archive: bytes, **spec: object) -> shim_catalog.Catalog:
-    return shim_catalog.parse(
-        catalog_text({"spin": {"url": url, "archive_sha256": sha(archive), **spec}})
-    )
+    return shim_catalog.parse(catalog_text({"spin": {"url": url, "archive_sha256": sha(archive), **spec}}))
 
 
 def test_packaged_catalog_is_images_shims_toml():
@@ -56,9 +54,7 @@ def test_fetch_source_then_image_source(tmp_path, monkeypatch):
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive)
         cat = cat_for(srv.url("/a.tar.gz"), archive)
-        got = shim_source.resolve_shims(
-            "fetch", arch="amd64", directory=tmp_path / "amd64", catalog=cat
-        )
+        got = shim_source.resolve_shims("fetch", arch="amd64", directory=tmp_path / "amd64", catalog=cat)
     assert [(g.name, g.handler, g.path.read_bytes(), g.verified) for g in got] == [
         ("spin", "spin", body, "archive")
     ]

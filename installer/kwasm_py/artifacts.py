@@ -205,9 +205,7 @@ def fetch_shims(
     return sorted(results, key=lambda r: order[r.name])
 
 
-def _place(
-    staged: Sequence[_Staged], dest: Path, manifest: dict[str, dict[str, object]]
-) -> list[Fetched]:
+def _place(staged: Sequence[_Staged], dest: Path, manifest: dict[str, dict[str, object]]) -> list[Fetched]:
     """Every archive checked out: rename the binaries into place, then record them."""
     placed: list[Fetched] = []
     for st in staged:
@@ -323,9 +321,7 @@ def _download(
         out.seek(0)
         out.truncate()
         try:
-            return _download_once(
-                url=url, out=out, what=what, opts=opts, progress=progress, session=session
-            )
+            return _download_once(url=url, out=out, what=what, opts=opts, progress=progress, session=session)
         except _Retryable as ex:
             last = str(ex)
         if attempt < attempts:

@@ -11,13 +11,11 @@ minus) our runtime, or the edit is refused.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomlkit
-import tomlkit.items
 
 from kwasm_py import tomlscan
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
@@ -352,7 +350,7 @@ def _remove(doc: ConfigDoc, path: tuple[str, ...], *, source: str) -> Edit:
     expected = copy.deepcopy(doc.data)
     _delete(expected, path)
     try:
-        sc = tomlscan.scan(doc.body)
+        sc = _scan(doc.body)
         ours = [i for i, h in enumerate(sc.headers) if h.path[: len(path)] == path]
         if not ours:
             raise tomlscan.ScanError("runtime is not written as table headers")
@@ -381,8 +379,11 @@ def _remove(doc: ConfigDoc, path: tuple[str, ...], *, source: str) -> Edit:
         )
     except (tomlscan.ScanError, ConfigError):
         pass
-    # Inline tables or dotted keys: edit structurally with tomlkit.
-    tdoc = tomlkit.parse(doc.body)
+    # Inline tables or dotted keys: edit structurally with tomlkit (imported only here).
+    import tomlkit
+    import tomlkit.items
+
+    tdoc = _tomlkit_parse(doc.body, source=source)
     node: Any = tdoc
     for key in path[:-1]:
         node = node[key]
@@ -411,14 +412,17 @@ def _insert_block(doc: ConfigDoc, path: tuple[str, ...], table: dict[str, Any], 
     expected = copy.deepcopy(doc.data)
     _set(expected, path, table)
     try:
-        sc = tomlscan.scan(doc.body)
+        sc = _scan(doc.body)
         block = _render_block(sc, path, table)
         body = _splice(sc, path, block)
         _check_meaning(body, expected, source=source, what="adding the runtime")
         return body
     except (tomlscan.ScanError, ConfigError):
         pass
-    tdoc = tomlkit.parse(doc.body)
+    import tomlkit
+    import tomlkit.items
+
+    tdoc = _tomlkit_parse(doc.body, source=source)
     node: Any = tdoc
     for key in path[:-1]:
         if key not in node:
@@ -464,6 +468,49 @@ def _inline_splice(body: str, inline: str, key: str, table: dict[str, Any], *, a
     else:
         raise ConfigError("our runtime in the inline table was changed by hand; refusing")
     return body.replace(inline, new_inline)
+
+
+def _tomlkit_parse(body: str, *, source: str) -> Any:
+    import tomlkit
+
+    try:
+        return tomlkit.parse(body)
+    except Exception as err:  # tomlkit raises AttributeError on some valid inputs
+        raise ConfigError(
+            f"{source}: this table layout cannot be edited safely ({err})",
+            hint="reorder the file so each table follows its parent, or add the runtime by hand",
+        ) from err
+
+
+def _scan(body: str) -> tomlscan.Scan:
+    """Map the body's lines, and check the map against tomlkit's own parse of the same text."""
+    import tomlkit
+    import tomlkit.items
+
+    sc = tomlscan.scan(body)
+
+    def walk(container: Any, prefix: tuple[str, ...], out: list[tuple[str, ...]]) -> None:
+        for key, item in container.body:
+            if key is None:
+                continue
+            parts = tuple(k.key for k in key) if hasattr(key, "__iter__") else (key.key,)
+            if isinstance(item, tomlkit.items.Table):
+                if not item.is_super_table():
+                    out.append(prefix + parts)
+                walk(item.value, prefix + parts, out)
+
+    try:
+        parsed = tomlkit.parse(body)
+    except Exception:  # noqa: BLE001 - tomlkit raises AttributeError on some valid inputs
+        # tomlkit 0.15 cannot parse some valid files (a sub-table before its parent, then a
+        # deeper one); tomllib parsed it, and every edit is checked by meaning anyway.
+        return sc
+    expected: list[tuple[str, ...]] = []
+    walk(parsed, (), expected)
+    found = [h.path for h in sc.headers if not h.array]
+    if sorted(found) != sorted(expected):
+        raise tomlscan.ScanError("line map disagrees with tomlkit's parse")
+    return sc
 
 
 def _insert_text(doc: ConfigDoc, path: tuple[str, ...], block: str) -> str:
@@ -536,9 +583,16 @@ def _key_indent(sc: tomlscan.Scan, header: tomlscan.Header) -> str:
 
 
 def _value(value: Any, quote: str) -> str:
-    if isinstance(value, str) and quote == "'" and "'" not in value and "\n" not in value:
+    """A TOML scalar: literal string in a single-quote file, else basic string; bool; int."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"cannot write {value!r} into a containerd config")
+    if quote == "'" and "'" not in value and not any(ord(c) < 32 for c in value):
         return f"'{value}'"
-    return str(tomlkit.item(value).as_string())
+    return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
 
 
 def _drop_version_line(doc: ConfigDoc, *, source: str) -> str:

@@ -14,9 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from kwasm_py import cri
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
 
@@ -183,14 +182,17 @@ def restart(spec: RestartSpec, *, pid: int, runner: Runner = run, timeout: float
         )
 
 
+T = TypeVar("T")
+
+
 def wait_until(
-    check: Callable[[], cri.CriStatus],
-    ready: Callable[[cri.CriStatus], bool],
+    check: Callable[[], T],
+    ready: Callable[[T], bool],
     *,
     timeout: float,
     what: str,
-) -> cri.CriStatus:
-    """Poll containerd's CRI status until `ready` holds, or fail after `timeout` seconds."""
+) -> T:
+    """Poll `check` (containerd's CRI status) until `ready` holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_error = ""
     while True:

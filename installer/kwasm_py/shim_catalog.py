@@ -71,8 +71,7 @@ class ShimEntry:
         except KeyError:
             have = ", ".join(sorted(self.artifacts)) or "none"
             raise CatalogError(
-                f"shim {self.name} {self.version} has no {arch} archive in the catalog "
-                f"(it has: {have})",
+                f"shim {self.name} {self.version} has no {arch} archive in the catalog (it has: {have})",
                 hint="pick another --arch, or add the release asset to images/shims.toml",
             ) from None
 
@@ -199,9 +198,7 @@ def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
         )
     binary_sha = _str(body, "binary_sha256", where).lower()
     if binary_sha != UNPUBLISHED and not _HEX64.fullmatch(binary_sha):
-        raise CatalogError(
-            f"{where}: binary_sha256 {binary_sha!r} is neither a sha256 nor {UNPUBLISHED!r}"
-        )
+        raise CatalogError(f"{where}: binary_sha256 {binary_sha!r} is neither a sha256 nor {UNPUBLISHED!r}")
     return Artifact(
         arch=arch,
         url=url,

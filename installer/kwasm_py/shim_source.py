@@ -100,7 +100,7 @@ def resolve_shims(
     a = resolve_arch(arch)
     shims = cat.select(names)
     if source == "fetch":
-        from kwasm_py import artifacts  # noqa: PLC0415 - imports requests: only when fetching
+        from kwasm_py import artifacts
 
         dest = directory or Path(FETCH_CACHE_DIR) / a
         fetched = artifacts.fetch_shims(shims, a, dest, options=fetch_options, progress=progress)
@@ -269,8 +269,7 @@ def read_state_runtimes(path: Path) -> list[dict[str, str]]:
                 rec = {
                     k: str(v)
                     for k, v in item.items()
-                    if k in ("handler", "shim", "sha256", "runtime_type", "binary")
-                    and isinstance(v, str)
+                    if k in ("handler", "shim", "sha256", "runtime_type", "binary") and isinstance(v, str)
                 }
                 if "shim" not in rec and "binary" in rec:
                     rec["shim"] = rec["binary"]

@@ -1,10 +1,419 @@
-"""Cluster-side commands: annotate-node, status, wait, manifests, agent (placeholder)."""
+"""Cluster-side commands: annotate-node, status, wait, manifests, agent.
+
+Heavy imports (the kubernetes client, rich tables) happen inside the command functions so
+`kwasm-py --help` stays fast, and `kwasm-py agent` never loads the kubernetes client at all.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from kwasm_py.errors import KubeError, KwasmError, UsageError
+from kwasm_py.model import OPT_IN_KEY, STATUS_ANNOTATION
+
+if TYPE_CHECKING:
+    from kwasm_py.kube import NodeApi
+    from kwasm_py.nodeview import NodeRow
+
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config)"),
+]
+ContextOpt = Annotated[str | None, typer.Option("--context", help="kubeconfig context")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait", min=0)]
+
+PROGRESS_FROM = 20  # show a progress bar from this many nodes on
+TABLE_ROWS_MAX = 50  # list every node in the summary up to this many
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- annotate-node
+
+
+def _targets(api: NodeApi, nodes: list[str], all_nodes: bool, selector: str | None) -> list[str]:
+    chosen = sum([bool(nodes), all_nodes, selector is not None])
+    if chosen != 1:
+        raise UsageError(
+            "name the nodes, or pass --all, or -l SELECTOR (exactly one of them)",
+            hint="kwasm-py annotate-node --all",
+        )
+    if nodes:
+        return list(dict.fromkeys(nodes))
+    from kwasm_py import nodeview
+
+    return [nodeview.name_of(n) for n in api.list_nodes(label_selector=selector or "")]
+
+
+def _patch_all(
+    api: NodeApi, names: list[str], patch: dict[str, Any], parallel: int
+) -> dict[str, KubeError | None]:
+    """Patch every node with at most `parallel` requests in flight; errors per node."""
+    results: dict[str, KubeError | None] = {}
+    progress = None
+    task = None
+    if len(names) >= PROGRESS_FROM and sys.stderr.isatty():
+        from rich.progress import Progress
+
+        progress = Progress(console=_stderr_console(), transient=True)
+        progress.start()
+        task = progress.add_task("patching nodes", total=len(names))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(names)))) as pool:
+            futures = {pool.submit(api.patch_node, name, patch): name for name in names}
+            for fut in as_completed(futures):
+                name = futures[fut]
+                try:
+                    fut.result()
+                    results[name] = None
+                except KubeError as ex:
+                    results[name] = ex
+                if progress is not None and task is not None:
+                    progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return results
+
+
+def annotate_node(
+    nodes: Annotated[list[str] | None, typer.Argument(help="node names")] = None,
+    all_nodes: Annotated[bool, typer.Option("--all", help="every node")] = False,
+    selector: Annotated[
+        str | None, typer.Option("--selector", "-l", help="nodes matching a label selector")
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="opt the nodes out")] = False,
+    as_label: Annotated[
+        bool, typer.Option("--label", help="opt in with a label instead of an annotation")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="wait until the agents finished")] = False,
+    timeout: TimeoutOpt = 300.0,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="patches in flight")] = 16,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
+    from kwasm_py import kube
+
+    api = kube.connect(kubeconfig, context, pool_size=parallel)
+    names = _targets(api, nodes or [], all_nodes, selector)
+    if not names:
+        _stderr_console().print("no node matched: nothing to do")
+        return
+    part = "labels" if as_label else "annotations"
+    if remove:  # opt out whichever way the node opted in
+        patch: dict[str, Any] = {
+            "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
+        }
+    else:
+        patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
+    results = _patch_all(api, names, patch, parallel)
+    failed = {n: e for n, e in results.items() if e is not None}
+    if failed and len(failed) == len(names):
+        first = next(iter(failed.values()))
+        if first is not None and first.status in (None, 401, 403):
+            raise first  # one clear line for a cluster-wide problem
+    _summary(names, results, "opted out" if remove else "opted in")
+    for name, err in failed.items():
+        if err is not None and err.status == 404:
+            print(f"error: node {name!r} not found", file=sys.stderr)
+        elif err is not None:
+            print(f"error: {err.message}", file=sys.stderr)
+    ok = [n for n in names if results.get(n) is None]
+    code = 1 if failed else 0
+    if wait and ok:
+        pending = _wait(api, ok, timeout, want=not remove)
+        code = code or (1 if pending else 0)
+    if code:
+        raise typer.Exit(code)
+
+
+def _summary(names: list[str], results: dict[str, KubeError | None], done: str) -> None:
+    from rich.table import Table
+
+    console = _stdout_console()
+    failed = [n for n in names if results.get(n) is not None]
+    if len(names) <= TABLE_ROWS_MAX:
+        table = Table("NODE", "RESULT", box=None, pad_edge=False)
+        for name in names:
+            err = results.get(name)
+            if err is None:
+                table.add_row(name, done)
+            else:
+                table.add_row(name, "not found" if err.status == 404 else f"failed: {err.message}")
+        console.print(table)
+    console.print(f"{len(names) - len(failed)} of {len(names)} nodes {done}, {len(failed)} failed")
+
+
+# ---------------------------------------------------------------------------- status / wait
+
+
+def _rows(api: NodeApi) -> list[NodeRow]:
+    from kwasm_py import nodeview
+
+    return [nodeview.row(n) for n in api.list_nodes()]
+
+
+def status(
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Every node: opted in, provisioned, runtimes and versions, last failure."""
+    if output not in ("table", "json"):
+        raise UsageError(f"--output must be table or json, not {output!r}")
+    from kwasm_py import kube
+
+    rows = _rows(kube.connect(kubeconfig, context))
+    if output == "json":
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("NODE", "OPTED-IN", "PROVISIONED", "RUNTIMES", "SINCE", "LAST FAILURE", box=None)
+    for r in rows:
+        runtimes = " ".join(f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes)
+        table.add_row(
+            r.name,
+            "yes" if r.opted_in else "no",
+            "yes" if r.provisioned else "no",
+            runtimes or "-",
+            r.time or "-",
+            r.reason or "-",
+        )
+    _stdout_console().print(table)
+
+
+def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
+    """Poll until the nodes are provisioned (want) or cleaned up (not want); pending names."""
+    from kwasm_py import nodeview
+
+    deadline = time.monotonic() + timeout
+    interval = 0.5
+    while True:
+        nodes = {nodeview.name_of(n): n for n in api.list_nodes()}
+        if names is None:
+            targets = [k for k, n in nodes.items() if nodeview.opted_in(n)]
+        else:
+            missing = [n for n in names if n not in nodes]
+            if missing:
+                raise KubeError(
+                    f"node {missing[0]!r} not found",
+                    hint="kubectl get nodes lists them",
+                    status=404,
+                )
+            targets = names
+
+        def done(node: dict[str, Any]) -> bool:
+            if want:
+                return nodeview.provisioned(node)
+            meta = node.get("metadata") or {}
+            return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (meta.get("annotations") or {})
+
+        pending = [t for t in targets if not done(nodes[t])]
+        if not pending:
+            what = "provisioned" if want else "unprovisioned"
+            print(f"{len(targets)} node(s) {what}", file=sys.stderr)
+            return []
+        if time.monotonic() >= deadline:
+            for name in pending:
+                row = nodeview.row(nodes[name])
+                why = row.reason or ("not opted in" if want and not row.opted_in else "pending")
+                print(f"error: node {name!r} not ready: {why}", file=sys.stderr)
+            return pending
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 1.5, 5.0)
+
+
+def wait(
+    nodes: Annotated[list[str] | None, typer.Argument(help="node names")] = None,
+    all_nodes: Annotated[bool, typer.Option("--all", help="every opted-in node")] = False,
+    timeout: TimeoutOpt = 300.0,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Wait until opted-in nodes are provisioned; exit 1 naming the ones that are not."""
+    if bool(nodes) == all_nodes:
+        raise UsageError("name the nodes or pass --all (one of them)")
+    from kwasm_py import kube
+
+    pending = _wait(kube.connect(kubeconfig, context), nodes or None, timeout)
+    if pending:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+def manifests(
+    image: Annotated[str | None, typer.Option("--image", help="installer image")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="installer namespace")] = None,
+    shim: Annotated[
+        list[str] | None, typer.Option("--shim", help="shim path inside the image (repeat)")
+    ] = None,
+    runtime_class: Annotated[
+        list[str] | None, typer.Option("--runtime-class", help="NAME=HANDLER (repeat)")
+    ] = None,
+    max_parallel_restarts: Annotated[
+        int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
+    ] = 1,
+) -> None:
+    """Print the installer manifests (manifests/installer.yaml is the default output)."""
+    from kwasm_py import manifests as m
+
+    classes: list[tuple[str, str]] = []
+    for spec in runtime_class or []:
+        name, sep, handler = spec.partition("=")
+        if not sep or not name or not handler:
+            raise UsageError(f"--runtime-class wants NAME=HANDLER, not {spec!r}")
+        classes.append((name, handler))
+    defaults = m.InstallerParams()
+    params = m.InstallerParams(
+        image=image or defaults.image,
+        namespace=namespace or defaults.namespace,
+        shims=tuple(shim) if shim else defaults.shims,
+        runtime_classes=tuple(classes) if classes else defaults.runtime_classes,
+        max_parallel_restarts=max_parallel_restarts,
+    )
+    sys.stdout.write(m.render_yaml(m.installer_objects(params)))
+
+
+# ---------------------------------------------------------------------------- agent
+
+
+def agent(
+    node_name: Annotated[
+        str | None, typer.Option("--node-name", envvar="NODE_NAME", help="this node")
+    ] = None,
+    host_root: Annotated[
+        str | None, typer.Option("--host-root", envvar="KWASM_HOST_ROOT", help="the node's /")
+    ] = None,
+    pid: Annotated[
+        int | None, typer.Option("--pid", envvar="KWASM_PID", help="a PID in the node's namespaces")
+    ] = None,
+    shim: Annotated[
+        str | None, typer.Option("--shim", envvar="KWASM_SHIM", help="shim paths, comma-separated")
+    ] = None,
+    restart: Annotated[
+        str | None, typer.Option("--restart", envvar="KWASM_RESTART", help="restart method")
+    ] = None,
+    install_dir: Annotated[
+        str | None, typer.Option("--install-dir", envvar="KWASM_INSTALL_DIR", help="node path")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", envvar="KWASM_NAMESPACE", help="namespace of restart Leases"),
+    ] = None,
+    event_namespace: Annotated[
+        str, typer.Option("--event-namespace", envvar="KWASM_EVENT_NAMESPACE")
+    ] = "default",
+    max_parallel_restarts: Annotated[
+        int, typer.Option("--max-parallel-restarts", envvar="KWASM_MAX_PARALLEL_RESTARTS", min=1)
+    ] = 1,
+    lease_duration: Annotated[
+        int, typer.Option("--lease-duration", envvar="KWASM_LEASE_DURATION", min=1)
+    ] = 60,
+    drift_interval: Annotated[
+        float,
+        typer.Option("--drift-interval", envvar="KWASM_DRIFT_INTERVAL", min=0.05, help="seconds"),
+    ] = 300.0,
+    watch_timeout: Annotated[
+        int, typer.Option("--watch-timeout", envvar="KWASM_WATCH_TIMEOUT", min=1, hidden=True)
+    ] = 300,
+    backoff_scale: Annotated[
+        float,
+        typer.Option(
+            "--backoff-scale",
+            envvar="KWASM_BACKOFF_SCALE",
+            min=0,
+            hidden=True,
+            help="multiply every backoff (0 turns waiting off, for tests)",
+        ),
+    ] = 1.0,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Run the node agent (the DaemonSet's entrypoint): watch this Node and converge it."""
+    import signal
+
+    from kwasm_py import kube
+    from kwasm_py.agent import (
+        Agent,
+        AgentConfig,
+        Backoff,
+        Logger,
+        SubprocessEngine,
+        default_node_command,
+        image_shims,
+    )
+
+    if not node_name:
+        raise UsageError("the agent needs its node name", hint="set NODE_NAME or --node-name")
+    log = Logger(node=node_name)
+    if not shim:  # what the installer image carries for this node's architecture
+        try:
+            shim = ",".join(image_shims())
+        except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
+            log("no_image_shims", level="warning", error=ex.message)
+    endpoint = kube.load_endpoint(kubeconfig, context)
+    api = kube.LeanKube(endpoint)
+    env = {
+        key: str(value)
+        for key, value in {
+            "KWASM_HOST_ROOT": host_root,
+            "KWASM_PID": pid,
+            "KWASM_SHIM": shim,
+            "KWASM_RESTART": restart,
+            "KWASM_INSTALL_DIR": install_dir,
+        }.items()
+        if value is not None
+    }
+    config = AgentConfig(
+        node_name=node_name,
+        namespace=namespace or endpoint.namespace,
+        event_namespace=event_namespace,
+        max_parallel_restarts=max_parallel_restarts,
+        lease_duration=lease_duration,
+        drift_interval=drift_interval,
+        watch_timeout=watch_timeout,
+        backoff=Backoff(scale=backoff_scale),
+    )
+    the_agent = Agent(
+        api,
+        SubprocessEngine(default_node_command(), env=env),
+        config,
+        log=log,
+    )
+
+    def on_term(signum: int, frame: object) -> None:
+        del signum, frame
+        the_agent.request_stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    raise typer.Exit(the_agent.run())
 
 
 def register(app: typer.Typer) -> None:
     """Add the cluster-side commands to the root app."""
-    del app
+    app.command("annotate-node")(annotate_node)
+    app.command("status")(status)
+    app.command("wait")(wait)
+    app.command("manifests")(manifests)
+    app.command("agent")(agent)

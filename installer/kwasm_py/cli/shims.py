@@ -128,7 +128,7 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
     output: OutputOpt = Output.text,
 ) -> None:
     """Download, verify (sha256) and unpack shims into --dest: all of them, or none."""
-    from kwasm_py import artifacts  # noqa: PLC0415 - requests is heavy; only this command needs it
+    from kwasm_py import artifacts
 
     cat = shim_source.read_catalog(catalog)
     a = shim_source.resolve_arch(arch)
@@ -144,8 +144,8 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
         force=force,
     )
     if sys.stderr.isatty() and output is Output.text:
-        from rich.console import Console  # noqa: PLC0415 - only for a terminal
-        from rich.progress import (  # noqa: PLC0415
+        from rich.console import Console
+        from rich.progress import (
             BarColumn,
             DownloadColumn,
             Progress,
@@ -226,9 +226,7 @@ def list_(
     if host_root is not None and not host_root.is_dir():
         raise UsageError(f"--host-root {host_root} is not a directory")
     installed = (
-        shim_source.installed_shims(host_root, cat, install_dir=inst_dir)
-        if host_root is not None
-        else None
+        shim_source.installed_shims(host_root, cat, install_dir=inst_dir) if host_root is not None else None
     )
     if output is Output.json:
         doc: dict[str, object] = {

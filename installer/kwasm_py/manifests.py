@@ -1,0 +1,197 @@
+"""PURE: the objects of manifests/installer.yaml, built from a few parameters. No I/O.
+
+`kwasm-py manifests` renders them; the committed manifests/installer.yaml is the default output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kwasm_py.model import PROVISIONED_LABEL
+
+JSON = dict[str, Any]
+
+# The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
+DEFAULT_IMAGE = "ghcr.io/kwasm-py/installer:0.1.0"
+DEFAULT_NAMESPACE = "kwasm-system"
+APP_NAME = "kwasm-node-installer"
+# Shim paths inside the installer container. Empty: the agent installs every shim the image
+# carries for the node's architecture ($KWASM_SHIM_DIR/<arch>, see images/Dockerfile).
+DEFAULT_SHIMS: tuple[str, ...] = ()
+DEFAULT_RUNTIME_CLASSES = (("wasmtime-spin", "spin"),)
+LEASE_PREFIX = "kwasm-restart-"
+HOST_ROOT = "/host"
+
+
+@dataclass(frozen=True)
+class InstallerParams:
+    image: str = DEFAULT_IMAGE
+    namespace: str = DEFAULT_NAMESPACE
+    shims: tuple[str, ...] = DEFAULT_SHIMS
+    runtime_classes: tuple[tuple[str, str], ...] = DEFAULT_RUNTIME_CLASSES
+    max_parallel_restarts: int = 1
+    labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": APP_NAME,
+            "app.kubernetes.io/part-of": "kwasm-py",
+        }
+    )
+
+
+def _meta(name: str, params: InstallerParams, *, namespaced: bool = True) -> JSON:
+    meta: JSON = {"name": name}
+    if namespaced:
+        meta["namespace"] = params.namespace
+    meta["labels"] = dict(params.labels)
+    return meta
+
+
+def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
+    """Namespace, ServiceAccount, RBAC, DaemonSet and RuntimeClasses, in apply order."""
+    p = params or InstallerParams()
+    ns = p.namespace
+    selector = {"app.kubernetes.io/name": APP_NAME}
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": ns,
+            "labels": {
+                **p.labels,
+                # The agent is privileged with hostPID and a hostPath of the node's /.
+                "pod-security.kubernetes.io/enforce": "privileged",
+                "pod-security.kubernetes.io/audit": "privileged",
+                "pod-security.kubernetes.io/warn": "privileged",
+            },
+        },
+    }
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(APP_NAME, p)}
+    cluster_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": _meta(APP_NAME, p, namespaced=False),
+        "rules": [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        ],
+    }
+    subject = [{"kind": "ServiceAccount", "name": APP_NAME, "namespace": ns}]
+    cluster_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": _meta(APP_NAME, p, namespaced=False),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": APP_NAME,
+        },
+        "subjects": subject,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(f"{APP_NAME}-leases", p),
+        "rules": [
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["get", "create", "update"],
+            }
+        ],
+    }
+    role_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(f"{APP_NAME}-leases", p),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": f"{APP_NAME}-leases",
+        },
+        "subjects": subject,
+    }
+    env = [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "KWASM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KWASM_HOST_ROOT", "value": HOST_ROOT},
+        {"name": "KWASM_PID", "value": "1"},
+        {"name": "KWASM_RESTART", "value": "auto"},
+        {"name": "KWASM_MAX_PARALLEL_RESTARTS", "value": str(p.max_parallel_restarts)},
+    ]
+    if p.shims:
+        env.append({"name": "KWASM_SHIM", "value": ",".join(p.shims)})
+    daemonset = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(APP_NAME, p),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": {**p.labels}},
+                "spec": {
+                    "serviceAccountName": APP_NAME,
+                    "hostPID": True,
+                    "priorityClassName": "system-node-critical",
+                    # Every node may opt in, whatever its taints.
+                    "tolerations": [{"operator": "Exists"}],
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
+                    # An install in flight finishes (or rolls back) before the pod goes.
+                    "terminationGracePeriodSeconds": 120,
+                    "containers": [
+                        {
+                            "name": "agent",
+                            "image": p.image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": ["agent"],
+                            "env": env,
+                            "securityContext": {"privileged": True},
+                            "resources": {
+                                # The resident agent stays under ~30 MiB; installs run the node
+                                # engine as a short-lived child in the same cgroup.
+                                "requests": {"cpu": "10m", "memory": "64Mi"},
+                                "limits": {"cpu": "500m", "memory": "256Mi"},
+                            },
+                            "volumeMounts": [{"name": "host-root", "mountPath": HOST_ROOT}],
+                        }
+                    ],
+                    "volumes": [{"name": "host-root", "hostPath": {"path": "/", "type": "Directory"}}],
+                },
+            },
+        },
+    }
+    runtime_classes = [
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": name, "labels": dict(p.labels)},
+            "handler": handler,
+            "scheduling": {"nodeSelector": {PROVISIONED_LABEL: "true"}},
+        }
+        for name, handler in p.runtime_classes
+    ]
+    return [
+        namespace,
+        sa,
+        cluster_role,
+        cluster_binding,
+        role,
+        role_binding,
+        daemonset,
+        *runtime_classes,
+    ]
+
+
+HEADER = (
+    "# kwasm-py installer: generated by `kwasm-py manifests`; edit the generator, not this file.\n"
+    "# kubectl apply -f manifests/installer.yaml, then `kwasm-py annotate-node --all`.\n"
+)
+
+
+def render_yaml(objects: list[JSON], *, header: str = HEADER) -> str:
+    """A multi-document YAML stream, keys in construction order."""
+    import yaml
+
+    docs = [yaml.safe_dump(o, sort_keys=False, default_flow_style=False) for o in objects]
+    return header + "---\n" + "---\n".join(docs)

@@ -1,0 +1,188 @@
+"""The node engine against real containerd daemons (1.6 from bookworm, 2.x from sid).
+
+containerd itself is asked whether the runtime is registered (CRI Status, `config dump`), and a
+CRI RunPodSandbox with handler `spin` must reach the installed shim binary: the shim's own log
+proves it. Private daemons only: nothing here touches this machine's containerd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kwasm_py import tomlscan
+from tests.conftest import Kwasm, run_kwasm, tree_hash
+from tests.containerd_node import PrivateContainerd, fake_shim
+from tests.cri_client import run_pod
+from tests.ocitar import busybox_oci
+
+pytestmark = [pytest.mark.containerd, pytest.mark.root]
+
+
+def install(ctd: PrivateContainerd, shim: Path, *extra: str, env: dict[str, str] | None = None):
+    return run_kwasm("node", "install", *ctd.node_args(), "--shim", str(shim), "-o", "json", *extra, env=env)
+
+
+def uninstall(ctd: PrivateContainerd, *extra: str):
+    args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
+    return run_kwasm("node", "uninstall", *args, "-o", "json", *extra)
+
+
+def installed_path(ctd: PrivateContainerd) -> str:
+    return str(ctd.dir / "kwasm" / "bin" / "containerd-shim-spin-v2")
+
+
+def test_install_registers_runtime_and_pods_reach_the_shim(ctd: PrivateContainerd, kwasm: Kwasm) -> None:
+    """install -> containerd lists spin with our runtime_type, and a spin pod starts our binary."""
+    shim_log = ctd.dir / "shim-calls.log"
+    shim = fake_shim(ctd.dir / "src", log=shim_log)
+    before = ctd.daemon()
+    r = install(ctd, shim)
+    assert r.returncode == 0, r.stderr + ctd.log_tail()
+    out = json.loads(r.stdout)
+    assert (out["changed"], out["restarted"], out["verified"]) == (True, True, True)
+    assert ctd.daemon() != before, "containerd was restarted"
+
+    status = ctd.cri_status()
+    assert status.runtime_ready
+    assert status.runtimes["spin"] == installed_path(ctd)
+    dump = ctd.config_dump()
+    assert dump.returncode == 0, dump.stderr
+    dumped = tomllib.loads(dump.stdout)
+    plugin = "io.containerd.cri.v1.runtime" if ctd.generation == "2.x" else "io.containerd.grpc.v1.cri"
+    assert dumped["plugins"][plugin]["containerd"]["runtimes"]["spin"]["runtime_type"] == installed_path(ctd)
+
+    image = busybox_oci(ctd.dir / "bb.tar")
+    if image is None:
+        pytest.skip("busybox-static is not installed (needed for the CRI sandbox image)")
+    ctr = ctd.bin / "ctr"
+    imported = subprocess.run(
+        [str(ctr), "--address", str(ctd.socket), "-n", "k8s.io", "image", "import", str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert imported.returncode == 0, imported.stderr
+    ok, detail = run_pod(str(ctd.socket), "spin")
+    assert not ok and "exit status 3" in detail, detail
+    calls = shim_log.read_text()
+    assert f"argv0={installed_path(ctd)}" in calls, calls
+    assert "arg=start" in calls
+    ok, detail = run_pod(str(ctd.socket), "nosuch", name="p2")
+    assert not ok and 'no runtime for "nosuch" is configured' in detail
+
+
+def test_rerun_is_a_noop_and_uninstall_restores(ctd: PrivateContainerd) -> None:
+    """Second run: no write, no restart. Uninstall: original bytes, runtime gone, containerd up."""
+    original = ctd.config.read_bytes()
+    shim = fake_shim(ctd.dir / "src")
+    assert install(ctd, shim).returncode == 0
+    running, mtime = ctd.daemon(), ctd.config.stat().st_mtime_ns
+    r = install(ctd, shim)
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and (out["changed"], out["restarted"]) == (False, False)
+    assert ctd.daemon() == running and ctd.config.stat().st_mtime_ns == mtime
+
+    r = uninstall(ctd)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["restarted"] is True
+    assert ctd.config.read_bytes() == original
+    status = ctd.cri_status()
+    assert status.runtime_ready and "spin" not in status.runtimes
+    assert not (ctd.dir / "kwasm").exists(), "state, backups and binaries are all gone"
+
+
+def test_containerd16_refuses_a_version3_config() -> None:
+    """containerd 1.6 silently ignores a version = 3 file: refuse instead of 'succeeding'."""
+    from tests.containerd_node import available
+
+    if available("1.6"):
+        pytest.skip(available("1.6"))
+    v3 = PrivateContainerd("1.6", version=3)
+    try:
+        v3.start()
+        assert "spin" not in v3.cri_status().runtimes
+        before_files, running = tree_hash(v3.dir), v3.daemon()
+        r = install(v3, fake_shim(v3.dir.parent / (v3.dir.name + "-src")))
+        assert r.returncode == 1
+        out = json.loads(r.stdout)
+        assert "version = 3" in out["error"] and "1.6.20" in out["error"], out
+        assert "silently ignores" in out["error"]
+        assert tree_hash(v3.dir) == before_files and v3.daemon() == running
+    finally:
+        v3.cleanup()
+        shutil.rmtree(v3.dir.parent / (v3.dir.name + "-src"), ignore_errors=True)
+
+
+def test_rollback_when_containerd_does_not_report_the_runtime(ctd: PrivateContainerd) -> None:
+    """Editing a file containerd does not read: after the restart the runtime is missing, so
+    the previous config and binary are put back, containerd runs again, and the run fails."""
+    decoy = ctd.dir / "decoy.toml"
+    decoy.write_bytes(ctd.config.read_bytes())
+    original = decoy.read_bytes()
+    args = [a if a != str(ctd.config) else str(decoy) for a in ctd.node_args()]
+    shim = fake_shim(ctd.dir / "src")
+    r = run_kwasm("node", "install", *args, "--shim", str(shim), "--timeout", "3")
+    assert r.returncode == 1
+    assert "does not report the runtime" in r.stderr and "rolled back" in r.stderr, r.stderr
+    assert "containerd runs again" in r.stderr
+    assert decoy.read_bytes() == original
+    assert not (ctd.dir / "kwasm" / "kwasm-state.json").exists()
+    assert not Path(installed_path(ctd)).exists()
+    assert ctd.cri_status().runtime_ready
+
+
+@pytest.mark.parametrize("step", ["backup", "binary", "config", "restart", "state"])
+def test_sigkill_at_each_step_converges(ctd16: PrivateContainerd, step: str) -> None:
+    """SIGKILL mid-install: the config is the old or the new one, and the next run converges
+    with at most one restart."""
+    ctd = ctd16
+    original = ctd.config.read_bytes()
+    shim = fake_shim(ctd.dir / "src")
+    r = install(ctd, shim, env={"KWASM_TEST_KILL_AT": step})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    text = ctd.config.read_bytes()
+    assert text == original or tomllib.loads(text.decode())["plugins"]["io.containerd.grpc.v1.cri"][
+        "containerd"
+    ]["runtimes"]["spin"]["runtime_type"] == installed_path(ctd)
+    r = install(ctd, shim)
+    assert r.returncode == 0, r.stderr
+    assert ctd.cri_status().runtimes.get("spin") == installed_path(ctd)
+    running = ctd.daemon()
+    r = install(ctd, shim)
+    assert json.loads(r.stdout)["restarted"] is False and ctd.daemon() == running
+    assert uninstall(ctd).returncode == 0
+    assert ctd.config.read_bytes() == original
+
+
+def test_two_installs_at_once_make_one_table(ctd16: PrivateContainerd) -> None:
+    """Two concurrent installs: the node lock serialises them; one table, valid TOML."""
+    ctd = ctd16
+    shim = fake_shim(ctd.dir / "src")
+    env_args = [*ctd.node_args(), "--shim", str(shim), "-o", "json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "installer")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kwasm_py", "node", "install", *env_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    outs = [json.loads(out) for out, _ in results]
+    assert sorted(o["changed"] for o in outs) == [False, True]
+    text = ctd.config.read_text()
+    headers = [h.path for h in tomlscan.scan(text).headers if h.path[-1] == "spin"]
+    assert len(headers) == 1
+    assert ctd.cri_status().runtimes["spin"] == installed_path(ctd)
