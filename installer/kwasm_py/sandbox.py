@@ -110,9 +110,7 @@ def flavor(name: str) -> Flavor:
     try:
         return _FLAVORS[name]
     except KeyError:
-        raise UsageError(
-            f"unknown sandbox flavour {name!r}", hint=f"one of: {', '.join(FLAVORS)}"
-        ) from None
+        raise UsageError(f"unknown sandbox flavour {name!r}", hint=f"one of: {', '.join(FLAVORS)}") from None
 
 
 @dataclass(frozen=True)
@@ -373,8 +371,7 @@ def node_run(
     )
     if check and proc.returncode != 0:
         raise SandboxError(
-            f"{' '.join(argv)} on node {node.name} failed (exit {proc.returncode}): "
-            f"{proc.stderr.strip()}"
+            f"{' '.join(argv)} on node {node.name} failed (exit {proc.returncode}): {proc.stderr.strip()}"
         )
     return proc
 
@@ -497,9 +494,7 @@ def load(name: str, *, state: Path | None = None) -> Node:
     try:
         return Node.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise SandboxError(
-            f"no sandbox node called {name!r}", hint="see `kwasm-py sandbox list`"
-        ) from None
+        raise SandboxError(f"no sandbox node called {name!r}", hint="see `kwasm-py sandbox list`") from None
     except (OSError, ValueError, TypeError) as ex:
         raise SandboxError(f"cannot read {path}: {ex}") from ex
 

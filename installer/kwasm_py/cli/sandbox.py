@@ -30,8 +30,7 @@ def _progress(msg: str) -> None:
 def _describe(node: sandbox.Node) -> str:
     return "\n".join(
         [
-            f"node {node.name} is up ({node.suite}, {node.flavor}); containerd socket "
-            f"{node.socket}",
+            f"node {node.name} is up ({node.suite}, {node.flavor}); containerd socket {node.socket}",
             f"  host root: {node.root}",
             f"  pid:       {node.pid}",
             f"  restart:   {node.restart}",
@@ -46,12 +45,8 @@ def _describe(node: sandbox.Node) -> str:
 
 @app.command()
 def up(
-    suite: Annotated[
-        str, typer.Option(help=f"Debian suite: {', '.join(sandbox.SUITES)}")
-    ] = "bookworm",
-    name: Annotated[
-        str | None, typer.Option(help="Node name (default: SUITE[-FLAVOR][-N])")
-    ] = None,
+    suite: Annotated[str, typer.Option(help=f"Debian suite: {', '.join(sandbox.SUITES)}")] = "bookworm",
+    name: Annotated[str | None, typer.Option(help="Node name (default: SUITE[-FLAVOR][-N])")] = None,
     flavor: Annotated[
         str,
         typer.Option(
@@ -103,9 +98,7 @@ def list_(
 
 @app.command()
 def build(
-    suite: Annotated[
-        list[str] | None, typer.Option(help="Suite(s) to build (default: all)")
-    ] = None,
+    suite: Annotated[list[str] | None, typer.Option(help="Suite(s) to build (default: all)")] = None,
 ) -> None:
     """Build the cached node roots now (debootstrap; about a minute each, once)."""
     for s in suite or list(sandbox.SUITES):
