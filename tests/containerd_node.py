@@ -42,6 +42,26 @@ def available(generation: str) -> str | None:
     return None
 
 
+def debian_packaged_text(directory: Path) -> str:
+    """Debian's packaged /etc/containerd/config.toml (no runtimes), with private paths added."""
+    d = directory
+    return f"""version = 2
+root = "{d}/lib"
+state = "{d}/run"
+
+[grpc]
+  address = "{d}/c.sock"
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{d}/opt"
+"""
+
+
 def config_text(directory: Path, version: int, *, systemd_cgroup: bool = False) -> str:
     """A minimal private config of the given schema version (2: containerd 1.x, 3: 2.x)."""
     d = directory
@@ -114,7 +134,14 @@ class Incarnation:
 class PrivateContainerd:
     """One containerd daemon under a supervisor loop, with everything in `self.dir`."""
 
-    def __init__(self, generation: str, *, version: int | None = None, systemd_cgroup: bool = False):
+    def __init__(
+        self,
+        generation: str,
+        *,
+        version: int | None = None,
+        systemd_cgroup: bool = False,
+        debian_packaged: bool = False,
+    ):
         self.generation = generation
         self.bin = BINARIES[generation]
         self.dir = Path(tempfile.mkdtemp(prefix="kw-", dir="/tmp"))
@@ -122,7 +149,8 @@ class PrivateContainerd:
         self.socket = self.dir / "c.sock"
         self.log = self.dir / "containerd.log"
         self.version = version or (3 if generation == "2.x" else 2)
-        self.config.write_text(config_text(self.dir, self.version, systemd_cgroup=systemd_cgroup))
+        text = config_text(self.dir, self.version, systemd_cgroup=systemd_cgroup)
+        self.config.write_text(debian_packaged_text(self.dir) if debian_packaged else text)
         self.supervisor: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------

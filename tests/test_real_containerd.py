@@ -186,3 +186,30 @@ def test_two_installs_at_once_make_one_table(ctd16: PrivateContainerd) -> None:
     headers = [h.path for h in tomlscan.scan(text).headers if h.path[-1] == "spin"]
     assert len(headers) == 1
     assert ctd.cri_status().runtimes["spin"] == installed_path(ctd)
+
+
+@pytest.mark.parametrize("generation", ["1.6", "2.x"])
+def test_debian_packaged_config_keeps_the_default_runtime(generation: str) -> None:
+    """Debian's packaged config declares no runtimes: containerd 1.x would drop runc when only
+    `spin` is declared, so runc is added too (and removed again); 2.x needs nothing extra."""
+    from tests.containerd_node import available
+
+    if available(generation):
+        pytest.skip(available(generation))
+    ctd = PrivateContainerd(generation, debian_packaged=True)
+    try:
+        ctd.start()
+        original = ctd.config.read_bytes()
+        r = install(ctd, fake_shim(ctd.dir / "src"))
+        assert r.returncode == 0, r.stdout + r.stderr + ctd.log_tail()
+        runtimes = ctd.cri_status().runtimes
+        assert runtimes["spin"] == installed_path(ctd)
+        assert runtimes["runc"] == "io.containerd.runc.v2"
+        declared = tomllib.loads(ctd.config.read_text())["plugins"]["io.containerd.grpc.v1.cri"]
+        assert ("runc" in declared["containerd"]["runtimes"]) == (generation == "1.6")
+        r = uninstall(ctd)
+        assert r.returncode == 0, r.stderr
+        assert ctd.config.read_bytes() == original
+        assert "runc" in ctd.cri_status().runtimes
+    finally:
+        ctd.cleanup()

@@ -32,12 +32,13 @@ from typing import IO, Protocol
 import requests
 import urllib3
 
+from kwasm_py.digests import MANIFEST_NAME, read_manifest
+from kwasm_py.digests import file_sha256 as sha256_file
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.shim_catalog import Artifact, ShimEntry
 
 CHUNK = 256 * 1024
 MAX_BINARY_BYTES = 1 << 30  # a shim is tens of MB; refuse archive members claiming more
-MANIFEST_NAME = "kwasm-shims.json"  # what a fetch placed in --dest, with the binaries' sha256
 USER_AGENT = "kwasm-py-shims"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -118,15 +119,6 @@ class _Staged:
     source: str
     size: int
     seconds: float
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_session() -> requests.Session:
@@ -557,18 +549,6 @@ def _manifest_entry(st: _Staged) -> dict[str, object]:
         "binary_sha256_pinned": artifact.binary_sha256 is not None,
         "source": st.source,
     }
-
-
-def read_manifest(directory: Path) -> dict[str, dict[str, object]]:
-    """The ``kwasm-shims.json`` of a shim directory; {} when absent or unreadable."""
-    try:
-        doc = json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    shims = doc.get("shims") if isinstance(doc, dict) else None
-    if not isinstance(shims, dict):
-        return {}
-    return {k: v for k, v in shims.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def _write_manifest(directory: Path, shims: dict[str, dict[str, object]]) -> None:

@@ -258,6 +258,38 @@ def runc_systemd_cgroup(data: dict[str, Any], schema: CriSchema) -> bool:
     return lookup(cri, ("systemd_cgroup",)) is True
 
 
+def default_runtime_name(data: dict[str, Any], schema: CriSchema) -> str:
+    name = lookup(data, ("plugins", schema.value, "containerd", "default_runtime_name"))
+    return name if isinstance(name, str) and name else "runc"
+
+
+def default_runtime_companion(
+    own: dict[str, Any],
+    reference: dict[str, Any],
+    schema: CriSchema,
+    containerd: ContainerdVersion | None,
+) -> RuntimeEntry | None:
+    """The default runtime's table, when adding ours would make containerd 1.x lose it.
+
+    containerd 1.x decodes `containerd.runtimes` from the file *instead of* its built-in map:
+    a file that declares only `runtimes.spin` leaves no `runc`, and the CRI plugin then refuses
+    to load ("no corresponding runtime configured ... default_runtime_name"). Debian's packaged
+    config is such a file. containerd 2.x merges the defaults, so it needs nothing.
+    """
+    if schema is CriSchema.V3 or (containerd is not None and containerd.major >= 2):
+        return None
+    default = default_runtime_name(reference, schema)
+    if find_runtime(reference, schema, default) or find_runtime(own, schema, default):
+        return None
+    if default != "runc":
+        raise ConfigError(
+            f"the default runtime {default!r} has no table, and containerd 1.x would refuse a "
+            "runtimes map without it",
+            hint=f'add [plugins."{schema.value}".containerd.runtimes.{default}] to the config first',
+        )
+    return RuntimeEntry("runc", "io.containerd.runc.v2")
+
+
 def find_runtime(data: dict[str, Any], schema: CriSchema, handler: str) -> dict[str, Any] | None:
     found = lookup(data, (*schema.runtimes_path(), handler))
     return found if isinstance(found, dict) else None

@@ -401,6 +401,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         restart=str(lay.restart),
         socket=str(lay.socket),
         updated=_now(),
+        companion=the_plan.companion,
     )
     # 2. intent: from here on the tables and files named in the state are ours
     node.step = "state"
@@ -597,6 +598,12 @@ def uninstall(
                     source=str(cfg_path),
                 )
                 doc = cc.load(edit.text, source=str(cfg_path))
+            extra = state.companion
+            if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
+                doc = cc.load(
+                    cc.remove_runtime(doc, extra["handler"], schema=schema, source=str(cfg_path)).text,
+                    source=str(cfg_path),
+                )
             new_data = doc.text.encode()
             if state.config.created and not keep and not doc.data and not doc.body.strip():
                 new_data = None

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kwasm_py import digests
 from kwasm_py.errors import HostIOError, LockHeld
 
 _MAX_LINKS = 40
@@ -199,16 +200,13 @@ class HostFS:
 
 
 def file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
+    """Hex sha256 of a host file, None when it does not exist."""
     try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        return digests.file_sha256(path)
     except FileNotFoundError:
         return None
     except OSError as err:
         raise _io_error("read", path, err) from err
-    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] | None, label: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import Any
 
 from kwasm_py import containerd_config as cc
 from kwasm_py.errors import ConfigError, UsageError
@@ -46,6 +47,7 @@ class Plan:
     entries: tuple[cc.RuntimeEntry, ...]
     replaced: dict[str, str | None] = field(default_factory=dict)
     version_added: bool = False
+    companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
 
     @property
     def config_changed(self) -> bool:
@@ -143,6 +145,20 @@ def make_plan(
     text = doc.text
     replaced: dict[str, str | None] = {}
     version_added = bool(own_state and own_state.config.version_added)
+    companion = own_state.companion if own_state else None
+    if companion and cc.find_runtime(doc.data, choice.schema, companion["handler"]) != companion["table"]:
+        companion = None  # no longer ours as we wrote it
+    if companion is None:
+        extra = cc.default_runtime_companion(doc.data, reference_data, choice.schema, containerd)
+        if extra is not None:
+            edit = cc.add_runtime(doc, extra, schema=choice.schema, version_line=version_line, source=source)
+            text, version_added = edit.text, version_added or edit.version_added
+            version_line = None
+            companion = {"handler": extra.handler, "table": extra.as_table()}
+            notes.append(
+                f"also adding runtime {extra.handler}: containerd {containerd or '1.x'} would otherwise "
+                "lose its default runtime"
+            )
     for entry in entries:
         current = cc.load(text, source=source)
         record = own_state.runtime(entry.handler) if own_state else None
@@ -175,4 +191,5 @@ def make_plan(
         entries=tuple(entries),
         replaced=replaced,
         version_added=version_added,
+        companion=companion,
     )

@@ -7,7 +7,6 @@ only for the ``fetch`` source, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,6 +17,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
+from kwasm_py.digests import file_sha256 as sha256_file
+from kwasm_py.digests import read_manifest
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.model import BIN_DIR_NAME, DEFAULT_INSTALL_DIR, STATE_FILE_NAME
 from kwasm_py.shim_catalog import Catalog, ShimEntry, normalize_arch, parse
@@ -31,7 +32,6 @@ IMAGE_SHIM_DIR = PurePosixPath("/opt/kwasm-py/shims")
 FETCH_CACHE_DIR = PurePosixPath("/var/cache/kwasm-py/shims")
 CATALOG_ENV = "KWASM_SHIM_CATALOG"
 SHIM_DIR_ENV = "KWASM_SHIM_DIR"
-MANIFEST_NAME = "kwasm-shims.json"  # same name artifacts writes; kept here to avoid importing it
 
 ShimSourceKind = Literal["image", "fetch", "dir"]
 SHIM_SOURCES: tuple[ShimSourceKind, ...] = ("image", "fetch", "dir")
@@ -125,7 +125,7 @@ def resolve_shims(
             raise UsageError("--shim-source dir needs a directory (--shim-dir)")
         where = directory
         hint = "put the shim binaries there, or use --shim-source image or fetch"
-    manifest = _read_manifest(where)
+    manifest = read_manifest(where)
     return [_check_local(s, a, where, manifest, hint=hint) for s in shims]
 
 
@@ -172,25 +172,6 @@ def _check_local(
         version=str(rec.get("version", shim.version)),
         verified=verified,
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 18):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_manifest(directory: Path) -> dict[str, dict[str, object]]:
-    try:
-        doc = json.loads((directory / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    shims = doc.get("shims") if isinstance(doc, dict) else None
-    if not isinstance(shims, dict):
-        return {}
-    return {k: v for k, v in shims.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 # ---- what is installed on a node root (for `kwasm-py shims list`) ----

@@ -53,6 +53,7 @@ class State:
     restart: str = ""
     socket: str = ""
     updated: str = ""
+    companion: dict[str, Any] | None = None  # {"handler", "table"}: a default runtime we added
     schema: int = field(default=SCHEMA)
 
     def runtime(self, handler: str) -> RuntimeRecord | None:
