@@ -34,25 +34,6 @@ def uninstall(node, *extra, env=None):
     )  # fmt: skip
 
 
-def expect_runc_gap(request, node) -> None:
-    """Mark the test xfail (strict) on a node whose config declares no runc runtime.
-
-    Debian's packaged /etc/containerd/config.toml has a CRI table with no `runtimes`; adding only
-    `runtimes.spin` to it makes containerd 1.6 refuse to load the CRI plugin ("no corresponding
-    runtime configured in `containerd.runtimes` for `containerd` `default_runtime_name =
-    \"runc\"`"), so the engine rolls back. containerd 2.x merges the defaults and is fine. The
-    engine has to add the default runtime too (and remove it again on uninstall).
-    Strict: once the engine handles it, these tests XPASS and the mark must go.
-    """
-    if node.flavor == "containerd" and node.containerd_major() < 2:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="engine: containerd 1.6 CRI refuses a runtimes map without runc",
-            )
-        )
-
-
 def runtime_table(doc: dict, handler: str) -> dict:
     """The CRI runtime table HANDLER in a parsed containerd config (v2 or v3 layout)."""
     plugins = doc.get("plugins", {})
@@ -87,10 +68,9 @@ def assert_installed(node, out, shim):
     return rt
 
 
-def test_install_registers_the_runtime_with_a_real_restart(request, any_node, test_shim):
+def test_install_registers_the_runtime_with_a_real_restart(any_node, test_shim):
     """install edits the right file, restarts containerd for real, and containerd lists spin."""
     node, shim = any_node, test_shim()
-    expect_runc_gap(request, node)
     before_pid, _ = node.wait_ready()
     starts = node.containerd_starts()
     assert "spin" not in node.runtimes()
@@ -113,10 +93,9 @@ def test_install_registers_the_runtime_with_a_real_restart(request, any_node, te
     assert status["drift"] == []
 
 
-def test_rerun_changes_nothing(request, any_node, test_shim):
+def test_rerun_changes_nothing(any_node, test_shim):
     """A second identical install: no restart (same containerd PID and start), no file touched."""
     node, shim = any_node, test_shim()
-    expect_runc_gap(request, node)
     first = install(node, shim)
     assert first.returncode == 0, first.stderr
     proc_before = node.wait_ready()
@@ -136,10 +115,9 @@ def test_rerun_changes_nothing(request, any_node, test_shim):
     assert node.runtimes()["spin"] == out["runtimes"][0]["runtime_type"]
 
 
-def test_uninstall_restores_the_original_files_byte_for_byte(request, any_node, test_shim):
+def test_uninstall_restores_the_original_files_byte_for_byte(any_node, test_shim):
     """uninstall puts back every file as it was (absent stays absent); containerd still runs."""
     node, shim = any_node, test_shim()
-    expect_runc_gap(request, node)
     original = node.snapshot(*watched_files(node), INSTALLED_SHIM)
     assert original[INSTALLED_SHIM] is None
     proc = install(node, shim)
@@ -160,10 +138,9 @@ def test_uninstall_restores_the_original_files_byte_for_byte(request, any_node, 
     assert json_out(again)["changed"] is False
 
 
-def test_install_then_upgrade_the_shim_in_place(request, bookworm_node, test_shim):
+def test_install_then_upgrade_the_shim_in_place(bookworm_node, test_shim):
     """A new shim build replaces the binary; the config table stays one table."""
     node = bookworm_node
-    expect_runc_gap(request, node)
     v1, v2 = test_shim("v1"), test_shim("v2")
     assert install(node, v1).returncode == 0
     proc = install(node, v2)
