@@ -1,7 +1,106 @@
-"""`kwasm-py sandbox ...` (placeholder until its issue lands)."""
+"""`kwasm-py sandbox ...`: throwaway real nodes (systemd-nspawn) to try and test the installer."""
 
 from __future__ import annotations
 
+import json
+import sys
+from enum import StrEnum
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="sandbox commands")
+from kwasm_py import sandbox
+from kwasm_py.errors import UsageError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Boot throwaway real nodes (systemd + containerd under systemd-nspawn, needs root).",
+)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _describe(node: sandbox.Node) -> str:
+    return "\n".join(
+        [
+            f"node {node.name} is up ({node.suite}, {node.flavor}); containerd socket {node.socket}",
+            f"  host root: {node.root}",
+            f"  pid:       {node.pid}",
+            f"  restart:   {node.restart}",
+            "use it:",
+            f"  export KWASM_HOST_ROOT={node.root} KWASM_PID={node.pid}",
+            "  kwasm-py node install --shim ./containerd-shim-spin-v2",
+            "  kwasm-py node status",
+            f"stop it:  kwasm-py sandbox down {node.name}",
+        ]
+    )
+
+
+@app.command()
+def up(
+    suite: Annotated[str, typer.Option(help=f"Debian suite: {', '.join(sandbox.SUITES)}")] = "bookworm",
+    name: Annotated[str | None, typer.Option(help="Node name (default: SUITE[-FLAVOR][-N])")] = None,
+    flavor: Annotated[
+        str,
+        typer.Option(
+            help="What runs containerd: containerd (its systemd unit), k3s / k3s-agent "
+            "(a k3s stand-in unit), k3d (no systemd; PID 1 restarts containerd)"
+        ),
+    ] = "containerd",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for containerd")] = 90.0,
+    output: Annotated[Output, typer.Option(help="text, or one JSON object")] = Output.text,
+) -> None:
+    """Build (once, cached) and boot a node; print its host root and PID."""
+    node = sandbox.up(suite=suite, flavor_name=flavor, name=name, timeout=timeout, log=_progress)
+    if output is Output.json:
+        print(json.dumps({**node.to_json(), "host_socket": str(node.host_socket)}))
+    else:
+        print(_describe(node))
+
+
+@app.command()
+def down(
+    name: Annotated[str | None, typer.Argument(help="Node to stop")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every sandbox node")] = False,
+) -> None:
+    """Stop a node's processes (by PID) and remove its copy."""
+    if all_ == (name is not None):
+        raise UsageError("give a node NAME or --all", hint="see `kwasm-py sandbox list`")
+    nodes = sandbox.down_all() if all_ else [sandbox.down(name or "")]
+    for node in nodes:
+        print(f"node {node.name} stopped and removed")
+
+
+@app.command("list")
+def list_(
+    output: Annotated[Output, typer.Option(help="text, or a JSON list")] = Output.text,
+) -> None:
+    """List sandbox nodes with their host root and PID."""
+    rows = sandbox.list_nodes()
+    if output is Output.json:
+        print(json.dumps([{**n.to_json(), "running": alive} for n, alive in rows]))
+        return
+    if not rows:
+        print("no sandbox nodes")
+        return
+    print(f"{'NAME':<24} {'SUITE':<9} {'FLAVOR':<10} {'STATE':<8} {'PID':>8}  HOST ROOT")
+    for n, alive in rows:
+        state = "running" if alive else "stopped"
+        print(f"{n.name:<24} {n.suite:<9} {n.flavor:<10} {state:<8} {n.pid:>8}  {n.root}")
+
+
+@app.command()
+def build(
+    suite: Annotated[list[str] | None, typer.Option(help="Suite(s) to build (default: all)")] = None,
+) -> None:
+    """Build the cached node roots now (debootstrap; about a minute each, once)."""
+    for s in suite or list(sandbox.SUITES):
+        path = sandbox.ensure_root(s, log=_progress)
+        print(f"{s}: {path}")
