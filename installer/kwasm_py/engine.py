@@ -443,10 +443,11 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
             must_restart = not _registered(node, the_plan)
         node.step = "restart"
         if must_restart and lay.restart.method is not RestartMethod.NONE:
-            restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
-            outcome.restarted = True
             log(f"step=restart method={lay.restart}")
-        _kill_point("restart")
+            restart.restart(
+                lay.restart, pid=opts.pid, timeout=opts.verify_timeout, started=lambda: _kill_point("restart")
+            )
+            outcome.restarted = True
         # 6. containerd itself must list the runtime
         node.step = "verify"
         if lay.restart.method is not RestartMethod.NONE:

@@ -14,24 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
-
-
-class Runner(Protocol):
-    def __call__(self, argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]: ...
-
-
-def run(argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run argv (never a shell), capturing output."""
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as err:
-        raise RestartError(f"cannot run {argv[0]}: not found on this machine") from err
-    except subprocess.TimeoutExpired as err:
-        raise RestartError(f"`{' '.join(argv)}` did not finish within {timeout:.0f} s") from err
 
 
 def in_node(pid: int, argv: Sequence[str]) -> list[str]:
@@ -153,8 +139,18 @@ def alive(proc: Proc) -> bool:
     return fields is not None and int(fields[19]) == proc.start_ticks and fields[0] != "Z"
 
 
-def restart(spec: RestartSpec, *, pid: int, runner: Runner = run, timeout: float = 90.0) -> None:
-    """Restart the node's containerd as `spec` says. Returns once the restart was issued."""
+def restart(
+    spec: RestartSpec,
+    *,
+    pid: int,
+    timeout: float = 90.0,
+    started: Callable[[], None] = lambda: None,
+) -> None:
+    """Restart the node's containerd as `spec` says; return once the restart has completed.
+
+    `started` runs as soon as the restart is under way (the command spawned, or the signal
+    sent), before waiting for it: the point where a crash leaves containerd mid-restart.
+    """
     if spec.method is RestartMethod.NONE:
         return
     if spec.method is RestartMethod.SIGNAL:
@@ -166,18 +162,30 @@ def restart(spec: RestartSpec, *, pid: int, runner: Runner = run, timeout: float
                 os.kill(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
+        started()
         deadline = time.monotonic() + timeout
         while any(alive(p) for p in targets):
             if time.monotonic() > deadline:
                 raise RestartError(f"{spec.target} (pid {targets[0].pid}) ignored SIGTERM")
-            time.sleep(0.01)
+            time.sleep(0.005)
         return
+    command = " ".join(restart_command(spec))
     argv = in_node(pid, restart_command(spec))
-    result = runner(argv, timeout=timeout)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
+    try:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError as err:
+        raise RestartError(f"cannot run {argv[0]}: not found on this machine") from err
+    started()
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        child.kill()
+        child.communicate()
+        raise RestartError(f"`{command}` did not finish within {timeout:.0f} s") from err
+    if child.returncode != 0:
+        detail = (stderr or stdout).strip().splitlines()
         raise RestartError(
-            f"`{' '.join(restart_command(spec))}` failed in the node (exit {result.returncode})"
+            f"`{command}` failed in the node (exit {child.returncode})"
             + (f": {detail[-1]}" if detail else ""),
         )
 
