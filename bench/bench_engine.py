@@ -2,11 +2,12 @@
 
 - config plan + edit on the largest real config  vs  tomlkit parse + dump of the same file
 - `node install` start -> containerd reports the runtime (private containerd 1.6 and 2.x)
-      vs  a bare containerd restart + readiness, plus a plain copy of the shim
+      vs  a plain copy of the shim + a bare containerd restart + readiness
 - a no-op re-run on a provisioned node  vs  process start of `kwasm-py --help`
+  (and it must neither restart containerd nor write a file)
 - CLI start-up `kwasm-py --help`  vs  `python -c pass`
 
-    python bench/bench_engine.py [--quick]
+    python -m bench --only engine [--quick]
 """
 
 from __future__ import annotations
@@ -14,66 +15,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import tomlkit
 
+from bench._common import KWASM, PYTHON, REPO, Goal, child_env, row, run_quiet, skipped, timed, wait_for
 from kwasm_py import containerd_config as cc
 from kwasm_py import cri
 from tests.containerd_node import PrivateContainerd, available, fake_shim
 
-REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "containerd-configs"
-CLI = [sys.executable, "-m", "kwasm_py"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "installer")}
-
-
-def _stats(samples: list[float]) -> tuple[float, float]:
-    """Median and spread (max - min) in the samples' unit."""
-    return statistics.median(samples), max(samples) - min(samples)
-
-
-def _row(
-    figure: str,
-    value: list[float],
-    floor: list[float],
-    unit: str,
-    target: str,
-    *,
-    scale: float = 1e3,
-    kind: str = "ratio",
-) -> dict[str, object]:
-    v, v_spread = _stats(value)
-    f, f_spread = _stats(floor)
-    row: dict[str, object] = {
-        "figure": figure,
-        "value": round(v * scale, 2),
-        "spread": round(v_spread * scale, 2),
-        "floor": round(f * scale, 2),
-        "floor_spread": round(f_spread * scale, 2),
-        "unit": unit,
-        "target": target,
-        "rounds": len(value),
-    }
-    if kind == "ratio":
-        row["ratio"] = round(v / f, 2) if f else None
-    else:
-        row["overhead"] = round((v - f) * scale, 2)
-    return row
-
-
-def _time(fn: Callable[[], object], rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+ENV = child_env()
 
 
 def largest_config() -> tuple[str, str]:
@@ -86,7 +39,7 @@ def largest_config() -> tuple[str, str]:
 
 def bench_config(quick: bool) -> dict[str, object]:
     name, text = largest_config()
-    rounds = 20 if quick else 200
+    rounds = 30 if quick else 300
 
     def edit() -> None:
         doc = cc.load(text, source=name)
@@ -99,14 +52,49 @@ def bench_config(quick: bool) -> dict[str, object]:
     def floor() -> None:
         tomlkit.dumps(tomlkit.parse(text))
 
-    edit()
-    return _row(
+    edit()  # warm: first-call imports and caches are start-up, not editing
+    floor()
+    values, floors = [], []
+    for _ in range(rounds):  # interleaved, so drift hits both alike
+        values += timed(edit, 1)
+        floors += timed(floor, 1)
+    return row(
         f"config plan + edit ({name}, {len(text)} B)",
-        _time(edit, rounds),
-        _time(floor, rounds),
-        "ms",
-        "<= 30 ms",
-        kind="ratio",
+        values,
+        floors,
+        unit="ms",
+        scale=1e3,
+        digits=2,
+        floor_name="tomlkit parse + dump of the same file",
+        compare="ratio",
+        goal=Goal("value", "<=", 30, "<= 30 ms"),
+    )
+
+
+def _help() -> None:
+    r = run_quiet([*KWASM, "--help"], ENV)
+    assert r.returncode == 0, r.stderr
+
+
+def _pass() -> None:
+    run_quiet([PYTHON, "-c", "pass"])
+
+
+def bench_startup(quick: bool) -> dict[str, object]:
+    rounds = 5 if quick else 15
+    _help()
+    helps, floors = [], []
+    for _ in range(rounds):
+        floors += timed(_pass, 1)
+        helps += timed(_help, 1)
+    return row(
+        "CLI start-up: kwasm-py --help",
+        helps,
+        floors,
+        unit="ms",
+        scale=1e3,
+        floor_name="python -c pass",
+        goal=Goal("value", "<=", 300, "--help <= 300 ms"),
     )
 
 
@@ -124,69 +112,81 @@ def _ready(ctd: PrivateContainerd) -> bool:
         return False
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, check=False)
+def _mtimes(paths: list[Path]) -> list[int]:
+    return [p.stat().st_mtime_ns for p in paths]
 
 
 def bench_install(generation: str, quick: bool) -> list[dict[str, object]]:
+    figure = f"node install -> containerd reports runtime (containerd {generation})"
     reason = available(generation)
     if reason:
-        return [{"figure": f"node install -> registered (containerd {generation})", "skipped": reason}]
-    rounds = 2 if quick else 5
+        return [skipped(figure, reason)]
+    rounds = 2 if quick else 7
     ctd = PrivateContainerd(generation).start()
     try:
         shim = fake_shim(ctd.dir / "src")
-        args = [*ctd.node_args(), "--shim", str(shim)]
-        uninstall_args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
-        installs, floors, noops = [], [], []
+        args = ["node", "install", *ctd.node_args(), "--shim", str(shim)]
+        uninstall = [
+            "node",
+            "uninstall",
+            *[a for a in ctd.node_args() if a not in ("--config", str(ctd.config))],
+        ]
+        installed = [ctd.config, ctd.dir / "kwasm" / "kwasm-state.json", ctd.dir / "kwasm/bin" / shim.name]
+        installs: list[float] = []
+        floors: list[float] = []
+        noops: list[float] = []
+        helps: list[float] = []
+        restarts = writes = 0
+        _help()
         for i in range(rounds):
             t = time.perf_counter()
-            r = _run("node", "install", *args)
+            r = run_quiet([*KWASM, *args], ENV)
             installs.append(time.perf_counter() - t)
             assert r.returncode == 0, r.stderr
+            before, daemon = _mtimes(installed), ctd.daemon()
+            helps += timed(_help, 1)
             t = time.perf_counter()
-            r = _run("node", "install", *args)
+            r = run_quiet([*KWASM, *args], ENV)
             noops.append(time.perf_counter() - t)
             assert r.returncode == 0, r.stderr
-            assert _run("node", "uninstall", *uninstall_args).returncode == 0
+            restarts += ctd.daemon() != daemon
+            writes += _mtimes(installed) != before
+            r = run_quiet([*KWASM, *uninstall], ENV)
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: _ready(ctd), 20, "containerd after uninstall")
             # floor: copy the shim + bare restart + wait until CRI answers ready
             t = time.perf_counter()
             shutil.copy(shim, ctd.dir / f"copy-{i}")
             pid = ctd.daemon().pid
             os.kill(pid, signal.SIGTERM)
-            while _alive(pid):
-                time.sleep(0.002)
-            while not _ready(ctd):
-                time.sleep(0.005)
+            wait_for(lambda p=pid: not _alive(p), 20, "containerd to exit")
+            wait_for(lambda: _ready(ctd), 20, "containerd ready")
             floors.append(time.perf_counter() - t)
-        help_start = _time(lambda: _run("--help"), rounds * 2)
     finally:
         ctd.cleanup()
+    noop = row(
+        f"no-op re-run, provisioned node (containerd {generation})",
+        noops,
+        helps,
+        unit="ms",
+        scale=1e3,
+        floor_name="kwasm-py --help process",
+        goal=Goal("overhead", "<=", 50, "0 restarts, 0 writes, <= 50 ms beyond start-up"),
+        note=f"{restarts} restarts, {writes} rounds with writes",
+    )
+    noop["met"] = bool(noop["met"]) and restarts == 0 and writes == 0
     return [
-        _row(
-            f"node install -> containerd reports runtime (containerd {generation})",
+        row(
+            figure,
             installs,
             floors,
-            "ms",
-            "overhead <= 200 ms",
-            kind="overhead",
+            unit="ms",
+            scale=1e3,
+            floor_name="copy the shim + bare containerd restart + CRI ready",
+            goal=Goal("overhead", "<=", 200, "overhead <= 200 ms"),
         ),
-        _row(
-            f"no-op re-run, provisioned node (containerd {generation})",
-            noops,
-            help_start,
-            "ms",
-            "0 restarts, <= 50 ms beyond start-up",
-            kind="overhead",
-        ),
+        noop,
     ]
-
-
-def bench_startup(quick: bool) -> dict[str, object]:
-    rounds = 5 if quick else 15
-    python = _time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), rounds)
-    helps = _time(lambda: _run("--help"), rounds)
-    return _row("CLI start-up: kwasm-py --help", helps, python, "ms", "<= 300 ms", kind="overhead")
 
 
 def run(quick: bool) -> list[dict[str, object]]:
@@ -194,8 +194,3 @@ def run(quick: bool) -> list[dict[str, object]]:
     for generation in ("1.6", "2.x"):
         rows.extend(bench_install(generation, quick))
     return rows
-
-
-if __name__ == "__main__":
-    for row in run("--quick" in sys.argv):
-        print(row)

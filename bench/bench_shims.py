@@ -1,21 +1,20 @@
 """Fetch throughput: `artifacts.fetch_shims` (download + sha256 + safe tar check + extract +
 atomic place) against a plain `requests` download of the same archive, same server, same run.
 
-    python bench/bench_shims.py [--quick]
+    python -m bench --only shims [--quick]
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
+from bench._common import row
 from kwasm_py import artifacts, shim_catalog
 from tests.shim_http import catalog_text, serve, sha, shim_tar
 
@@ -27,8 +26,8 @@ def _plain(url: str, out: Path) -> None:
             f.write(chunk)
 
 
-def run(quick: bool) -> list[dict]:
-    """Rows {figure, value, floor, ratio, unit}: throughput of fetch vs plain download."""
+def run(quick: bool) -> list[dict[str, object]]:
+    """Throughput (MB/s per round) of a verified fetch vs a plain download."""
     size = (8 if quick else 64) * 1_000_000
     rounds = 3 if quick else 7
     for var in ("http_proxy", "HTTP_PROXY"):
@@ -47,27 +46,21 @@ def run(quick: bool) -> list[dict]:
             for i in range(rounds):
                 t = time.perf_counter()
                 _plain(url, work / f"plain-{i}")
-                plain.append(time.perf_counter() - t)
+                plain.append(mb / (time.perf_counter() - t))
                 (work / f"plain-{i}").unlink()
                 t = time.perf_counter()
                 artifacts.fetch_shims(shims, "amd64", work / f"fetch-{i}")
-                fetch.append(time.perf_counter() - t)
+                fetch.append(mb / (time.perf_counter() - t))
                 shutil.rmtree(work / f"fetch-{i}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    floor = mb / statistics.median(plain)
-    value = mb / statistics.median(fetch)
     return [
-        {
-            "figure": f"shims fetch throughput ({mb:.0f} MB archive, verify+extract+place)",
-            "value": round(value, 1),
-            "floor": round(floor, 1),
-            "ratio": round(value / floor, 3),
-            "unit": "MB/s",
-        }
+        row(
+            f"shims fetch throughput ({mb:.0f} MB archive, verify + extract + place)",
+            fetch,
+            plain,
+            unit="MB/s",
+            floor_name="plain download of the same archive (requests)",
+            compare="ratio",
+        )
     ]
-
-
-if __name__ == "__main__":
-    for row in run("--quick" in sys.argv):
-        print(row)

@@ -16,6 +16,7 @@ DEFAULT_INSTALL_DIR = PurePosixPath("/opt/kwasm")
 STATE_FILE_NAME = "kwasm-state.json"
 BACKUP_DIR_NAME = "backup"
 BIN_DIR_NAME = "bin"
+CATALOG_ENV = "KWASM_SHIM_CATALOG"  # a shim catalog TOML replacing the shipped one
 
 
 class CriSchema(enum.Enum):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from kwasm_py.digests import file_sha256 as sha256_file
 from kwasm_py.digests import read_manifest
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
-from kwasm_py.model import BIN_DIR_NAME, DEFAULT_INSTALL_DIR, STATE_FILE_NAME
+from kwasm_py.model import BIN_DIR_NAME, CATALOG_ENV, DEFAULT_INSTALL_DIR, STATE_FILE_NAME
 from kwasm_py.shim_catalog import Catalog, ShimEntry, normalize_arch, parse
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 IMAGE_SHIM_DIR = PurePosixPath("/opt/kwasm-py/shims")
 # Where --shim-source fetch downloads to when no directory is given (inside the agent's pod).
 FETCH_CACHE_DIR = PurePosixPath("/var/cache/kwasm-py/shims")
-CATALOG_ENV = "KWASM_SHIM_CATALOG"
 SHIM_DIR_ENV = "KWASM_SHIM_DIR"
 
 ShimSourceKind = Literal["image", "fetch", "dir"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -65,6 +64,8 @@ def _patch_all(
     api: NodeApi, names: list[str], patch: dict[str, Any], parallel: int
 ) -> dict[str, KubeError | None]:
     """Patch every node with at most `parallel` requests in flight; errors per node."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     results: dict[str, KubeError | None] = {}
     progress = None
     task = None

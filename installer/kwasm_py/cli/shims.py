@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kwasm_py import shim_source
 from kwasm_py.errors import UsageError
-from kwasm_py.model import DEFAULT_INSTALL_DIR
+from kwasm_py.model import CATALOG_ENV, DEFAULT_INSTALL_DIR
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -39,7 +38,7 @@ CatalogOpt = Annotated[
     Path | None,
     typer.Option(
         "--catalog",
-        envvar=shim_source.CATALOG_ENV,
+        envvar=CATALOG_ENV,
         help="Shim catalog TOML (default: the copy shipped with kwasm-py = images/shims.toml).",
         show_default=False,
     ),
@@ -128,7 +127,7 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
     output: OutputOpt = Output.text,
 ) -> None:
     """Download, verify (sha256) and unpack shims into --dest: all of them, or none."""
-    from kwasm_py import artifacts
+    from kwasm_py import artifacts, shim_source
 
     cat = shim_source.read_catalog(catalog)
     a = shim_source.resolve_arch(arch)
@@ -219,6 +218,8 @@ def list_(
     output: OutputOpt = Output.text,
 ) -> None:
     """Show the catalog's shims and, with --host-root, what is installed on that node."""
+    from kwasm_py import shim_source
+
     cat = shim_source.read_catalog(catalog)
     inst_dir = PurePosixPath(install_dir)
     if not inst_dir.is_absolute():

@@ -1,0 +1,79 @@
+"""`python -m bench --quick` runs and writes results.json in the documented shape (numbers unchecked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.containerd_node import available
+
+REPO = Path(__file__).resolve().parent.parent
+ROW_KEYS = {
+    "figure",
+    "value",
+    "spread",
+    "floor",
+    "floor_spread",
+    "floor_name",
+    "unit",
+    "target",
+    "met",
+    "rounds",
+}
+
+
+def run_bench(tmp_path: Path, *only: str) -> dict:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", *only, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kwasm-py benchmarks" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def check_shape(doc: dict, module: str) -> list[dict]:
+    assert doc["quick"] is True and doc["modules"] == [module]
+    for key in ("date", "cpu", "cores", "memory_gib", "kernel", "python", "containerd"):
+        assert key in doc["machine"], key
+    rows = [r for r in doc["results"] if r["module"] == module]
+    assert rows
+    for r in rows:
+        assert "skipped" in r or r.keys() >= ROW_KEYS, r
+        if "skipped" not in r:
+            assert ("ratio" in r) != ("overhead" in r) or r["floor"] is None, r
+            assert r["rounds"] >= 1 and r["spread"] >= 0
+    return rows
+
+
+def test_bench_quick_shims(tmp_path):
+    """The shims module's quick run: one measured row against its floor, written to --out."""
+    (row,) = check_shape(run_bench(tmp_path, "shims"), "shims")
+    assert row["floor"] > 0 and row["ratio"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.containerd
+def test_bench_quick_engine(tmp_path):
+    """The engine module's quick run on private containerds: every figure measured, none skipped."""
+    for generation in ("1.6", "2.x"):
+        reason = available(generation)
+        if reason:
+            pytest.skip(reason)
+    rows = check_shape(run_bench(tmp_path, "engine"), "engine")
+    assert not [r for r in rows if "skipped" in r]
+    assert {r["figure"].split(" (")[0] for r in rows} >= {
+        "node install -> containerd reports runtime",
+        "no-op re-run, provisioned node",
+        "CLI start-up: kwasm-py --help",
+    }
+    assert all(isinstance(r["met"], bool) for r in rows)
