@@ -17,6 +17,7 @@ Both implement :class:`NodeApi`; the agent additionally uses events, leases and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -48,6 +49,8 @@ class NodeApi(Protocol):
     def get_node(self, name: str) -> JSON: ...
 
     def patch_node(self, name: str, patch: JSON) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class AgentApi(Protocol):
@@ -213,6 +216,71 @@ def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> 
     )
 
 
+_PLAIN_USER = frozenset(
+    {"token", "tokenFile", "client-certificate", "client-certificate-data", "client-key", "client-key-data"}
+)
+_PLAIN_CLUSTER = frozenset(
+    {
+        "server",
+        "certificate-authority",
+        "certificate-authority-data",
+        "insecure-skip-tls-verify",
+        "extensions",
+    }
+)
+
+
+def _plain_kubeconfig(path: str | None, context: str | None) -> bool:
+    """Whether the kubeconfig's context needs nothing beyond a token/certificate and a CA.
+
+    Exec and auth-provider plugins, basic auth, proxies, TLS server names and merged
+    KUBECONFIG lists are left to the official client.
+    """
+    import yaml
+
+    env = os.environ.get("KUBECONFIG", "")
+    if path is None and os.pathsep in env:
+        return False
+    path = path or (env or str(Path.home() / ".kube" / "config"))
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the official client gives the precise error
+    if not isinstance(doc, dict):
+        return False
+
+    def named(section: str, name: object) -> dict[str, Any] | None:
+        for item in doc.get(section) or []:
+            if isinstance(item, dict) and item.get("name") == name:
+                inner = item.get(section[:-1])
+                return inner if isinstance(inner, dict) else None
+        return None
+
+    ctx = named("contexts", context or doc.get("current-context"))
+    if ctx is None:
+        return False
+    cluster = named("clusters", ctx.get("cluster"))
+    user = named("users", ctx.get("user")) if ctx.get("user") else {}
+    return (
+        cluster is not None
+        and user is not None
+        and set(cluster) <= _PLAIN_CLUSTER
+        and set(user) <= _PLAIN_USER
+    )
+
+
+def connect_cli(kubeconfig: str | None = None, context: str | None = None, *, pool_size: int = 8) -> NodeApi:
+    """The CLI's node API: the lean client for in-cluster and plain kubeconfigs (no 300 ms
+    import of the official client), the official client for everything else."""
+    in_cluster = kubeconfig is None and context is None and not os.environ.get("KUBECONFIG")
+    if (in_cluster and in_cluster_endpoint() is not None) or _plain_kubeconfig(kubeconfig, context):
+        try:
+            return LeanKube(load_endpoint(kubeconfig, context))
+        except KubeError:
+            pass  # let the official client say what is wrong with it
+    return connect(kubeconfig, context, pool_size=pool_size)
+
+
 def load_endpoint(kubeconfig: str | None = None, context: str | None = None) -> Endpoint:
     """In-cluster credentials when running in a pod (and no kubeconfig given), else a kubeconfig."""
     if kubeconfig is None and context is None and not os.environ.get("KUBECONFIG"):
@@ -237,6 +305,8 @@ class LeanKube:
         self._prefix = parsed.path.rstrip("/")
         self._ssl: ssl.SSLContext | None = self._ssl_context() if self._https else None
         self._lock = threading.Lock()
+        self._local = threading.local()  # one kept-alive connection per thread for requests
+        self._kept: list[http.client.HTTPConnection] = []  # all of them, for close()
 
     def _ssl_context(self) -> ssl.SSLContext:
         ep = self.endpoint
@@ -318,19 +388,62 @@ class LeanKube:
         body: Any = None,
         content_type: str | None = None,
     ) -> JSON:
-        """One request, JSON in and out; HTTP errors become KubeError with the status."""
-        conn, resp = self._open(method, path, query=query, body=body, content_type=content_type)
-        try:
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as ex:
-            raise KubeError(f"{method} {path}: connection lost: {ex}") from ex
-        finally:
-            conn.close()
+        """One request, JSON in and out, on this thread's kept-alive connection.
+
+        HTTP errors become KubeError with the status. A connection the server closed while idle
+        is reopened once (label and annotation patches are idempotent).
+        """
+        url = self._prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        headers = self._headers(content_type)
+        for attempt in (1, 2):
+            conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+            fresh = conn is None
+            if conn is None:
+                conn = self._connect(self.timeout)
+                self._local.conn = conn
+                with self._lock:
+                    self._kept.append(conn)
+            try:
+                conn.request(method, url, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as ex:
+                conn.close()
+                self._local.conn = None
+                if attempt == 1 and not fresh:
+                    continue  # the server dropped an idle keep-alive connection
+                why = getattr(ex, "strerror", None) or str(ex) or type(ex).__name__
+                if isinstance(ex, ConnectionRefusedError):
+                    why = "connection refused"
+                raise KubeError(
+                    f"{method} {path}: cannot reach the API server {self.endpoint.server}: {why}",
+                    hint="check the server address and that the API server is up",
+                ) from ex
+            if resp.will_close:
+                conn.close()
+                self._local.conn = None
+            break
+        if resp.status >= 400:
+            raise api_error(f"{method} {path}", resp.status, resp.reason, raw)
         try:
             doc = json.loads(raw) if raw else {}
         except ValueError as ex:
             raise KubeError(f"{method} {path}: the API server sent no JSON") from ex
         return doc if isinstance(doc, dict) else {}
+
+    def __del__(self) -> None:
+        # Kept-alive sockets must not outlive the client (ResourceWarning at collection).
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def close(self) -> None:
+        """Close every kept-alive connection (any thread's)."""
+        with self._lock:
+            kept, self._kept = self._kept, []
+        for conn in kept:
+            conn.close()
+        self._local = threading.local()
 
     # -- nodes
 
@@ -417,6 +530,7 @@ class ClientKube:
         from kubernetes import client
 
         self.server = server
+        self._api_client = api_client
         self._core = client.CoreV1Api(api_client)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -448,6 +562,9 @@ class ClientKube:
         except ValueError as ex:
             raise KubeError(f"{what}: the API server sent no JSON") from ex
         return doc if isinstance(doc, dict) else {}
+
+    def close(self) -> None:
+        self._api_client.close()
 
     def list_nodes(self, *, label_selector: str = "") -> list[JSON]:
         doc = self._json("list nodes", self._core.list_node, label_selector=label_selector)

@@ -6,6 +6,7 @@ Heavy imports (the kubernetes client, rich tables) happen inside the command fun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -112,37 +113,37 @@ def annotate_node(
     """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
     from kwasm_py import kube
 
-    api = kube.connect(kubeconfig, context, pool_size=parallel)
-    names = _targets(api, nodes or [], all_nodes, selector)
-    if not names:
-        _stderr_console().print("no node matched: nothing to do")
-        return
-    part = "labels" if as_label else "annotations"
-    if remove:  # opt out whichever way the node opted in
-        patch: dict[str, Any] = {
-            "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
-        }
-    else:
-        patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
-    results = _patch_all(api, names, patch, parallel)
-    failed = {n: e for n, e in results.items() if e is not None}
-    if failed and len(failed) == len(names):
-        first = next(iter(failed.values()))
-        if first is not None and first.status in (None, 401, 403):
-            raise first  # one clear line for a cluster-wide problem
-    _summary(names, results, "opted out" if remove else "opted in")
-    for name, err in failed.items():
-        if err is not None and err.status == 404:
-            print(f"error: node {name!r} not found", file=sys.stderr)
-        elif err is not None:
-            print(f"error: {err.message}", file=sys.stderr)
-    ok = [n for n in names if results.get(n) is None]
-    code = 1 if failed else 0
-    if wait and ok:
-        pending = _wait(api, ok, timeout, want=not remove)
-        code = code or (1 if pending else 0)
-    if code:
-        raise typer.Exit(code)
+    with contextlib.closing(kube.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
+        names = _targets(api, nodes or [], all_nodes, selector)
+        if not names:
+            _stderr_console().print("no node matched: nothing to do")
+            return
+        part = "labels" if as_label else "annotations"
+        if remove:  # opt out whichever way the node opted in
+            patch: dict[str, Any] = {
+                "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
+            }
+        else:
+            patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
+        results = _patch_all(api, names, patch, parallel)
+        failed = {n: e for n, e in results.items() if e is not None}
+        if failed and len(failed) == len(names):
+            first = next(iter(failed.values()))
+            if first is not None and first.status in (None, 401, 403):
+                raise first  # one clear line for a cluster-wide problem
+        _summary(names, results, "opted out" if remove else "opted in")
+        for name, err in failed.items():
+            if err is not None and err.status == 404:
+                print(f"error: node {name!r} not found", file=sys.stderr)
+            elif err is not None:
+                print(f"error: {err.message}", file=sys.stderr)
+        ok = [n for n in names if results.get(n) is None]
+        code = 1 if failed else 0
+        if wait and ok:
+            pending = _wait(api, ok, timeout, want=not remove)
+            code = code or (1 if pending else 0)
+        if code:
+            raise typer.Exit(code)
 
 
 def _summary(names: list[str], results: dict[str, KubeError | None], done: str) -> None:
@@ -181,7 +182,8 @@ def status(
         raise UsageError(f"--output must be table or json, not {output!r}")
     from kwasm_py import kube
 
-    rows = _rows(kube.connect(kubeconfig, context))
+    with contextlib.closing(kube.connect_cli(kubeconfig, context)) as api:
+        rows = _rows(api)
     if output == "json":
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
@@ -254,7 +256,8 @@ def wait(
         raise UsageError("name the nodes or pass --all (one of them)")
     from kwasm_py import kube
 
-    pending = _wait(kube.connect(kubeconfig, context), nodes or None, timeout)
+    with contextlib.closing(kube.connect_cli(kubeconfig, context)) as api:
+        pending = _wait(api, nodes or None, timeout)
     if pending:
         raise typer.Exit(1)
 
