@@ -174,3 +174,26 @@ def test_client_kube_errors(standin: StandIn, kubeconfig: Path, tmp_path: Path):
         kube.connect(str(broken))
     with pytest.raises(KubeError, match="no such file"):
         kube.connect(str(tmp_path / "missing"))
+
+
+def test_cli_picks_the_lean_client_only_for_plain_kubeconfigs(tmp_path):
+    """Token/cert kubeconfigs use the lean client; exec plugins and merged lists the official one."""
+    from kwasm_py import kube
+
+    def write(name: str, user: str) -> str:
+        path = tmp_path / name
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+            f"users: [{{name: u, user: {user}}}]\n"
+            "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        )
+        return str(path)
+
+    plain = kube.connect_cli(write("plain", "{token: abc}"))
+    assert isinstance(plain, kube.LeanKube)
+    plain.close()
+    exec_user = "{exec: {apiVersion: client.authentication.k8s.io/v1, command: aws}}"
+    official = kube.connect_cli(write("exec", exec_user))
+    assert isinstance(official, kube.ClientKube)
+    official.close()
