@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+import pytest
+
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
 from tests.cluster_helpers import NAMESPACE, wait_until
 from tests.kube_standin import RESOURCES, StandIn
@@ -221,19 +223,32 @@ def test_sigterm_when_idle_exits_promptly(standin: StandIn, agents):
     assert agent.events("stop")
 
 
-def test_image_shims_for_this_architecture(tmp_path):
-    """Without --shim the agent installs what the image carries under <dir>/<arch>/."""
-    import pytest
+def test_agent_shim_sources(tmp_path, monkeypatch):
+    """--shim-source image finds the image's shims for this architecture; dir reads a node
+    directory through the host root; a missing source is a clear error."""
+    import platform
 
-    from kwasm_py.agent import image_shims
-    from kwasm_py.errors import UsageError
+    from kwasm_py.agent import agent_shims
+    from kwasm_py.errors import KwasmError
+    from kwasm_py.shim_catalog import normalize_arch
 
-    (tmp_path / "arm64").mkdir()
-    (tmp_path / "arm64" / "containerd-shim-spin-v2").write_text("x")
-    (tmp_path / "arm64" / "README").write_text("x")
-    assert image_shims(str(tmp_path), "aarch64") == [str(tmp_path / "arm64" / "containerd-shim-spin-v2")]
-    with pytest.raises(UsageError, match="no shim binaries"):
-        image_shims(str(tmp_path), "x86_64")
+    arch = normalize_arch(platform.machine())
+    image = tmp_path / "image" / arch
+    image.mkdir(parents=True)
+    (image / "containerd-shim-spin-v2").write_text("#!/bin/sh\n")
+    (image / "containerd-shim-spin-v2").chmod(0o755)
+    paths, handlers = agent_shims("image", shim_dir=str(tmp_path / "image"), host_root=None)
+    assert paths == [str(image / "containerd-shim-spin-v2")] and handlers == ["spin"]
+    node_dir = tmp_path / "root" / "srv" / "shims"
+    node_dir.mkdir(parents=True)
+    (node_dir / "containerd-shim-spin-v2").write_bytes(b"#!/bin/sh\n")
+    (node_dir / "containerd-shim-spin-v2").chmod(0o755)
+    paths, _ = agent_shims("dir", shim_dir="/srv/shims", host_root=str(tmp_path / "root"))
+    assert paths == [str(node_dir / "containerd-shim-spin-v2")]
+    with pytest.raises(KwasmError, match="does not exist"):
+        agent_shims("image", shim_dir=str(tmp_path / "empty"), host_root=None)
+    with pytest.raises(KwasmError, match="needs --shim-dir"):
+        agent_shims("dir", shim_dir=None, host_root=None)
 
 
 def test_agent_code_path_does_not_load_the_kubernetes_client():

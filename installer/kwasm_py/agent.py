@@ -126,29 +126,31 @@ class SubprocessEngine:
         return self._run("status")
 
 
-def image_shims(shim_dir: str | None = None, machine: str | None = None) -> list[str]:
-    """The shim binaries baked into the installer image for this node's architecture.
+def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> tuple[list[str], list[str]]:
+    """Shim paths and handlers for `--shim-source image|fetch|dir` (when no --shim is given).
 
-    images/Dockerfile puts them at ``$KWASM_SHIM_DIR/<arch>/containerd-shim-*-v2``; the DaemonSet
-    then needs no architecture-specific ``KWASM_SHIM``.
+    - image: baked into the installer image for this node's architecture (images/Dockerfile);
+    - fetch: downloaded and verified now, into the node's /var/lib/kwasm-py/shims/<arch> so a
+      restarted pod finds them again;
+    - dir: a directory on the node (a node path, read through the host root).
     """
-    import platform
     from pathlib import Path
 
-    from kwasm_py.shim_catalog import normalize_arch
+    from kwasm_py import shim_source
 
-    base = Path(shim_dir or os.environ.get("KWASM_SHIM_DIR") or "/opt/kwasm-py/shims")
-    where = base / normalize_arch(machine or platform.machine())
-    try:
-        found = sorted(str(p) for p in where.glob("containerd-shim-*-v2") if p.is_file())
-    except OSError:
-        found = []
-    if not found:
-        raise UsageError(
-            f"no shim binaries in {where}",
-            hint="pass --shim (or KWASM_SHIM) with the shim paths to install",
-        )
-    return found
+    root = Path(host_root or "/")
+    arch = shim_source.resolve_arch("auto")
+    directory: Path | None = None
+    if source == "image" and shim_dir:
+        directory = Path(shim_dir) / arch
+    elif source == "fetch":
+        directory = root / "var/lib/kwasm-py/shims" / arch
+    elif source == "dir":
+        if not shim_dir:
+            raise UsageError("--shim-source dir needs --shim-dir (a directory on the node)")
+        directory = root / shim_dir.lstrip("/")
+    resolved = shim_source.resolve_shims(source, directory=directory)  # type: ignore[arg-type]
+    return [str(s.path) for s in resolved], [s.handler for s in resolved]
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -314,6 +314,20 @@ def agent(
     shim: Annotated[
         str | None, typer.Option("--shim", envvar="KWASM_SHIM", help="shim paths, comma-separated")
     ] = None,
+    shim_source: Annotated[
+        str,
+        typer.Option(
+            "--shim-source",
+            envvar="KWASM_SHIM_SOURCE",
+            help="without --shim: image (baked in), fetch (download and verify), dir (--shim-dir)",
+        ),
+    ] = "image",
+    shim_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--shim-dir", envvar="KWASM_SHIM_DIR", help="image: shims root; dir: a directory on the node"
+        ),
+    ] = None,
     restart: Annotated[
         str | None, typer.Option("--restart", envvar="KWASM_RESTART", help="restart method")
     ] = None,
@@ -363,18 +377,20 @@ def agent(
         Backoff,
         Logger,
         SubprocessEngine,
+        agent_shims,
         default_node_command,
-        image_shims,
     )
 
     if not node_name:
         raise UsageError("the agent needs its node name", hint="set NODE_NAME or --node-name")
     log = Logger(node=node_name)
-    if not shim:  # what the installer image carries for this node's architecture
+    handlers: str | None = None
+    if not shim:  # from the image, a download, or a directory on the node
         try:
-            shim = ",".join(image_shims())
+            paths, names = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
+            shim, handlers = ",".join(paths), ",".join(names)
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
-            log("no_image_shims", level="warning", error=ex.message)
+            log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
     api = kube.LeanKube(endpoint)
     env = {
@@ -383,6 +399,7 @@ def agent(
             "KWASM_HOST_ROOT": host_root,
             "KWASM_PID": pid,
             "KWASM_SHIM": shim,
+            "KWASM_HANDLER": handlers,
             "KWASM_RESTART": restart,
             "KWASM_INSTALL_DIR": install_dir,
         }.items()
