@@ -45,6 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
+from kwasm_py import restart
 from kwasm_py.errors import SandboxError, UsageError
 
 SUITES = ("bookworm", "sid")
@@ -342,28 +343,12 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def nsenter_argv(pid: int, argv: Sequence[str]) -> list[str]:
-    """ARGV run inside the node whose PID 1 is PID (as a hostPID pod does it)."""
-    return [
-        "nsenter",
-        "--target",
-        str(pid),
-        "--mount",
-        "--uts",
-        "--ipc",
-        "--net",
-        "--pid",
-        "--",
-        *argv,
-    ]
-
-
 def node_run(
     node: Node, *argv: str, timeout: float = 30, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run ARGV inside NODE and return the finished process (text output)."""
     proc = subprocess.run(
-        nsenter_argv(node.pid, argv),
+        restart.in_node(node.pid, argv),
         capture_output=True,
         text=True,
         timeout=timeout,
