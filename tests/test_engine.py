@@ -378,3 +378,38 @@ def test_force_takes_over_and_uninstall_gives_it_back(tmp_path: Path, shim: Path
     assert tomllib.loads(restored) == tomllib.loads(
         theirs.replace("version = 2\n", "version = 2\noom_score = 0\n")
     )
+
+
+def test_the_state_file_keeps_the_layout_it_installed_into(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """k3s installed after kwasm-py: detection now prefers k3s, but plan, status and uninstall
+    keep to the containerd layout the state file names (file, restart and all)."""
+    root = tree(
+        tmp_path / "root",
+        {
+            **SYSTEMD,
+            "/etc/containerd/config.toml": V2,
+            "/usr/bin/containerd": "",
+            "/lib/systemd/system/containerd.service": UNIT,
+        },
+    )
+    assert kwasm("node", "install", *args(root, shim)).returncode == 0
+    tree(
+        root,
+        {
+            "/var/lib/rancher/k3s/agent/etc/containerd/config.toml": V2,
+            "/etc/systemd/system/k3s.service": UNIT,
+        },
+    )
+    status = kwasm("node", "status", "--host-root", str(root), "--no-containerd", "-o", "json")
+    assert json.loads(status.stdout)["layout"] == "containerd"
+    plan = kwasm("node", "plan", "--host-root", str(root), "--shim", str(shim), "-o", "json")
+    out = json.loads(plan.stdout)
+    assert (out["layout"], out["config"], out["changes"]) == (
+        "containerd",
+        "/etc/containerd/config.toml",
+        False,
+    )
+    assert any("state file" in e for e in out["evidence"])
+    r = kwasm("node", "uninstall", "--host-root", str(root), "--restart", "none")
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/containerd/config.toml").read_text() == V2

@@ -45,7 +45,8 @@ from kwasm_py.model import (
     ShimSpec,
 )
 
-KILL_ENV = "KWASM_TEST_KILL_AT"  # tests: SIGKILL ourselves at a named step
+KILL_ENV = "KWASM_TEST_KILL_AT"
+P_SOCKET = layout.DEFAULT_SOCKET  # tests: SIGKILL ourselves at a named step
 
 
 @dataclass(frozen=True)
@@ -196,14 +197,34 @@ def open_node(opts: NodeOptions) -> Node:
         if opts.config is None and state is None:
             raise
         detected = None
-    owned_elsewhere = detected is not None and str(detected.config_path) != (state and state.config.path)
-    if state is not None and opts.config is None and detected is not None and owned_elsewhere:
-        # Keep editing the file we own.
-        detected = layout.override(
-            detected, config=PurePosixPath(state.config.path), restart=None, socket=None
-        )
+    if state is not None and opts.config is None:
+        detected = _owned_layout(state, detected)  # keep working on the file we own
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
     return Node(opts=opts, fs=fs, layout=chosen, state=state, pid_ok=pid_ok)
+
+
+def _owned_layout(state: st.State, detected: Layout | None) -> Layout:
+    """The layout the state file describes (detection agreeing with it adds what it knows)."""
+    path = PurePosixPath(state.config.path)
+    if detected is not None and detected.name == state.layout and detected.config_path == path:
+        return detected
+    kind = ConfigKind(state.config.kind)
+    rendered = None
+    if detected is not None and detected.name == state.layout:
+        rendered = detected.rendered_path
+    elif kind is ConfigKind.TEMPLATE and path.name.endswith(".toml.tmpl"):
+        rendered = path.parent / "config.toml"  # k3s and rke2 render beside the template
+    spec = layout.parse_restart(state.restart) if state.restart else None
+    found = f"; detection now finds {detected.name} at {detected.config_path}" if detected else ""
+    return Layout(
+        name=state.layout,
+        config_path=path,
+        kind=kind,
+        restart=spec or (detected.restart if detected else RestartSpec(RestartMethod.SYSTEMD, "containerd")),
+        socket=PurePosixPath(state.socket) if state.socket else (detected.socket if detected else P_SOCKET),
+        rendered_path=rendered,
+        evidence=(f"the state file says kwasm-py installed into {path} ({state.layout}){found}",),
+    )
 
 
 def _shim_digests(opts: NodeOptions) -> list[tuple[ShimSpec, str]]:
