@@ -413,3 +413,13 @@ def test_the_state_file_keeps_the_layout_it_installed_into(tmp_path: Path, shim:
     r = kwasm("node", "uninstall", "--host-root", str(root), "--restart", "none")
     assert r.returncode == 0, r.stderr
     assert (root / "etc/containerd/config.toml").read_text() == V2
+
+
+def test_version_and_help(kwasm: Kwasm) -> None:
+    """--version prints the package version; --help lists the command groups."""
+    r = kwasm("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kwasm-py ")
+    r = kwasm("--help")
+    assert r.returncode == 0
+    for command in ("annotate-node", "status", "wait", "manifests", "agent", "node", "sandbox", "shims"):
+        assert command in r.stdout

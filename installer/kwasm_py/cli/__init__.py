@@ -20,6 +20,24 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        import kwasm_py
+
+        print(f"kwasm-py {kwasm_py.__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Make Kubernetes nodes run WebAssembly (Spin) workloads with containerd."""
+
+
 # Registration order is the order of `--help`.
 from kwasm_py.cli import cluster, node, sandbox, shims  # noqa: E402
 
