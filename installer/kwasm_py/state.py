@@ -29,6 +29,11 @@ class RuntimeRecord:
     table: dict[str, Any]  # the exact table written under runtimes.<handler>
     replaced: str | None = None  # a foreign table --force took over (put back on uninstall)
     previous_binary: str | None = None  # what was at `shim` before us, if anything (backup path)
+    # Quick check, as make and rsync do: (size, mtime_ns, inode) of the files whose sha256 we
+    # recorded. Equal fingerprints skip re-hashing on a no-op run; `node status` always hashes.
+    source: str | None = None
+    source_stat: list[int] | None = None
+    shim_stat: list[int] | None = None
 
 
 @dataclass(frozen=True)
