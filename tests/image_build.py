@@ -264,6 +264,73 @@ def unpack(layout: Path, rootfs: Path) -> Image:
     return Image(dict(config.get("config") or {}), layers)
 
 
+@dataclass
+class Built:
+    """An image built from images/Dockerfile, exported and unpacked into a runc bundle."""
+
+    bundle: Path  # rootfs/ holds the unpacked image
+    image: Image
+    base_diff_ids: list[str]  # the stand-in base image's layers (the image starts with them)
+    timings: dict[str, float]  # seconds: base (0 when cached), build, export, unpack
+    log: list[str]  # what had to be made first (root, base image) and how long it took
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes: files in the image and in its base; gzip layers of the image and of its base."""
+        base = [la for la in self.image.layers if la.diff_id in self.base_diff_ids]
+        return {
+            "files": self.image.files(),
+            "base_files": sum(la.files for la in base),
+            "gzip": sum(la.compressed for la in self.image.layers),
+            "base_gzip": sum(la.compressed for la in base),
+        }
+
+    def summary(self) -> str:
+        mib = {k: round(v / 2**20) for k, v in self.sizes().items()}
+        times = {k: round(v, 1) for k, v in self.timings.items()}
+        return (
+            f"made first: {self.log or 'nothing'}; seconds: {times}; files {mib['files']} MiB"
+            f" (base {mib['base_files']}), gzip layers {mib['gzip']} MiB (base {mib['base_gzip']})"
+        )
+
+
+def build_export_unpack(work: Path, *build_args: str) -> Built:
+    """Build the image (base made first when absent), export it as an OCI layout, remove it from
+    the store and unpack it into `work`/bundle/rootfs. Holds the store's lock while it builds;
+    fails if buildah leaves a working container or a mount behind."""
+    home = work_dir()
+    b = Buildah(home)
+    tag = f"localhost/kwasm-py:test-{os.getpid()}"
+    log: list[str] = []
+    timings: dict[str, float] = {}
+    with locked(home / "build.lock"):
+        t = time.monotonic()
+        ensure_base(b, log)
+        timings["base"] = time.monotonic() - t
+        base = json.loads(b("inspect", "--type", "image", BASE_IMAGE))
+        t = time.monotonic()
+        try:
+            build_image(b, tag, *build_args)
+            timings["build"] = time.monotonic() - t
+            t = time.monotonic()
+            b("push", tag, f"oci:{work / 'oci'}:test")
+            timings["export"] = time.monotonic() - t
+        finally:
+            if b.exists(tag):
+                b("rmi", tag)
+        leftovers = b("containers", "--quiet").split()
+        if leftovers or mounts_under(home):
+            raise RuntimeError(f"buildah left containers {leftovers} / mounts {mounts_under(home)}")
+    t = time.monotonic()
+    image = unpack(work / "oci", work / "bundle" / "rootfs")
+    timings["unpack"] = time.monotonic() - t
+    shutil.rmtree(work / "oci")
+    return Built(work / "bundle", image, base["OCIv1"]["rootfs"]["diff_ids"], timings, log)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

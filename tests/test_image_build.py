@@ -8,10 +8,8 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,68 +17,24 @@ import pytest
 from kwasm_py import shim_catalog, shim_source
 from tests import image_build as ib
 from tests.containerd_node import fake_shim
+from tests.image_build import Built
 from tests.test_layout import SYSTEMD, UNIT, V2, tree
 
 pytestmark = [pytest.mark.root, pytest.mark.image]
 
 
-@dataclass
-class Built:
-    bundle: Path  # rootfs/ holds the unpacked image
-    image: ib.Image
-    base_diff_ids: list[str]  # the stand-in base image's layers (shared with the image)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rootfs(self) -> Path:
-        return self.bundle / "rootfs"
-
-
 @pytest.fixture(scope="module")
 def built() -> Iterator[Built]:
-    """Build, export and unpack the image once for this module; remove all of it afterwards."""
+    """Build (SHIMS=none), export and unpack the image once for this module; removed afterwards."""
     reason = ib.unavailable()
     if reason:
         if os.environ.get("KWASM_REQUIRE_NODES"):
             pytest.fail(f"image build required here: {reason}")
         pytest.skip(reason)
     work = Path(tempfile.mkdtemp(prefix="kwasm-img-"))
-    home = ib.work_dir()
-    b = ib.Buildah(home)
-    tag = f"localhost/kwasm-py:test-{os.getpid()}"
-    log: list[str] = []
-    timings: dict[str, float] = {}
     try:
-        with ib.locked(home / "build.lock"):
-            t = time.monotonic()
-            ib.ensure_base(b, log)
-            timings["base"] = time.monotonic() - t
-            base = json.loads(b("inspect", "--type", "image", ib.BASE_IMAGE))
-            t = time.monotonic()
-            try:
-                ib.build_image(b, tag, "SHIMS=none")
-                timings["build"] = time.monotonic() - t
-                t = time.monotonic()
-                b("push", tag, f"oci:{work / 'oci'}:test")
-                timings["export"] = time.monotonic() - t
-            finally:
-                if b.exists(tag):
-                    b("rmi", tag)
-            leftovers = b("containers", "--quiet").split()
-            assert not leftovers, f"buildah left working containers: {leftovers}"
-            assert not ib.mounts_under(home), ib.mounts_under(home)
-        t = time.monotonic()
-        bundle = work / "bundle"
-        image = ib.unpack(work / "oci", bundle / "rootfs")
-        timings["unpack"] = time.monotonic() - t
-        shutil.rmtree(work / "oci")
-        built = Built(bundle, image, base["OCIv1"]["rootfs"]["diff_ids"], timings)
-        mib = 2**20
-        print(
-            f"\nimage build: {log} { ({k: round(v, 1) for k, v in timings.items()}) }; files: image "
-            f"{image.files() / mib:.0f} MiB, over base {image.files(beyond=built.base_diff_ids) / mib:.0f}"
-            f" MiB; gzip layers {sum(la.compressed for la in image.layers) / mib:.0f} MiB"
-        )
+        built = ib.build_export_unpack(work, "SHIMS=none")
+        print(f"\nimage build: {built.summary()}")
         yield built
     finally:
         shutil.rmtree(work, ignore_errors=True)
