@@ -1,5 +1,5 @@
-"""images/Dockerfile and the other consumers agree with images/shims.toml (parsed, not built:
-there is no container engine or registry on the test machine, see images/README.md)."""
+"""images/Dockerfile and the other consumers agree with images/shims.toml (parsed here; the
+image itself is built with buildah and run with runc in tests/test_image_build.py)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def test_shims_fetched_from_the_catalog_for_targetarch(dockerfile):
     assert "TARGETARCH" in shims.all("ARG")
     assert "images/shims.toml /catalog/shims.toml" in shims.all("COPY")
     run = " ".join(r for r in shims.all("RUN") if "shims fetch" in r)
-    argv = shlex.split(run.split("${SHIM_MIRROR")[0])
+    fetch = run[run.index("kwasm-py shims fetch") :]
+    argv = shlex.split(fetch.split("${SHIM_MIRROR")[0])
     assert argv[:3] == ["kwasm-py", "shims", "fetch"]
     opts = dict(zip(argv[3::2], argv[4::2], strict=False))
     assert opts == {
@@ -108,6 +109,25 @@ def test_shims_fetched_from_the_catalog_for_targetarch(dockerfile):
     assert f"--from=shims /out/shims {shim_source.IMAGE_SHIM_DIR}" in final.all("COPY")
     env = " ".join(final.all("ENV"))
     assert f"KWASM_SHIM_DIR={shim_source.IMAGE_SHIM_DIR}" in env
+
+
+def test_shims_build_arg_defaults_to_the_catalog(dockerfile):
+    """SHIMS defaults to catalog (fetch and bake); none only makes the empty shim dir and skips
+    the install and the fetch; any other value stops the build."""
+    _, stages = dockerfile
+    shims = next(s for s in stages if s.name == "shims")
+    assert "SHIMS=catalog" in shims.all("ARG")
+    (run,) = [r for r in shims.all("RUN") if "shims fetch" in r]
+    head, _, rest = run.partition("esac")
+    assert " ".join(head.split()) == (
+        'case "$SHIMS" in catalog) ;; none) mkdir -p /out/shims; exit 0 ;; '
+        "*) echo \"SHIMS must be catalog or none, not '$SHIMS'\" >&2; exit 1 ;;"
+    )
+    # Everything after the case runs only for catalog: install kwasm-py, then fetch.
+    steps = [s.strip() for s in rest.split("&&") if s.strip()]
+    assert steps[0].startswith("pip install --no-cache-dir /wheels/")
+    assert steps[1].startswith("kwasm-py shims fetch")
+    assert len(steps) == 2
 
 
 def test_no_shim_url_or_hash_duplicated_in_dockerfile():
