@@ -160,6 +160,20 @@ def render(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
     )
 
 
+ROW_KEYS = (
+    "figure",
+    "value",
+    "spread",
+    "floor",
+    "floor_spread",
+    "floor_name",
+    "unit",
+    "target",
+    "met",
+    "rounds",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small rounds (CI: only checks it runs)")
@@ -181,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             rows = [{"figure": f"bench_{name}", "skipped": f"failed: {type(ex).__name__}: {ex}"}]
-        for r in rows:
-            results.append({"module": name, **r})
+        for raw in rows:
+            missing = [] if "skipped" in raw else [k for k in ROW_KEYS if k not in raw]
+            if missing:  # a module that does not speak the row shape of bench/_common.py
+                failed.append(name)
+                figure = str(raw.get("figure", f"bench_{name}"))
+                results.append({"module": name, "figure": figure, "skipped": f"row lacks {missing}"})
+            else:
+                results.append({"module": name, **raw})
         print(f"bench {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     doc = {
         "quick": args.quick,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench._common import Goal, row
 from kwasm_py import engine, sandbox
 from kwasm_py.model import ShimSpec
 from tests.nodes.nodekit import REPO, cri_runtimes
@@ -123,20 +123,34 @@ def _suite_rows(suite: str, state: Path, shim: Path, rounds: int) -> list[dict]:
     finally:
         sandbox.down(node.name, state=state)
 
-    def row(figure: str, values: list[float], floor: list[float]) -> dict:
-        v, f = statistics.median(values), statistics.median(floor)
-        return {
-            "figure": f"{suite}: {figure}",
-            "value": round(v * 1000, 3),
-            "floor": round(f * 1000, 3),
-            "ratio": round(v / f, 2),
-            "unit": "ms",
-        }
-
     return [
-        row("install -> runtime reported vs systemctl restart + CRI ready", install, restart),
-        row("no-op re-run, CLI process (0 restarts) vs kwasm-py --help", noop_cli, help_cli),
-        row("no-op re-run, engine.install in-process vs read+hash", noop_engine, floor_engine),
+        row(
+            f"{suite} node: install -> containerd reports runtime",
+            install,
+            restart,
+            unit="ms",
+            scale=1000,
+            floor_name="systemctl restart containerd + CRI ready, same node",
+            goal=Goal("overhead", "<=", 200, "overhead <= 200 ms"),
+        ),
+        row(
+            f"{suite} node: no-op re-run, CLI process (0 restarts)",
+            noop_cli,
+            help_cli,
+            unit="ms",
+            scale=1000,
+            floor_name="kwasm-py --help",
+            goal=Goal("overhead", "<=", 50, "0 restarts, <= 50 ms beyond start-up"),
+        ),
+        row(
+            f"{suite} node: no-op re-run, engine.install in-process",
+            noop_engine,
+            floor_engine,
+            unit="ms",
+            scale=1000,
+            digits=2,
+            floor_name="read the config + hash both shims",
+        ),
     ]
 
 
