@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench._common import ROW_KEYS
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 for extra in (REPO / "installer", REPO):
@@ -158,20 +160,6 @@ def render(results: list[dict[str, Any]], info: dict[str, Any]) -> None:
         f"[dim]{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}, "
         f"Python {info['python']}, {info['date']}"
     )
-
-
-ROW_KEYS = (
-    "figure",
-    "value",
-    "spread",
-    "floor",
-    "floor_spread",
-    "floor_name",
-    "unit",
-    "target",
-    "met",
-    "rounds",
-)
 
 
 def main(argv: list[str] | None = None) -> int:

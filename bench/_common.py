@@ -31,6 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: The keys of every row that ran (see the module docstring); `python -m bench` checks them.
+ROW_KEYS = (
+    "figure",
+    "value",
+    "spread",
+    "floor",
+    "floor_spread",
+    "floor_name",
+    "unit",
+    "target",
+    "met",
+    "rounds",
+)
 PYTHON = sys.executable
 KWASM = [PYTHON, "-m", "kwasm_py"]
 

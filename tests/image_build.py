@@ -20,15 +20,13 @@ run it with the real runc.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,18 +67,6 @@ def work_dir() -> Path:
     return sandbox.cache_dir() / "image-build"
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on PATH (created) for the block: one build at a time per cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def run(
     argv: Sequence[str],
     *,
@@ -106,7 +92,7 @@ def python_root_tar(log: list[str]) -> Path:
     tar = sandbox.cache_dir() / "roots" / "bookworm-python.tar"
     if tar.is_file():
         return tar
-    with locked(tar.with_suffix(".lock")):
+    with sandbox.locked(tar.with_suffix(".lock")):
         if tar.is_file():
             return tar
         build = tar.with_name("bookworm-python.build")
@@ -306,7 +292,7 @@ def build_export_unpack(work: Path, *build_args: str) -> Built:
     tag = f"localhost/kwasm-py:test-{os.getpid()}"
     log: list[str] = []
     timings: dict[str, float] = {}
-    with locked(home / "build.lock"):
+    with sandbox.locked(home / "build.lock"):
         t = time.monotonic()
         ensure_base(b, log)
         timings["base"] = time.monotonic() - t

@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from bench._common import ROW_KEYS
 from tests.containerd_node import available
 
 REPO = Path(__file__).resolve().parent.parent
-ROW_KEYS = {
-    "figure",
-    "value",
-    "spread",
-    "floor",
-    "floor_spread",
-    "floor_name",
-    "unit",
-    "target",
-    "met",
-    "rounds",
-}
 
 
 def run_bench(tmp_path: Path, *only: str) -> dict:
@@ -48,7 +37,7 @@ def check_shape(doc: dict, module: str) -> list[dict]:
     rows = [r for r in doc["results"] if r["module"] == module]
     assert rows
     for r in rows:
-        assert "skipped" in r or r.keys() >= ROW_KEYS, r
+        assert "skipped" in r or r.keys() >= set(ROW_KEYS), r
         if "skipped" not in r:
             assert ("ratio" in r) != ("overhead" in r) or r["floor"] is None, r
             assert r["rounds"] >= 1 and r["spread"] >= 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import shim_catalog, shim_source
+from kwasm_py import sandbox, shim_catalog, shim_source
 from tests import image_build as ib
 from tests.containerd_node import fake_shim
 from tests.image_build import Built
@@ -119,7 +119,7 @@ def test_default_build_refuses_unverified_catalog_shims(built: Built, tmp_path: 
     home = ib.work_dir()
     b = ib.Buildah(home)
     tag = f"localhost/kwasm-py:catalog-{os.getpid()}"
-    with ib.locked(home / "build.lock"):
+    with sandbox.locked(home / "build.lock"):
         try:
             r = ib.build_image(b, tag, "SHIM_MIRROR=/mirror", volumes=[f"{mirror}:/mirror:ro"], check=False)
         finally:

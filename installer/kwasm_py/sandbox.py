@@ -218,7 +218,8 @@ def debian_mirror() -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on PATH (created) for the block: one build at a time per cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -245,7 +246,7 @@ def ensure_root(suite: str, *, cache: Path | None = None, log: Log = _quiet) -> 
     if lower.is_dir():
         return lower
     check_prerequisites(build=not tar.is_file())
-    with _locked(tar.with_suffix(".lock")):
+    with locked(tar.with_suffix(".lock")):
         if lower.is_dir():
             return lower
         if not tar.is_file():
