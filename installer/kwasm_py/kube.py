@@ -290,6 +290,10 @@ def load_endpoint(kubeconfig: str | None = None, context: str | None = None) -> 
     return kubeconfig_endpoint(kubeconfig, context)
 
 
+def _body(body: Any) -> bytes | None:
+    return json.dumps(body).encode() if body is not None else None
+
+
 class LeanKube:
     """A small JSON-over-HTTP client for the agent; one connection per request or watch."""
 
@@ -350,6 +354,18 @@ class LeanKube:
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
+    def _url(self, path: str, query: dict[str, str] | None) -> str:
+        return self._prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
+
+    def _unreachable(self, method: str, path: str, ex: Exception) -> KubeError:
+        why = getattr(ex, "strerror", None) or str(ex) or type(ex).__name__
+        if isinstance(ex, ConnectionRefusedError):
+            why = "connection refused"
+        return KubeError(
+            f"{method} {path}: cannot reach the API server {self.endpoint.server}: {why}",
+            hint="check the server address and that the API server is up",
+        )
+
     def _open(
         self,
         method: str,
@@ -360,19 +376,14 @@ class LeanKube:
         content_type: str | None = None,
         timeout: float | None = None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        url = self._prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
+        url, data = self._url(path, query), _body(body)
         conn = self._connect(timeout or self.timeout)
         try:
             conn.request(method, url, body=data, headers=self._headers(content_type))
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as ex:
             conn.close()
-            why = getattr(ex, "strerror", None) or str(ex) or type(ex).__name__
-            raise KubeError(
-                f"{method} {path}: cannot reach the API server {self.endpoint.server}: {why}",
-                hint="check the server address and that the API server is up",
-            ) from ex
+            raise self._unreachable(method, path, ex) from ex
         if resp.status >= 400:
             raw = resp.read()
             conn.close()
@@ -393,8 +404,7 @@ class LeanKube:
         HTTP errors become KubeError with the status. A connection the server closed while idle
         is reopened once (label and annotation patches are idempotent).
         """
-        url = self._prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
+        url, data = self._url(path, query), _body(body)
         headers = self._headers(content_type)
         for attempt in (1, 2):
             conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
@@ -413,13 +423,7 @@ class LeanKube:
                 self._local.conn = None
                 if attempt == 1 and not fresh:
                     continue  # the server dropped an idle keep-alive connection
-                why = getattr(ex, "strerror", None) or str(ex) or type(ex).__name__
-                if isinstance(ex, ConnectionRefusedError):
-                    why = "connection refused"
-                raise KubeError(
-                    f"{method} {path}: cannot reach the API server {self.endpoint.server}: {why}",
-                    hint="check the server address and that the API server is up",
-                ) from ex
+                raise self._unreachable(method, path, ex) from ex
             if resp.will_close:
                 conn.close()
                 self._local.conn = None
