@@ -235,3 +235,35 @@ def test_verify_repairs_a_containerd_that_never_loaded_the_runtime(ctd16: Privat
     assert r.returncode == 0, r.stderr
     assert (out["restarted"], out["verified"]) == (True, True)
     assert ctd.cri_status().runtimes["spin"] == installed_path(ctd)
+
+
+@pytest.mark.parametrize("generation", ["1.6", "2.x"])
+def test_each_containerd_accepts_our_edit_of_its_own_default_config(generation: str, tmp_path: Path) -> None:
+    """`containerd config default` of each generation (2.x: version 3, single quotes, arrays of
+    tables): our edit is what that containerd's own `config dump` reads back, and removing it
+    gives the default bytes again."""
+    from kwasm_py import containerd_config as cc
+    from kwasm_py.model import ContainerdVersion
+    from tests.containerd_node import BINARIES, available
+
+    if available(generation):
+        pytest.skip(available(generation))
+    binary = str(BINARIES[generation] / "containerd")
+    default = subprocess.run([binary, "config", "default"], capture_output=True, text=True, check=True).stdout
+    doc = cc.load(default, source="default")
+    version = ContainerdVersion(2, 1) if generation == "2.x" else ContainerdVersion(1, 6)
+    choice = cc.choose_schema(doc.data, containerd=version)
+    entry = cc.RuntimeEntry(
+        "spin", "/opt/kwasm/bin/containerd-shim-spin-v2", cc.runc_systemd_cgroup(doc.data, choice.schema)
+    )
+    edit = cc.add_runtime(doc, entry, schema=choice.schema)
+    edited = tmp_path / "config.toml"
+    edited.write_text(edit.text)
+    dump = subprocess.run(
+        [binary, "--config", str(edited), "config", "dump"], capture_output=True, text=True, check=False
+    )
+    assert dump.returncode == 0, dump.stderr
+    runtimes = tomllib.loads(dump.stdout)["plugins"][choice.schema.value]["containerd"]["runtimes"]
+    assert runtimes["spin"]["runtime_type"] == entry.runtime_type
+    assert "runc" in runtimes
+    assert cc.remove_runtime(cc.load(edit.text, source="t"), "spin", schema=choice.schema).text == default
