@@ -171,6 +171,14 @@ def test_version_guards() -> None:
         cc.choose_schema({"version": 7})
     with pytest.raises(ConfigError, match="not an integer"):
         cc.choose_schema({"version": "2"})
+    v2_tables_no_version = {"plugins": {CriSchema.V2.value: {"containerd": {}}}}
+    with pytest.raises(VersionMismatch, match="ignores in a version 1 config") as info:
+        cc.choose_schema(v2_tables_no_version, containerd=C16)
+    assert "version = 2" in info.value.hint
+    assert (
+        cc.choose_schema(v2_tables_no_version, reference={"version": 2}, containerd=C16).schema
+        is CriSchema.V2
+    )
     with pytest.raises(VersionMismatch, match="too old"):
         cc.choose_schema({"version": 2}, containerd=ContainerdVersion(1, 5, 9))
 

@@ -235,8 +235,16 @@ def choose_schema(
                 hint="migrate it with `containerd config migrate` first",
             )
         if CriSchema.V1 not in present and CriSchema.V2 in present:
+            if reference is None and containerd is not None:
+                # containerd 1.x reads a version-1 file's plugins by short name (plugins.cri) and
+                # silently ignores io.containerd.grpc.v1.cri tables there (checked on 1.6.20).
+                raise VersionMismatch(
+                    f"{source} has no `version` line but io.containerd.grpc.v1.cri tables, which "
+                    f"containerd {containerd} ignores in a version 1 config",
+                    hint="add `version = 2` at the top of the file (its tables are already version 2)",
+                )
             schema = CriSchema.V2
-            notes.append("no `version` line but io.containerd.grpc.v1.cri tables: following them")
+            notes.append("no `version` line but io.containerd.grpc.v1.cri tables (a drop-in): following them")
         elif not own and containerd is not None:
             schema = CriSchema.V3 if containerd.major >= 2 else CriSchema.V2
         elif CriSchema.V1 not in present and CriSchema.V3 in present:
