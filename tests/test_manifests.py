@@ -121,3 +121,16 @@ def test_kind_config_has_one_control_plane_two_workers():
     """kind-config.yaml describes one control plane and two workers."""
     cfg = yaml.safe_load((REPO / "kind-config.yaml").read_text())
     assert [n["role"] for n in cfg["nodes"]] == ["control-plane", "worker", "worker"]
+
+
+def test_default_image_tag_is_the_package_version():
+    """The DaemonSet's pinned image tag follows pyproject's version (one release, one tag)."""
+    import tomllib
+    from pathlib import Path
+
+    from kwasm_py import manifests
+
+    version = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "version"
+    ]
+    assert manifests.DEFAULT_IMAGE.rsplit(":", 1)[1] == version
