@@ -134,3 +134,22 @@ def test_default_image_tag_is_the_package_version():
         "version"
     ]
     assert manifests.DEFAULT_IMAGE.rsplit(":", 1)[1] == version
+
+
+def test_daemonset_runs_the_image_entrypoint_as_is():
+    """The container's argv (ENTRYPOINT + args, no command override) is exactly `kwasm-py agent`."""
+    import json
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).parent.parent
+    entrypoints = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", (repo / "images/Dockerfile").read_text(), re.M)
+    entrypoint = json.loads(entrypoints[-1])
+    docs = list(yaml.safe_load_all((repo / "manifests/installer.yaml").read_text()))
+    ds = next(d for d in docs if d and d["kind"] == "DaemonSet")
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    argv = container.get("command") or entrypoint
+    argv = [*argv, *container.get("args", [])]
+    assert argv == ["kwasm-py", "agent"]

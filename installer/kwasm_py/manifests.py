@@ -144,7 +144,7 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
                             "name": "agent",
                             "image": p.image,
                             "imagePullPolicy": "IfNotPresent",
-                            "args": ["agent"],
+                            # no command/args: the image's ENTRYPOINT is `kwasm-py agent`
                             "env": env,
                             "securityContext": {"privileged": True},
                             "resources": {
