@@ -266,3 +266,62 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
         [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def _rbac_rules() -> tuple[list[dict], list[dict]]:
+    from pathlib import Path
+
+    import yaml
+
+    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "manifests/installer.yaml").read_text()))
+    cluster = [r for d in docs if d and d["kind"] == "ClusterRole" for r in d["rules"]]
+    namespaced = [r for d in docs if d and d["kind"] == "Role" for r in d["rules"]]
+    return cluster, namespaced
+
+
+def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str, str | None]:
+    """(apiGroup, resource, verb, namespace) of one API request."""
+    parts = [p for p in path.split("/") if p]
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) > 2:
+        namespace, rest = rest[1], rest[2:]
+    resource, name = rest[0], (rest[1] if len(rest) > 1 else None)
+    watching = query.get("watch", "").lower() in ("true", "1")
+    verb = {
+        "GET": "get" if name else ("watch" if watching else "list"),
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete",
+    }[method]
+    return group, resource, verb, namespace
+
+
+def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, agents):
+    """A whole opt-in / opt-out cycle: each request the agent made is granted by installer.yaml's
+    ClusterRole (cluster-wide) or Role (in the installer namespace), nothing more is needed."""
+    standin.add_node("n1")
+    agent = agents("n1")
+    standin.patch_node("n1", OPT_IN)
+    wait_labelled(standin, "n1")
+    standin.patch_node("n1", {"metadata": {"annotations": {OPT_IN_KEY: None}}})
+    standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), what="Unprovisioned event")
+    assert agent.stop() == 0
+    cluster, namespaced = _rbac_rules()
+
+    def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+        )
+
+    seen = set()
+    for req in standin.recorded():
+        group, resource, verb, namespace = _access(req.method, req.path, req.query)
+        seen.add((resource, verb))
+        ok = allowed(cluster, group, resource, verb) or (
+            namespace == NAMESPACE and allowed(namespaced, group, resource, verb)
+        )
+        assert ok, f"{req.method} {req.path} needs {verb} on {group or 'core'}/{resource} in {namespace}"
+    assert {("nodes", "watch"), ("nodes", "patch"), ("events", "create"), ("leases", "update")} <= seen
