@@ -134,7 +134,7 @@ def test_rollback_when_containerd_does_not_report_the_runtime(ctd: PrivateContai
     original = decoy.read_bytes()
     args = [a if a != str(ctd.config) else str(decoy) for a in ctd.node_args()]
     shim = fake_shim(ctd.dir / "src")
-    r = run_kwasm("node", "install", *args, "--shim", str(shim), "--timeout", "3")
+    r = run_kwasm("node", "install", *args, "--shim", str(shim), "--timeout", "6")
     assert r.returncode == 1
     assert "does not report the runtime" in r.stderr and "rolled back" in r.stderr, r.stderr
     assert "containerd runs again" in r.stderr
