@@ -220,15 +220,7 @@ def bench_agent_provision(rounds: int, work: Path) -> dict[str, object]:
         return skipped(figure, reason)
     ctd = PrivateContainerd("1.6").start()
     shim = fake_shim(ctd.dir / "src")
-    engine = {
-        "KWASM_HOST_ROOT": "/",
-        "KWASM_CONFIG": str(ctd.config),
-        "KWASM_INSTALL_DIR": str(ctd.dir / "kwasm"),
-        "KWASM_SOCKET": str(ctd.socket),
-        "KWASM_PID": str(ctd.pid),
-        "KWASM_RESTART": "signal:containerd",
-        "KWASM_SHIM": str(shim),
-    }
+    engine = ctd.engine_env(shim)
     node = [*KWASM, "node"]
     state = ctd.dir / "kwasm" / "kwasm-state.json"
     api = StandIn().start()

@@ -63,6 +63,12 @@ def ctd16() -> Iterator[PrivateContainerd]:
 
 
 @pytest.fixture
+def ctd16b() -> Iterator[PrivateContainerd]:
+    """A second running private containerd 1.6 (a second node)."""
+    yield from _containerd("1.6")
+
+
+@pytest.fixture
 def ctd2() -> Iterator[PrivateContainerd]:
     """A running private containerd 2.x."""
     yield from _containerd("2.x")

@@ -277,6 +277,16 @@ class PrivateContainerd:
             "signal:containerd",
         ]
 
+    def engine_env(self, shim: Path) -> dict[str, str]:
+        """The same options as node_args (plus the shim), as the KWASM_* variables the agent
+        hands to the engine it runs."""
+        args = self.node_args()
+        env = {
+            "KWASM_" + flag[2:].upper().replace("-", "_"): value
+            for flag, value in zip(args[::2], args[1::2], strict=True)
+        }
+        return {**env, "KWASM_SHIM": str(shim)}
+
 
 def with_suppressed(fn: object) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -13,58 +13,23 @@ import pytest
 
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
 from tests.cluster_helpers import run_cli, wait_until
-from tests.containerd_node import PrivateContainerd, available, fake_shim
+from tests.containerd_node import PrivateContainerd, fake_shim
 from tests.kube_standin import StandIn
 
 pytest_plugins = ["tests.cluster_fixtures"]
 pytestmark = [pytest.mark.root, pytest.mark.containerd]
 
 
-@pytest.fixture
-def node16():
-    reason = available("1.6")
-    if reason:
-        pytest.skip(reason)
-    ctd = PrivateContainerd("1.6")
-    try:
-        yield ctd.start()
-    finally:
-        ctd.cleanup()
-
-
-@pytest.fixture
-def node16b():
-    reason = available("1.6")
-    if reason:
-        pytest.skip(reason)
-    ctd = PrivateContainerd("1.6")
-    try:
-        yield ctd.start()
-    finally:
-        ctd.cleanup()
-
-
 def engine_env(ctd: PrivateContainerd, shim: Path) -> dict[str, str]:
     """Point the real engine (through KWASM_* variables) at a private containerd."""
-    return {
-        "KWASM_NODE_COMMAND": f"{sys.executable} -m kwasm_py node",
-        "KWASM_HOST_ROOT": "/",
-        "KWASM_CONFIG": str(ctd.config),
-        "KWASM_INSTALL_DIR": str(ctd.dir / "kwasm"),
-        "KWASM_SOCKET": str(ctd.socket),
-        "KWASM_PID": str(ctd.pid),
-        "KWASM_RESTART": "signal:containerd",
-        "KWASM_SHIM": str(shim),
-    }
+    return {"KWASM_NODE_COMMAND": f"{sys.executable} -m kwasm_py node", **ctd.engine_env(shim)}
 
 
 def labelled(api: StandIn, node: str) -> bool:
     return api.node(node)["metadata"]["labels"].get(PROVISIONED_LABEL) == "true"
 
 
-def test_annotate_provision_label_remove(
-    standin: StandIn, kubeconfig: Path, agents, node16, tmp_path, capsys
-):
+def test_annotate_provision_label_remove(standin: StandIn, kubeconfig: Path, agents, ctd16, tmp_path, capsys):
     """CLI opt-in -> label only once containerd lists spin -> opt-out -> runtime gone, label gone."""
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("n1")
@@ -73,20 +38,20 @@ def test_annotate_provision_label_remove(
     def on_write(res, kind, obj):
         labels = obj.get("metadata", {}).get("labels") or {}
         if res.plural == "nodes" and labels.get(PROVISIONED_LABEL) == "true":
-            seen_at_label.append(node16.cri_status().runtimes)
+            seen_at_label.append(ctd16.cri_status().runtimes)
 
     standin.on_write = on_write
     # API faults mid-flight: a failed label patch, a lost lease race, a stale watch.
     standin.inject(409, 1, method="POST", plural="leases")
     standin.inject(410, 1, method="GET", watch=True)
-    agent = agents("n1", **engine_env(node16, shim))
-    assert "spin" not in node16.cri_status().runtimes
+    agent = agents("n1", **engine_env(ctd16, shim))
+    assert "spin" not in ctd16.cri_status().runtimes
     res = run_cli(capsys, "annotate-node", "n1", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     standin.inject(500, 1, method="PATCH", plural="nodes", name="n1")  # the agent's label patch
     standin.wait_for(lambda: labelled(standin, "n1"), 60, "n1 labelled")
     assert seen_at_label and seen_at_label[0].get("spin") == str(
-        node16.dir / "kwasm/bin/containerd-shim-spin-v2"
+        ctd16.dir / "kwasm/bin/containerd-shim-spin-v2"
     )
     standin.wait_for(lambda: standin.events("Provisioned", "n1"), 10, "Provisioned")
     res = run_cli(capsys, "wait", "n1", "--timeout", "5", "--kubeconfig", str(kubeconfig))
@@ -102,37 +67,37 @@ def test_annotate_provision_label_remove(
         60,
         "n1 unlabelled",
     )
-    assert "spin" not in node16.cri_status().runtimes
-    assert "spin" not in node16.config.read_text()
+    assert "spin" not in ctd16.cri_status().runtimes
+    assert "spin" not in ctd16.config.read_text()
     standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), 10, "Unprovisioned")
     assert agent.stop() == 0
 
 
-def test_killed_between_install_and_label_no_second_restart(standin: StandIn, agents, node16, tmp_path):
+def test_killed_between_install_and_label_no_second_restart(standin: StandIn, agents, ctd16, tmp_path):
     """An agent killed after installing but before labelling: the next one labels, no restart."""
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
     standin.inject(500, 100_000, method="PATCH", plural="nodes")
-    first = agents("n1", **engine_env(node16, shim))
+    first = agents("n1", **engine_env(ctd16, shim))
     wait_until(lambda: first.events("api_error"), 60, "install done, label refused")
-    assert node16.cri_status().runtimes.get("spin")
+    assert ctd16.cri_status().runtimes.get("spin")
     first.kill()
-    before = node16.daemon()
+    before = ctd16.daemon()
     standin.clear_faults()
-    second = agents("n1", **engine_env(node16, shim))
+    second = agents("n1", **engine_env(ctd16, shim))
     standin.wait_for(lambda: labelled(standin, "n1"), 60, "n1 labelled")
-    assert node16.daemon() == before  # same containerd process: no second restart
+    assert ctd16.daemon() == before  # same containerd process: no second restart
     (line,) = wait_until(lambda: second.events("provisioned"), 10, "provisioned logged")
     assert "changed=False" in line and "restarted=False" in line
 
 
-def test_two_nodes_one_restart_lease(standin: StandIn, agents, node16, node16b, tmp_path):
+def test_two_nodes_one_restart_lease(standin: StandIn, agents, ctd16, ctd16b, tmp_path):
     """Two real nodes and one restart Lease: their lease holds (and restarts) never overlap."""
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("a", annotations={OPT_IN_KEY: "true"})
     standin.add_node("b", annotations={OPT_IN_KEY: "true"})
-    a = agents("a", **engine_env(node16, shim))
-    b = agents("b", **engine_env(node16b, shim))
+    a = agents("a", **engine_env(ctd16, shim))
+    b = agents("b", **engine_env(ctd16b, shim))
     standin.wait_for(lambda: labelled(standin, "a") and labelled(standin, "b"), 90, "both labelled")
 
     def holds(agent):
