@@ -21,8 +21,8 @@ from pathlib import Path
 import tomlkit
 
 from bench._common import KWASM, PYTHON, REPO, Goal, child_env, row, run_quiet, skipped, timed, wait_for
-from kwasm_py import containerd_config as cc
-from kwasm_py import cri
+from kwasm_py.containerd import config as cc
+from kwasm_py.node import cri
 from tests.containerd_node import PrivateContainerd, available, fake_shim
 
 SHARED = REPO.parent / "shared" / "containerd-configs"

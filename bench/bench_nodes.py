@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from bench._common import Goal, row
-from kwasm_py import engine, sandbox
+from kwasm_py import sandbox
 from kwasm_py.model import ShimSpec
+from kwasm_py.node import engine
 from tests.nodes.nodekit import REPO, cri_runtimes
 
 SHIM = "#!/bin/sh\necho bench shim >&2\nexit 3\n"

@@ -15,7 +15,8 @@ from pathlib import Path
 import requests
 
 from bench._common import row
-from kwasm_py import artifacts, shim_catalog
+from kwasm_py.shims import catalog as shim_catalog
+from kwasm_py.shims import fetch as artifacts
 from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "installer"))
 
-from kwasm_py import cri  # noqa: E402
+from kwasm_py.node import cri  # noqa: E402
 
 CACHE = Path(os.environ.get("KWASM_CACHE", "/var/cache/kwasm-py"))
 BINARIES = {

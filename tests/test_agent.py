@@ -228,9 +228,9 @@ def test_agent_shim_sources(tmp_path, monkeypatch):
     directory through the host root; a missing source is a clear error."""
     import platform
 
-    from kwasm_py.agent import agent_shims
+    from kwasm_py.cluster.agent import agent_shims
     from kwasm_py.errors import KwasmError
-    from kwasm_py.shim_catalog import normalize_arch
+    from kwasm_py.shims.catalog import normalize_arch
 
     arch = normalize_arch(platform.machine())
     image = tmp_path / "image" / arch
@@ -259,7 +259,7 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
     from tests.cluster_helpers import child_env
 
     code = (
-        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.agent, kwasm_py.kube;"
+        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cluster.agent, kwasm_py.cluster.kube;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
     )
     out = subprocess.run(

@@ -1,4 +1,4 @@
-"""kwasm_py.artifacts against a real HTTP(S) server in this process (127.0.0.1 only)."""
+"""kwasm_py.shims.fetch against a real HTTP(S) server in this process (127.0.0.1 only)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import artifacts, shim_catalog
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
+from kwasm_py.shims import catalog as shim_catalog
+from kwasm_py.shims import fetch as artifacts
 from tests.shim_http import (
     Member,
     catalog_text,

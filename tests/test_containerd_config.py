@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kwasm_py import containerd_config as cc
+from kwasm_py.containerd import config as cc
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
 from tests.conftest import SHARED_CONFIGS

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import sandbox, shim_catalog, shim_source
+from kwasm_py import sandbox
+from kwasm_py.shims import catalog as shim_catalog
+from kwasm_py.shims import source as shim_source
 from tests import image_build as ib
 from tests.containerd_node import fake_shim
 from tests.image_build import Built

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kwasm_py import shim_catalog, shim_source
+from kwasm_py.shims import catalog as shim_catalog
+from kwasm_py.shims import source as shim_source
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "images" / "Dockerfile"
@@ -174,7 +175,7 @@ def test_wheel_stage_has_what_the_package_needs(dockerfile):
     copies = wheel.all("COPY")
     assert "installer ./installer" in copies
     assert "images/shims.toml ./images/shims.toml" in copies
-    link = ROOT / "installer" / "kwasm_py" / "data" / "shims.toml"
+    link = ROOT / "installer" / "kwasm_py" / "shims" / "data" / "shims.toml"
     assert link.is_symlink()
     assert (link.parent / link.readlink()).resolve() == (ROOT / "images" / "shims.toml").resolve()
 

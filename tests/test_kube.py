@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import kube
+from kwasm_py.cluster import kube, official
+from kwasm_py.cluster.lean import LeanKube
 from kwasm_py.errors import KubeError, KwasmError
 from tests.kube_standin import StandIn
 
@@ -20,8 +21,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def lean(kubeconfig: Path) -> kube.LeanKube:
-    return kube.LeanKube(kube.kubeconfig_endpoint(str(kubeconfig)))
+def lean(kubeconfig: Path) -> LeanKube:
+    return LeanKube(kube.kubeconfig_endpoint(str(kubeconfig)))
 
 
 def test_kube_error_is_ours_not_the_clients():
@@ -82,7 +83,7 @@ def test_lean_http_errors_carry_status_and_hint(standin: StandIn, kubeconfig: Pa
 
 def test_lean_connection_refused(tmp_path: Path):
     """A server that is not there is one clear KubeError without a status."""
-    api = kube.LeanKube(kube.Endpoint(server=f"http://127.0.0.1:{free_port()}"))
+    api = LeanKube(kube.Endpoint(server=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(KubeError) as info:
         api.get_node("n1")
     assert info.value.status is None and "cannot reach" in info.value.message
@@ -135,7 +136,7 @@ def test_in_cluster_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ep = kube.in_cluster_endpoint(tmp_path)
     assert ep is not None
     assert ep.server == "https://10.0.0.1:6443" and ep.namespace == "kwasm-system"
-    assert kube.LeanKube(ep, timeout=1)._headers(None)["Authorization"] == "Bearer tok"
+    assert LeanKube(ep, timeout=1)._headers(None)["Authorization"] == "Bearer tok"
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     assert kube.in_cluster_endpoint(tmp_path) is None
 
@@ -144,7 +145,7 @@ def test_client_kube_lists_and_patches(standin: StandIn, kubeconfig: Path):
     """The official-client transport lists with a selector and patches (null removes)."""
     standin.add_node("n1", labels={"pool": "wasm"})
     standin.add_node("n2")
-    api = kube.connect(str(kubeconfig))
+    api = official.connect(str(kubeconfig))
     assert [n["metadata"]["name"] for n in api.list_nodes(label_selector="pool=wasm")] == ["n1"]
     api.patch_node("n2", {"metadata": {"annotations": {"k": "v"}}})
     assert standin.node("n2")["metadata"]["annotations"]["k"] == "v"
@@ -155,7 +156,7 @@ def test_client_kube_lists_and_patches(standin: StandIn, kubeconfig: Path):
 
 def test_client_kube_errors(standin: StandIn, kubeconfig: Path, tmp_path: Path):
     """The official client's failures become KubeError: 404, 403, refused, bad kubeconfig."""
-    api = kube.connect(str(kubeconfig))
+    api = official.connect(str(kubeconfig))
     with pytest.raises(KubeError) as info:
         api.patch_node("nope", {"metadata": {}})
     assert info.value.status == 404
@@ -166,19 +167,19 @@ def test_client_kube_errors(standin: StandIn, kubeconfig: Path, tmp_path: Path):
     dead = tmp_path / "dead"
     dead.write_text(kubeconfig.read_text().replace(standin.url, f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(KubeError) as info:
-        kube.connect(str(dead)).list_nodes()
+        official.connect(str(dead)).list_nodes()
     assert "connection refused" in info.value.message and info.value.status is None
     broken = tmp_path / "broken"
     broken.write_text("apiVersion: v1\nkind: Config\n")
     with pytest.raises(KubeError, match="bad kubeconfig"):
-        kube.connect(str(broken))
+        official.connect(str(broken))
     with pytest.raises(KubeError, match="no such file"):
-        kube.connect(str(tmp_path / "missing"))
+        official.connect(str(tmp_path / "missing"))
 
 
 def test_cli_picks_the_lean_client_only_for_plain_kubeconfigs(tmp_path):
     """Token/cert kubeconfigs use the lean client; exec plugins and merged lists the official one."""
-    from kwasm_py import kube
+    from kwasm_py.cluster import lean, official
 
     def write(name: str, user: str) -> str:
         path = tmp_path / name
@@ -190,10 +191,10 @@ def test_cli_picks_the_lean_client_only_for_plain_kubeconfigs(tmp_path):
         )
         return str(path)
 
-    plain = kube.connect_cli(write("plain", "{token: abc}"))
-    assert isinstance(plain, kube.LeanKube)
+    plain = official.connect_cli(write("plain", "{token: abc}"))
+    assert isinstance(plain, lean.LeanKube)
     plain.close()
     exec_user = "{exec: {apiVersion: client.authentication.k8s.io/v1, command: aws}}"
-    official = kube.connect_cli(write("exec", exec_user))
-    assert isinstance(official, kube.ClientKube)
-    official.close()
+    client = official.connect_cli(write("exec", exec_user))
+    assert isinstance(client, official.ClientKube)
+    client.close()

@@ -6,10 +6,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kwasm_py import layout, nodeprobe
 from kwasm_py.errors import LayoutError, UsageError
-from kwasm_py.hostfs import HostFS
 from kwasm_py.model import ConfigKind, RestartMethod, RestartSpec
+from kwasm_py.node import layout
+from kwasm_py.node import probe as nodeprobe
+from kwasm_py.node.hostfs import HostFS
 
 V2 = (
     'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kwasm_py import manifests
+from kwasm_py.cluster import manifests
 from kwasm_py.model import PROVISIONED_LABEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def test_default_image_tag_is_the_package_version():
     import tomllib
     from pathlib import Path
 
-    from kwasm_py import manifests
+    from kwasm_py.cluster import manifests
 
     version = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
         "version"

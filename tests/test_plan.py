@@ -6,11 +6,11 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from kwasm_py import containerd_config as cc
-from kwasm_py import plan
+from kwasm_py.containerd import config as cc
 from kwasm_py.errors import UsageError
 from kwasm_py.model import ConfigKind, ContainerdVersion, Layout, RestartMethod, RestartSpec, ShimSpec
-from kwasm_py.state import ConfigRecord, RuntimeRecord, State
+from kwasm_py.node import plan
+from kwasm_py.node.state import ConfigRecord, RuntimeRecord, State
 
 DEBIAN = (
     'version = 2\n\n[plugins]\n  [plugins."io.containerd.grpc.v1.cri"]\n'

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import tomlscan
+from kwasm_py.containerd import tomlscan
 from tests.conftest import SHARED_CONFIGS, Kwasm, run_kwasm, tree_hash
 from tests.containerd_node import PrivateContainerd, fake_shim
 from tests.cri_client import run_pod
@@ -242,7 +242,7 @@ def test_each_containerd_accepts_our_edit_of_its_own_default_config(generation: 
     """`containerd config default` of each generation (2.x: version 3, single quotes, arrays of
     tables): our edit is what that containerd's own `config dump` reads back, and removing it
     gives the default bytes again."""
-    from kwasm_py import containerd_config as cc
+    from kwasm_py.containerd import config as cc
     from kwasm_py.model import ContainerdVersion
     from tests.containerd_node import BINARIES, available
 
@@ -277,7 +277,7 @@ SHARED_TOMLS = sorted(SHARED_CONFIGS.glob("*.toml")) if SHARED_CONFIGS.is_dir() 
 def test_real_containerd_reads_our_edit_of_distribution_configs(path: Path, tmp_path: Path) -> None:
     """Distribution configs, edited: the containerd generation that reads them (1.6 for version
     2, 2.1 for version 3) parses the result and lists our runtime in its own `config dump`."""
-    from kwasm_py import containerd_config as cc
+    from kwasm_py.containerd import config as cc
     from kwasm_py.model import ContainerdVersion
     from tests.containerd_node import BINARIES, available
 

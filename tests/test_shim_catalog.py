@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import shim_catalog
 from kwasm_py.errors import CatalogError
+from kwasm_py.shims import catalog as shim_catalog
 from tests.shim_http import catalog_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kwasm_py import artifacts, shim_catalog, shim_source
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
+from kwasm_py.shims import catalog as shim_catalog
+from kwasm_py.shims import fetch as artifacts
+from kwasm_py.shims import source as shim_source
 from tests.shim_http import catalog_text, serve, sha, shim_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +34,7 @@ def cat_for(url: str, archive: bytes, **spec: object) -> shim_catalog.Catalog:
 
 def test_packaged_catalog_is_images_shims_toml():
     """The catalog shipped inside the package is byte-identical to images/shims.toml."""
-    packaged = resources.files("kwasm_py").joinpath("data/shims.toml").read_bytes()
+    packaged = resources.files("kwasm_py.shims").joinpath("data/shims.toml").read_bytes()
     assert packaged == (ROOT / "images" / "shims.toml").read_bytes()
     assert shim_source.read_catalog().names() == ["spin", "wasmtime"]
 

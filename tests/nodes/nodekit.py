@@ -38,7 +38,7 @@ exit 3
 
 # ---------------------------------------------------------------------------------------------
 # CRI RuntimeService/Status(verbose) over grpcio with raw protobuf bytes (no generated stubs):
-# asks the *running* containerd which runtimes it registered. Independent of kwasm_py.cri on
+# asks the *running* containerd which runtimes it registered. Independent of kwasm_py.node.cri on
 # purpose: the tests must not trust the code under test to tell them it worked.
 
 

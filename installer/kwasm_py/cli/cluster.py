@@ -18,8 +18,8 @@ from kwasm_py.errors import KubeError, KwasmError, UsageError
 from kwasm_py.model import OPT_IN_KEY, STATUS_ANNOTATION
 
 if TYPE_CHECKING:
-    from kwasm_py.kube import NodeApi
-    from kwasm_py.nodeview import NodeRow
+    from kwasm_py.cluster.kube import NodeApi
+    from kwasm_py.cluster.nodeview import NodeRow
 
 KubeconfigOpt = Annotated[
     str | None,
@@ -56,7 +56,7 @@ def _targets(api: NodeApi, nodes: list[str], all_nodes: bool, selector: str | No
         )
     if nodes:
         return list(dict.fromkeys(nodes))
-    from kwasm_py import nodeview
+    from kwasm_py.cluster import nodeview
 
     return [nodeview.name_of(n) for n in api.list_nodes(label_selector=selector or "")]
 
@@ -111,9 +111,9 @@ def annotate_node(
     context: ContextOpt = None,
 ) -> None:
     """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
-    from kwasm_py import kube
+    from kwasm_py.cluster import official
 
-    with contextlib.closing(kube.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
+    with contextlib.closing(official.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
         names = _targets(api, nodes or [], all_nodes, selector)
         if not names:
             _stderr_console().print("no node matched: nothing to do")
@@ -167,7 +167,7 @@ def _summary(names: list[str], results: dict[str, KubeError | None], done: str) 
 
 
 def _rows(api: NodeApi) -> list[NodeRow]:
-    from kwasm_py import nodeview
+    from kwasm_py.cluster import nodeview
 
     return [nodeview.row(n) for n in api.list_nodes()]
 
@@ -180,9 +180,9 @@ def status(
     """Every node: opted in, provisioned, runtimes and versions, last failure."""
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
-    from kwasm_py import kube
+    from kwasm_py.cluster import official
 
-    with contextlib.closing(kube.connect_cli(kubeconfig, context)) as api:
+    with contextlib.closing(official.connect_cli(kubeconfig, context)) as api:
         rows = _rows(api)
     if output == "json":
         print(json.dumps([r.to_json() for r in rows], indent=2))
@@ -205,7 +205,7 @@ def status(
 
 def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
     """Poll until the nodes are provisioned (want) or cleaned up (not want); pending names."""
-    from kwasm_py import nodeview
+    from kwasm_py.cluster import nodeview
 
     deadline = time.monotonic() + timeout
     interval = 0.5
@@ -254,9 +254,9 @@ def wait(
     """Wait until opted-in nodes are provisioned; exit 1 naming the ones that are not."""
     if bool(nodes) == all_nodes:
         raise UsageError("name the nodes or pass --all (one of them)")
-    from kwasm_py import kube
+    from kwasm_py.cluster import official
 
-    with contextlib.closing(kube.connect_cli(kubeconfig, context)) as api:
+    with contextlib.closing(official.connect_cli(kubeconfig, context)) as api:
         pending = _wait(api, nodes or None, timeout)
     if pending:
         raise typer.Exit(1)
@@ -279,7 +279,7 @@ def manifests(
     ] = 1,
 ) -> None:
     """Print the installer manifests (manifests/installer.yaml is the default output)."""
-    from kwasm_py import manifests as m
+    from kwasm_py.cluster import manifests as m
 
     classes: list[tuple[str, str]] = []
     for spec in runtime_class or []:
@@ -370,8 +370,8 @@ def agent(
     """Run the node agent (the DaemonSet's entrypoint): watch this Node and converge it."""
     import signal
 
-    from kwasm_py import kube
-    from kwasm_py.agent import (
+    from kwasm_py.cluster import kube, lean
+    from kwasm_py.cluster.agent import (
         Agent,
         AgentConfig,
         Backoff,
@@ -392,7 +392,7 @@ def agent(
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
             log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
-    api = kube.LeanKube(endpoint)
+    api = lean.LeanKube(endpoint)
     env = {
         key: str(value)
         for key, value in {

@@ -73,7 +73,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[ShimSpec, ...]:
-    from kwasm_py.plan import shim_name
+    from kwasm_py.node.plan import shim_name
 
     if handlers and len(handlers) != len(paths):
         raise UsageError("give one --handler per --shim (or none)")
@@ -107,8 +107,8 @@ def _options(
     lock_timeout: float = 120.0,
     verify: bool = False,
 ) -> Any:
-    from kwasm_py import layout
-    from kwasm_py.engine import NodeOptions
+    from kwasm_py.node import layout
+    from kwasm_py.node.engine import NodeOptions
 
     def node_path(value: str | None, flag: str) -> PurePosixPath | None:
         if value is None:
@@ -184,8 +184,8 @@ def plan(
     output: Output = "text",
 ) -> None:
     """Show what `install` would do; change nothing."""
-    from kwasm_py import engine
-    from kwasm_py import restart as restart_mod
+    from kwasm_py.node import engine
+    from kwasm_py.node import restart as restart_mod
 
     _check_output(output)
     opts = _options(
@@ -264,7 +264,7 @@ def install(
     output: Output = "text",
 ) -> None:
     """Install shims, configure containerd, restart it and check it registered them."""
-    from kwasm_py import engine
+    from kwasm_py.node import engine
 
     def action() -> Any:
         opts = _options(
@@ -306,7 +306,7 @@ def uninstall(
     output: Output = "text",
 ) -> None:
     """Remove exactly what `install` added, restart containerd, check the runtime is gone."""
-    from kwasm_py import engine
+    from kwasm_py.node import engine
 
     def action() -> Any:
         opts = _options(
@@ -339,7 +339,7 @@ def status(
     output: Output = "text",
 ) -> None:
     """What kwasm-py installed here, whether it still holds, and what containerd says."""
-    from kwasm_py import engine
+    from kwasm_py.node import engine
 
     _check_output(output)
     opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)

@@ -118,8 +118,9 @@ exit 3
 
 def _demo_shim(log: sandbox.Log) -> str:
     """The real spin shim when it can be downloaded, else a clearly labelled stand-in."""
-    from kwasm_py import artifacts, shim_source
     from kwasm_py.errors import KwasmError
+    from kwasm_py.shims import fetch as artifacts
+    from kwasm_py.shims import source as shim_source
 
     dest = sandbox.cache_dir() / "shims"
     try:
@@ -148,8 +149,8 @@ def demo(
     keep: Annotated[bool, typer.Option("--keep/--down", help="Leave the node running afterwards")] = True,
 ) -> None:
     """Boot a throwaway node, install the Spin runtime into it, and show containerd's view."""
-    from kwasm_py import engine, layout, plan
     from kwasm_py.model import ShimSpec
+    from kwasm_py.node import engine, layout, plan
 
     shim_path = shim or _demo_shim(_progress)
     name = plan.shim_name(shim_path)

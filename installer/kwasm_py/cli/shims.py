@@ -1,6 +1,6 @@
 """`kwasm-py shims fetch|list`: get verified shim binaries, and see what a node has installed.
 
-``requests`` (through kwasm_py.artifacts) is imported inside ``fetch`` only, so ``--help`` and
+``requests`` (through kwasm_py.shims.fetch) is imported inside ``fetch`` only, so ``--help`` and
 ``list`` stay fast.
 """
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
     from rich.progress import TaskID
 
-    from kwasm_py.artifacts import Fetched
+    from kwasm_py.shims.fetch import Fetched
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -127,7 +127,8 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
     output: OutputOpt = Output.text,
 ) -> None:
     """Download, verify (sha256) and unpack shims into --dest: all of them, or none."""
-    from kwasm_py import artifacts, shim_source
+    from kwasm_py.shims import fetch as artifacts
+    from kwasm_py.shims import source as shim_source
 
     cat = shim_source.read_catalog(catalog)
     a = shim_source.resolve_arch(arch)
@@ -218,7 +219,7 @@ def list_(
     output: OutputOpt = Output.text,
 ) -> None:
     """Show the catalog's shims and, with --host-root, what is installed on that node."""
-    from kwasm_py import shim_source
+    from kwasm_py.shims import source as shim_source
 
     cat = shim_source.read_catalog(catalog)
     inst_dir = PurePosixPath(install_dir)

@@ -32,10 +32,10 @@ from typing import IO, Protocol
 import requests
 import urllib3
 
-from kwasm_py.digests import MANIFEST_NAME, read_manifest
-from kwasm_py.digests import file_sha256 as sha256_file
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
-from kwasm_py.shim_catalog import Artifact, ShimEntry
+from kwasm_py.shims.catalog import Artifact, ShimEntry
+from kwasm_py.shims.digests import MANIFEST_NAME, read_manifest
+from kwasm_py.shims.digests import file_sha256 as sha256_file
 
 CHUNK = 256 * 1024
 MAX_BINARY_BYTES = 1 << 30  # a shim is tens of MB; refuse archive members claiming more

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from kwasm_py import containerd_config as cc
+from kwasm_py.containerd import config as cc
 from kwasm_py.errors import ConfigError, UsageError
 from kwasm_py.model import (
     BIN_DIR_NAME,
@@ -22,7 +22,7 @@ from kwasm_py.model import (
     Layout,
     ShimSpec,
 )
-from kwasm_py.state import INSTALLED, State
+from kwasm_py.node.state import INSTALLED, State
 
 BASE_TEMPLATE = '{{ template "base" . }}\n'
 

@@ -17,14 +17,14 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-from kwasm_py.digests import file_sha256 as sha256_file
-from kwasm_py.digests import read_manifest
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.model import BIN_DIR_NAME, CATALOG_ENV, DEFAULT_INSTALL_DIR, STATE_FILE_NAME
-from kwasm_py.shim_catalog import Catalog, ShimEntry, normalize_arch, parse
+from kwasm_py.shims.catalog import Catalog, ShimEntry, normalize_arch, parse
+from kwasm_py.shims.digests import file_sha256 as sha256_file
+from kwasm_py.shims.digests import read_manifest
 
 if TYPE_CHECKING:
-    from kwasm_py.artifacts import FetchOptions, Progress
+    from kwasm_py.shims.fetch import FetchOptions, Progress
 
 # Where images/Dockerfile bakes the shims: IMAGE_SHIM_DIR/<arch>/<binary>. KWASM_SHIM_DIR overrides.
 IMAGE_SHIM_DIR = PurePosixPath("/opt/kwasm-py/shims")
@@ -59,8 +59,8 @@ def read_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
         except OSError as ex:
             raise UsageError(f"cannot read shim catalog {p}: {ex.strerror}") from ex
         return parse(text, source=str(p))
-    ref = resources.files("kwasm_py").joinpath("data/shims.toml")
-    return parse(ref.read_text(), source="kwasm_py/data/shims.toml")
+    ref = resources.files("kwasm_py.shims").joinpath("data/shims.toml")
+    return parse(ref.read_text(), source="kwasm_py/shims/data/shims.toml")
 
 
 def host_arch() -> str:
@@ -88,7 +88,7 @@ def resolve_shims(
     - ``image``: baked into the image at ``directory`` or $KWASM_SHIM_DIR/<arch> or
       /opt/kwasm-py/shims/<arch>; checked against the catalog's binary sha256 when it pins one,
       else against the image's kwasm-shims.json (written by the verified build-time fetch).
-    - ``fetch``: downloaded and verified now (``kwasm_py.artifacts``) into ``directory`` (default
+    - ``fetch``: downloaded and verified now (``kwasm_py.shims.fetch``) into ``directory`` (default
       /var/cache/kwasm-py/shims/<arch>); skipped when the directory already holds them.
     - ``dir``: a node-local directory (``directory`` is required) holding ``<binary>`` files;
       checked against the catalog's binary sha256 when pinned, else taken as the operator's.
@@ -99,7 +99,7 @@ def resolve_shims(
     a = resolve_arch(arch)
     shims = cat.select(names)
     if source == "fetch":
-        from kwasm_py import artifacts
+        from kwasm_py.shims import fetch as artifacts
 
         dest = directory or Path(FETCH_CACHE_DIR) / a
         fetched = artifacts.fetch_shims(shims, a, dest, options=fetch_options, progress=progress)

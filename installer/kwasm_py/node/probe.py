@@ -6,8 +6,8 @@ import contextlib
 import tomllib
 from pathlib import Path, PurePosixPath
 
-from kwasm_py import layout, restart
-from kwasm_py.hostfs import HostFS
+from kwasm_py.node import layout, restart
+from kwasm_py.node.hostfs import HostFS
 
 _UNIT_DIRS = (
     PurePosixPath("/etc/systemd/system"),

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
-from kwasm_py import nodeview
+from kwasm_py.cluster import nodeview
+from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.errors import KubeError, UsageError
-from kwasm_py.kube import AgentApi
 from kwasm_py.model import PROVISIONED_LABEL, STATUS_ANNOTATION
 
 JSON = dict[str, Any]
@@ -136,7 +136,7 @@ def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> 
     """
     from pathlib import Path
 
-    from kwasm_py import shim_source
+    from kwasm_py.shims import source as shim_source
 
     root = Path(host_root or "/")
     arch = shim_source.resolve_arch("auto")

@@ -1,7 +1,7 @@
 """PURE: parse the shim catalog (images/shims.toml) into frozen value objects.
 
-No I/O here: callers hand in the text. ``kwasm_py.shim_source.read_catalog`` finds and reads the
-file; ``kwasm_py.artifacts`` fetches what an entry points at.
+No I/O here: callers hand in the text. ``kwasm_py.shims.source.read_catalog`` finds and reads the
+file; ``kwasm_py.shims.fetch`` fetches what an entry points at.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from kwasm_py import digests
 from kwasm_py.errors import HostIOError, LockHeld
+from kwasm_py.shims import digests
 
 _MAX_LINKS = 40
 

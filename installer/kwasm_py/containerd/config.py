@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from kwasm_py import tomlscan
+from kwasm_py.containerd import tomlscan
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kwasm_py import containerd_config as cc
-from kwasm_py import cri, layout, nodeprobe, plan, restart
-from kwasm_py import state as st
+from kwasm_py.containerd import config as cc
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
@@ -31,7 +29,6 @@ from kwasm_py.errors import (
     UsageError,
     VerifyError,
 )
-from kwasm_py.hostfs import HostFS, file_sha256
 from kwasm_py.model import (
     BACKUP_DIR_NAME,
     DEFAULT_INSTALL_DIR,
@@ -44,6 +41,10 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
+from kwasm_py.node import cri, layout, plan, restart
+from kwasm_py.node import probe as nodeprobe
+from kwasm_py.node import state as st
+from kwasm_py.node.hostfs import HostFS, file_sha256
 
 KILL_ENV = "KWASM_TEST_KILL_AT"
 P_SOCKET = layout.DEFAULT_SOCKET  # tests: SIGKILL ourselves at a named step

@@ -45,8 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from kwasm_py import restart
 from kwasm_py.errors import SandboxError, UsageError
+from kwasm_py.node import restart
 
 SUITES = ("bookworm", "sid")
 FLAVORS = ("containerd", "k3s", "k3s-agent", "k3d")
@@ -389,7 +389,7 @@ def containerd_process(node: Node) -> tuple[int, int] | None:
 
 
 def _data(name: str) -> bytes:
-    return (resources.files("kwasm_py") / "data" / name).read_bytes()
+    return (resources.files("kwasm_py.sandbox") / "data" / name).read_bytes()
 
 
 _K3S_UNIT = """\

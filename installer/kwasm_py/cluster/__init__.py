@@ -1,0 +1,1 @@
+"""The cluster side: the node agent, Kubernetes transports, the node view and the manifests."""

@@ -1,0 +1,220 @@
+"""Kubernetes API ports and credentials: the protocols, the error mapping, endpoints.
+
+Two transports implement these ports, one error type (:class:`kwasm_py.errors.KubeError`),
+plain ``dict`` objects:
+
+* :mod:`kwasm_py.cluster.lean` (:class:`~kwasm_py.cluster.lean.LeanKube`), a small
+  ``http.client`` transport for the resident agent: importing the official client's
+  ``CoreV1Api`` costs about 64 MB of RSS on every node, this costs about 20 MB. It understands
+  in-cluster service-account credentials and the plain parts of a kubeconfig (server, CA,
+  client certificate, token).
+* :mod:`kwasm_py.cluster.official` wraps the official client for the CLI (contexts, exec
+  credential plugins, auth providers); the only module that imports ``kubernetes``.
+
+Both implement :class:`NodeApi`; the agent additionally uses events, leases and watches
+(:class:`AgentApi`), which only the lean transport provides.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kwasm_py.errors import KubeError
+
+JSON = dict[str, Any]
+
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+MERGE = "application/merge-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class NodeApi(Protocol):
+    """What the CLI needs: nodes as plain dicts."""
+
+    def list_nodes(self, *, label_selector: str = "") -> list[JSON]: ...
+
+    def get_node(self, name: str) -> JSON: ...
+
+    def patch_node(self, name: str, patch: JSON) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AgentApi(Protocol):
+    """What the agent needs: its Node, a watch on it, Node events and restart Leases."""
+
+    def get_node(self, name: str) -> JSON: ...
+
+    def patch_node(self, name: str, patch: JSON) -> None: ...
+
+    def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]: ...
+
+    def create_event(self, namespace: str, event: JSON) -> None: ...
+
+    def get_lease(self, namespace: str, name: str) -> JSON | None: ...
+
+    def create_lease(self, namespace: str, lease: JSON) -> JSON: ...
+
+    def replace_lease(self, namespace: str, lease: JSON) -> JSON: ...
+
+
+def status_hint(status: int | None) -> str:
+    """What to do about an API status code, in words."""
+    return {
+        401: "the credentials were rejected: refresh the kubeconfig or the service account token",
+        403: "RBAC forbids this: apply manifests/installer.yaml or use a context with more rights",
+        404: "check the name (kubectl get nodes lists them)",
+        409: "the object changed meanwhile: retry",
+    }.get(status or 0, "")
+
+
+def _status_message(body: bytes) -> str:
+    """The ``message`` of a Kubernetes Status body, or the start of the raw body."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()[:200]
+    if isinstance(doc, dict) and doc.get("message"):
+        return str(doc["message"])
+    return body.decode("utf-8", "replace").strip()[:200]
+
+
+def api_error(what: str, status: int | None, reason: str, body: bytes = b"") -> KubeError:
+    """Build the one-line KubeError for a failed request."""
+    detail = _status_message(body) if body else ""
+    label = f"{status} {reason}".strip() if status else reason
+    msg = f"{what}: {label}" + (f": {detail}" if detail and detail not in label else "")
+    return KubeError(msg, hint=status_hint(status), status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# Lean transport (agent)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the API server is and how to authenticate to it."""
+
+    server: str  # scheme://host:port
+    token: str | None = None
+    token_file: str | None = None  # re-read on every request (projected tokens rotate)
+    ca_data: str | None = None  # PEM
+    cert_file: str | None = None
+    key_file: str | None = None
+    cert_data: bytes | None = None
+    key_data: bytes | None = None
+    insecure: bool = False
+    namespace: str = "default"  # the pod's namespace in-cluster, the context's otherwise
+
+
+def in_cluster_endpoint(sa_dir: Path = SA_DIR) -> Endpoint | None:
+    """The pod's own API endpoint and service-account credentials, or None outside a pod."""
+    host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if not host or not (sa_dir / "token").exists():
+        return None
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    ns_file = sa_dir / "namespace"
+    ca = sa_dir / "ca.crt"
+    return Endpoint(
+        server=f"https://{host}:{port}",
+        token_file=str(sa_dir / "token"),
+        ca_data=ca.read_text() if ca.exists() else None,
+        namespace=ns_file.read_text().strip() if ns_file.exists() else "default",
+    )
+
+
+def _b64(value: str, what: str, path: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=False)
+    except ValueError as ex:
+        raise KubeError(f"bad kubeconfig {path}: {what} is not base64") from ex
+
+
+def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> Endpoint:
+    """Read server and credentials of one context from a kubeconfig file (no exec plugins)."""
+    import yaml  # only local runs need YAML; the in-cluster agent never imports it
+
+    if path is None:
+        env = os.environ.get("KUBECONFIG", "")
+        path = env.split(os.pathsep)[0] if env else str(Path.home() / ".kube" / "config")
+    where = f"bad kubeconfig {path}"
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as ex:
+        raise KubeError(
+            f"cannot read kubeconfig {path}: {ex.strerror}",
+            hint="pass --kubeconfig or set KUBECONFIG",
+        ) from ex
+    except yaml.YAMLError as ex:
+        raise KubeError(f"{where}: not YAML ({str(ex).splitlines()[0]})") from ex
+    if not isinstance(doc, dict):
+        raise KubeError(f"{where}: not a kubeconfig mapping")
+
+    def named(section: str, name: str) -> JSON:
+        for item in doc.get(section) or []:
+            if isinstance(item, dict) and item.get("name") == name:
+                inner = item.get(section[:-1])
+                return inner if isinstance(inner, dict) else {}
+        raise KubeError(f"{where}: no {section[:-1]} named {name!r}")
+
+    ctx_name = context or doc.get("current-context")
+    if not ctx_name:
+        raise KubeError(f"{where}: no current-context", hint="pass --context")
+    ctx = named("contexts", str(ctx_name))
+    cluster = named("clusters", str(ctx.get("cluster", "")))
+    user = named("users", str(ctx.get("user", ""))) if ctx.get("user") else {}
+    server = cluster.get("server")
+    if not server:
+        raise KubeError(f"{where}: cluster {ctx.get('cluster')!r} has no server")
+    if "exec" in user or "auth-provider" in user:
+        raise KubeError(
+            f"{where}: user {ctx.get('user')!r} uses an exec/auth-provider plugin,"
+            " which the agent's lean client does not run",
+            hint="run the agent in-cluster, or use a token/certificate kubeconfig",
+        )
+    base = Path(path).parent
+
+    def file_or_data(key: str) -> tuple[str | None, bytes | None]:
+        src = {**cluster, **user}
+        if src.get(f"{key}-data"):
+            return None, _b64(str(src[f"{key}-data"]), f"{key}-data", path)
+        if src.get(key):
+            return str(base / str(src[key])), None
+        return None, None
+
+    ca_file, ca_bytes = file_or_data("certificate-authority")
+    cert_file, cert_data = file_or_data("client-certificate")
+    key_file, key_data = file_or_data("client-key")
+    ca_data = ca_bytes.decode() if ca_bytes else (Path(ca_file).read_text() if ca_file else None)
+    token_file = user.get("tokenFile")
+    return Endpoint(
+        server=str(server).rstrip("/"),
+        token=str(user["token"]) if user.get("token") else None,
+        token_file=str(base / str(token_file)) if token_file else None,
+        ca_data=ca_data,
+        cert_file=cert_file,
+        key_file=key_file,
+        cert_data=cert_data,
+        key_data=key_data,
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        namespace=str(ctx.get("namespace") or "default"),
+    )
+
+
+def load_endpoint(kubeconfig: str | None = None, context: str | None = None) -> Endpoint:
+    """In-cluster credentials when running in a pod (and no kubeconfig given), else a kubeconfig."""
+    if kubeconfig is None and context is None and not os.environ.get("KUBECONFIG"):
+        found = in_cluster_endpoint()
+        if found is not None:
+            return found
+    return kubeconfig_endpoint(kubeconfig, context)

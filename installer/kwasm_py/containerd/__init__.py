@@ -1,0 +1,1 @@
+"""containerd configuration, pure: parsing, editing and the line scanner (no I/O)."""
