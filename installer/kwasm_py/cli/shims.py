@@ -218,9 +218,14 @@ def list_(
     cat = shim_source.read_catalog(catalog)
     inst_dir = PurePosixPath(install_dir)
     if not inst_dir.is_absolute():
-        raise UsageError(f"--install-dir {install_dir} must be an absolute node path")
+        raise UsageError(
+            f"--install-dir {install_dir} must be an absolute node path",
+            hint=f"the default is {DEFAULT_INSTALL_DIR}",
+        )
     if host_root is not None and not host_root.is_dir():
-        raise UsageError(f"--host-root {host_root} is not a directory")
+        raise UsageError(
+            f"--host-root {host_root} is not a directory", hint="give the directory where the node's / is"
+        )
     installed = (
         shim_source.installed_shims(host_root, cat, install_dir=inst_dir) if host_root is not None else None
     )
