@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from kwasm_py import retry
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.shims import catalog as shim_catalog
 from kwasm_py.shims import fetch as artifacts
@@ -27,18 +29,18 @@ BIN = "containerd-shim-spin-v2"
 
 @pytest.fixture(autouse=True)
 def no_sleep(monkeypatch):
-    """Retries run without sleeping; any real sleep in artifacts fails the test."""
+    """Retries run without sleeping; any real sleep in the retry policy fails the test."""
     for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy",
                 "ALL_PROXY", "all_proxy"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
-    artifacts.set_testing(True)
+    retry.set_testing(True)
 
     def forbidden(_: float) -> None:
         raise AssertionError("artifacts slept in a test")
 
-    monkeypatch.setattr(artifacts.time, "sleep", forbidden)
+    monkeypatch.setattr(retry.time, "sleep", forbidden)
     yield
-    artifacts.set_testing(False)
+    retry.set_testing(False)
 
 
 def one(url: str, archive: bytes, **spec: object) -> list[shim_catalog.ShimEntry]:
@@ -85,6 +87,8 @@ def test_retries_are_bounded(tmp_path):
             artifacts.fetch_shims(one(srv.url("/a.tar.gz"), archive), "amd64", tmp_path / "d", options=opts)
         assert srv.hits("/a.tar.gz") == 3
     assert srv.url("/a.tar.gz") in ei.value.message
+    assert "\n" not in ei.value.message and "HTTPS_PROXY" in ei.value.hint
+    assert isinstance(ei.value.__cause__, FetchError)  # the last attempt's failure, chained
     assert not (tmp_path / "d").exists()
 
 
@@ -92,8 +96,8 @@ def test_backoff_sleeps_grow_when_not_testing(tmp_path, monkeypatch):
     """Outside testing mode the pauses between attempts exist and grow (recorded, not slept)."""
     archive, _ = shim_tar()
     pauses: list[float] = []
-    monkeypatch.setattr(artifacts.time, "sleep", pauses.append)
-    artifacts.set_testing(False)
+    monkeypatch.setattr(retry.time, "sleep", pauses.append)
+    retry.set_testing(False)
     opts = artifacts.FetchOptions(retries=3, backoff=1.0, max_backoff=100.0)
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive, fail_first=3)
@@ -187,8 +191,12 @@ def test_unsafe_archive_member_rejects_archive(tmp_path, bad):
     dest = tmp_path / "a" / "b"
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive)
-        with pytest.raises(FetchError, match="refused"):
+        with pytest.raises(FetchError, match="refused") as ei:
             artifacts.fetch_shims(one(srv.url("/a.tar.gz"), archive), "amd64", dest)
+    assert repr(BAD_MEMBERS[bad].name) in ei.value.message and "\n" not in ei.value.message
+    assert "shim catalog" in ei.value.hint
+    if bad != "absolute":  # tarfile's data filter strips a leading '/'; we refuse such names
+        assert isinstance(ei.value.__cause__, tarfile.FilterError)
     assert not dest.exists()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a"]
 

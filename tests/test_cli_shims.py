@@ -148,3 +148,11 @@ def test_list_bad_host_root_is_usage_error(tmp_path):
     """A --host-root that is not a directory exits 2 with one error line."""
     r = kwasm("shims", "list", "--host-root", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.startswith("error: --host-root")
+
+
+def test_output_format_is_checked_by_the_shared_choice(tmp_path):
+    """-o accepts text|json only (model.OutputFormat): anything else is a usage error, exit 2."""
+    r = kwasm("shims", "list", "-o", "yaml")
+    assert r.returncode == 2 and "'yaml' is not one of 'text', 'json'" in r.stderr
+    r = kwasm("shims", "list", "--host-root", str(tmp_path / "none"), "-o", "json")
+    assert r.returncode == 2 and r.stderr.startswith("error: --host-root") and "hint: " in r.stderr

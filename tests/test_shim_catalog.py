@@ -96,9 +96,11 @@ BASE = catalog_text({"spin": {"url": "https://x/a.tar.gz", "archive_sha256": GOO
     ],
 )
 def test_malformed_catalog_is_refused_with_the_key(edit, match):
-    """Each malformed catalog yields a CatalogError that names the offending key."""
-    with pytest.raises(CatalogError, match=match):
+    """Each malformed catalog yields a one-line CatalogError that names the offending key and
+    points at the format's description."""
+    with pytest.raises(CatalogError, match=match) as ei:
         shim_catalog.parse(edit(BASE))
+    assert "\n" not in ei.value.message and "images/shims.toml" in ei.value.hint
 
 
 def test_duplicate_handler_refused():

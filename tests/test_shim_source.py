@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from kwasm_py import retry
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.shims import catalog as shim_catalog
-from kwasm_py.shims import fetch as artifacts
 from kwasm_py.shims import source as shim_source
 from tests.shim_http import catalog_text, serve, sha, shim_tar
 
@@ -23,9 +23,9 @@ def _env(monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "KWASM_SHIM_DIR",
                 "KWASM_SHIM_CATALOG"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
-    artifacts.set_testing(True)
+    retry.set_testing(True)
     yield
-    artifacts.set_testing(False)
+    retry.set_testing(False)
 
 
 def cat_for(url: str, archive: bytes, **spec: object) -> shim_catalog.Catalog:

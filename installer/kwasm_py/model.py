@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import Any, TypeAlias
+
+# A JSON object as ``json.loads`` returns it (Kubernetes objects, engine results, manifests).
+JSON: TypeAlias = dict[str, Any]
 
 # Kubernetes keys (kept compatible with the KWasm operator so existing habits keep working).
 OPT_IN_KEY = "kwasm.sh/kwasm-node"
@@ -17,6 +21,13 @@ STATE_FILE_NAME = "kwasm-state.json"
 BACKUP_DIR_NAME = "backup"
 BIN_DIR_NAME = "bin"
 CATALOG_ENV = "KWASM_SHIM_CATALOG"  # a shim catalog TOML replacing the shipped one
+
+
+class OutputFormat(enum.StrEnum):
+    """What ``--output``/``-o`` prints on stdout: lines for people, or one JSON document."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 class CriSchema(enum.Enum):

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from kwasm_py.errors import KwasmError, UsageError
-from kwasm_py.model import DEFAULT_INSTALL_DIR, ShimSpec
+from kwasm_py.model import DEFAULT_INSTALL_DIR, OutputFormat, ShimSpec
 
 app = typer.Typer(no_args_is_help=True, help="Install or remove containerd shims on a node.")
 
@@ -57,7 +57,7 @@ SocketOpt = Annotated[
     str | None,
     typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
 ]
-Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
+Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
 LockTimeout = Annotated[
     float,
@@ -141,24 +141,18 @@ def _fail_json(err: KwasmError, step: str) -> None:
     _emit_json({"ok": False, "step": step, "error": err.message, "hint": err.hint})
 
 
-def _check_output(output: str) -> None:
-    if output not in ("text", "json"):
-        raise UsageError(f"--output must be text or json, not {output!r}")
-
-
-def _run_step(step: str, output: str, action: Callable[[], Any]) -> Any:
+def _run_step(step: str, output: OutputFormat, action: Callable[[], Any]) -> Any:
     """Run an engine action; JSON output prints the outcome (or the failure) as one object.
 
     Returns the outcome for text output (after printing its notes), None when JSON was printed.
     """
-    _check_output(output)
     try:
         outcome = action()
     except KwasmError as err:
-        if output == "json":
+        if output is OutputFormat.JSON:
             _fail_json(err, step)
         raise
-    if output == "json":
+    if output is OutputFormat.JSON:
         _emit_json(outcome.as_dict())
         return None
     for note in outcome.notes:
@@ -181,13 +175,12 @@ def plan(
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
     force: Annotated[bool, typer.Option("--force")] = False,
-    output: Output = "text",
+    output: Output = OutputFormat.TEXT,
 ) -> None:
     """Show what `install` would do; change nothing."""
     from kwasm_py.node import engine
     from kwasm_py.node import restart as restart_mod
 
-    _check_output(output)
     opts = _options(
         host_root=host_root,
         shims=_shims(_split(shim), _split(handler), []),
@@ -217,7 +210,7 @@ def plan(
         "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
         "changes": the_plan.changes,
     }
-    if output == "json":
+    if output is OutputFormat.JSON:
         _emit_json(data)
         return
     lines = [
@@ -261,7 +254,7 @@ def install(
     ] = False,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
-    output: Output = "text",
+    output: Output = OutputFormat.TEXT,
 ) -> None:
     """Install shims, configure containerd, restart it and check it registered them."""
     from kwasm_py.node import engine
@@ -303,7 +296,7 @@ def uninstall(
     socket: SocketOpt = None,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
-    output: Output = "text",
+    output: Output = OutputFormat.TEXT,
 ) -> None:
     """Remove exactly what `install` added, restart containerd, check the runtime is gone."""
     from kwasm_py.node import engine
@@ -336,15 +329,14 @@ def status(
     ask: Annotated[
         bool, typer.Option("--containerd/--no-containerd", help="Also ask containerd over CRI.")
     ] = True,
-    output: Output = "text",
+    output: Output = OutputFormat.TEXT,
 ) -> None:
     """What kwasm-py installed here, whether it still holds, and what containerd says."""
     from kwasm_py.node import engine
 
-    _check_output(output)
     opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)
     report = engine.status(opts, ask_containerd=ask)
-    if output == "json":
+    if output is OutputFormat.JSON:
         _emit_json(report.as_dict())
         return
     print(f"layout:     {report.layout}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,16 +11,12 @@ import typer
 
 from kwasm_py import sandbox
 from kwasm_py.errors import UsageError
+from kwasm_py.model import OutputFormat
 
 app = typer.Typer(
     no_args_is_help=True,
     help="Boot throwaway real nodes (systemd + containerd under systemd-nspawn, needs root).",
 )
-
-
-class Output(StrEnum):
-    text = "text"
-    json = "json"
 
 
 def _progress(msg: str) -> None:
@@ -56,11 +51,13 @@ def up(
         ),
     ] = "containerd",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for containerd")] = 90.0,
-    output: Annotated[Output, typer.Option(help="text, or one JSON object")] = Output.text,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="text, or one JSON object")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Build (once, cached) and boot a node; print its host root and PID."""
     node = sandbox.up(suite=suite, flavor_name=flavor, name=name, timeout=timeout, log=_progress)
-    if output is Output.json:
+    if output is OutputFormat.JSON:
         print(json.dumps({**node.to_json(), "host_socket": str(node.host_socket)}))
     else:
         print(_describe(node))
@@ -81,11 +78,13 @@ def down(
 
 @app.command("list")
 def list_(
-    output: Annotated[Output, typer.Option(help="text, or a JSON list")] = Output.text,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="text, or a JSON list")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """List sandbox nodes with their host root and PID."""
     rows = sandbox.list_nodes()
-    if output is Output.json:
+    if output is OutputFormat.JSON:
         print(json.dumps([{**n.to_json(), "running": alive} for n, alive in rows]))
         return
     if not rows:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kwasm_py.errors import UsageError
-from kwasm_py.model import CATALOG_ENV, DEFAULT_INSTALL_DIR
+from kwasm_py.model import CATALOG_ENV, DEFAULT_INSTALL_DIR, JSON, OutputFormat
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -29,11 +28,6 @@ app = typer.Typer(
 )
 
 
-class Output(StrEnum):
-    text = "text"
-    json = "json"
-
-
 CatalogOpt = Annotated[
     Path | None,
     typer.Option(
@@ -43,7 +37,7 @@ CatalogOpt = Annotated[
         show_default=False,
     ),
 ]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json on stdout.")]
+OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json on stdout.")]
 
 
 class _RichSink:
@@ -124,7 +118,7 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
         bool, typer.Option("--force", help="Download even if dest already holds the binary.")
     ] = False,
     catalog: CatalogOpt = None,
-    output: OutputOpt = Output.text,
+    output: OutputOpt = OutputFormat.TEXT,
 ) -> None:
     """Download, verify (sha256) and unpack shims into --dest: all of them, or none."""
     from kwasm_py.shims import fetch as artifacts
@@ -143,7 +137,7 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
         keep_archives=keep_archives,
         force=force,
     )
-    if sys.stderr.isatty() and output is Output.text:
+    if sys.stderr.isatty() and output is OutputFormat.TEXT:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -171,8 +165,8 @@ def fetch(  # typer passes keywords; the many options mirror the CLI flags
     _print_fetched(results, output)
 
 
-def _print_fetched(results: list[Fetched], output: Output) -> None:
-    if output is Output.json:
+def _print_fetched(results: list[Fetched], output: OutputFormat) -> None:
+    if output is OutputFormat.JSON:
         doc = [
             {
                 "name": r.name,
@@ -216,7 +210,7 @@ def list_(
         str, typer.Option("--install-dir", envvar="KWASM_INSTALL_DIR", help="Node path.")
     ] = str(DEFAULT_INSTALL_DIR),
     catalog: CatalogOpt = None,
-    output: OutputOpt = Output.text,
+    output: OutputOpt = OutputFormat.TEXT,
 ) -> None:
     """Show the catalog's shims and, with --host-root, what is installed on that node."""
     from kwasm_py.shims import source as shim_source
@@ -224,14 +218,19 @@ def list_(
     cat = shim_source.read_catalog(catalog)
     inst_dir = PurePosixPath(install_dir)
     if not inst_dir.is_absolute():
-        raise UsageError(f"--install-dir {install_dir} must be an absolute node path")
+        raise UsageError(
+            f"--install-dir {install_dir} must be an absolute node path",
+            hint=f"the default is {DEFAULT_INSTALL_DIR}",
+        )
     if host_root is not None and not host_root.is_dir():
-        raise UsageError(f"--host-root {host_root} is not a directory")
+        raise UsageError(
+            f"--host-root {host_root} is not a directory", hint="give the directory where the node's / is"
+        )
     installed = (
         shim_source.installed_shims(host_root, cat, install_dir=inst_dir) if host_root is not None else None
     )
-    if output is Output.json:
-        doc: dict[str, object] = {
+    if output is OutputFormat.JSON:
+        doc: JSON = {
             "catalog": [
                 {
                     "name": s.name,

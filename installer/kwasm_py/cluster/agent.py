@@ -38,9 +38,8 @@ from typing import Any, Protocol, TextIO
 from kwasm_py.cluster import nodeview
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.errors import KubeError, UsageError
-from kwasm_py.model import PROVISIONED_LABEL, STATUS_ANNOTATION
+from kwasm_py.model import JSON, PROVISIONED_LABEL, STATUS_ANNOTATION
 
-JSON = dict[str, Any]
 LEASE_PREFIX = "kwasm-restart-"
 
 

@@ -23,11 +23,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from kwasm_py.errors import KubeError
-
-JSON = dict[str, Any]
+from kwasm_py.model import JSON
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kwasm_py.cluster.kube import JSON, MERGE, Endpoint, api_error
+from kwasm_py.cluster.kube import MERGE, Endpoint, api_error
 from kwasm_py.errors import KubeError
+from kwasm_py.model import JSON
 
 
 def _body(body: Any) -> bytes | None:

@@ -6,11 +6,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from kwasm_py.model import PROVISIONED_LABEL
-
-JSON = dict[str, Any]
+from kwasm_py.model import JSON, PROVISIONED_LABEL
 
 # The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
 DEFAULT_IMAGE = "ghcr.io/kwasm-py/installer:0.1.0"

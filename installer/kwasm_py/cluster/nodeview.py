@@ -6,9 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
-
-JSON = dict[str, Any]
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
 
 
 def _meta(node: JSON, part: str) -> dict[str, Any]:

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kwasm_py.cluster.kube import JSON, NodeApi, api_error, in_cluster_endpoint, load_endpoint
+from kwasm_py.cluster.kube import NodeApi, api_error, in_cluster_endpoint, load_endpoint
 from kwasm_py.cluster.lean import LeanKube
 from kwasm_py.errors import KubeError
+from kwasm_py.model import JSON
 
 _PLAIN_USER = frozenset(
     {"token", "tokenFile", "client-certificate", "client-certificate-data", "client-key", "client-key-data"}

@@ -68,12 +68,12 @@ class ShimEntry:
         """The archive for ``arch`` (amd64/arm64), or a CatalogError naming what exists."""
         try:
             return self.artifacts[arch]
-        except KeyError:
+        except KeyError as ex:
             have = ", ".join(sorted(self.artifacts)) or "none"
             raise CatalogError(
                 f"shim {self.name} {self.version} has no {arch} archive in the catalog (it has: {have})",
                 hint="pick another --arch, or add the release asset to images/shims.toml",
-            ) from None
+            ) from ex
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ class Catalog:
         return {s.handler: s.runtime_type for s in self.shims}
 
 
+def _malformed(message: str) -> CatalogError:
+    """A CatalogError for a catalog that breaks the format, pointing at its description."""
+    return CatalogError(message, hint="the format is described at the top of images/shims.toml")
+
+
 def normalize_arch(machine: str) -> str:
     """Map ``uname -m``-style names (x86_64, aarch64) to amd64/arm64; reject anything else."""
     arch = _MACHINE_ALIASES.get(machine.strip().lower())
@@ -123,50 +128,50 @@ def parse(text: str, *, source: str = "shims.toml") -> Catalog:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as ex:
-        raise CatalogError(f"{source}: not valid TOML: {ex}") from ex
+        raise _malformed(f"{source}: not valid TOML: {ex}") from ex
     schema = doc.get("schema")
     if schema != SCHEMA:
-        raise CatalogError(f"{source}: schema = {schema!r}, this kwasm-py reads schema {SCHEMA}")
+        raise _malformed(f"{source}: schema = {schema!r}, this kwasm-py reads schema {SCHEMA}")
     shims_doc = doc.get("shims")
     if not isinstance(shims_doc, dict) or not shims_doc:
-        raise CatalogError(f"{source}: no [shims.NAME] tables")
+        raise _malformed(f"{source}: no [shims.NAME] tables")
     shims = tuple(_parse_shim(name, body, source) for name, body in shims_doc.items())
     handlers = [s.handler for s in shims]
     dup = sorted({h for h in handlers if handlers.count(h) > 1})
     if dup:
-        raise CatalogError(f"{source}: handler {dup[0]!r} is used by more than one shim")
+        raise _malformed(f"{source}: handler {dup[0]!r} is used by more than one shim")
     return Catalog(shims=shims, source=source)
 
 
 def _parse_shim(name: str, body: object, source: str) -> ShimEntry:
     where = f"{source}: [shims.{name}]"
     if not isinstance(body, dict):
-        raise CatalogError(f"{where} is not a table")
+        raise _malformed(f"{where} is not a table")
     if not _NAME.fullmatch(name):
-        raise CatalogError(f"{where}: name must be lowercase letters, digits and '-'")
+        raise _malformed(f"{where}: name must be lowercase letters, digits and '-'")
     known = {"handler", "runtime_type", "binary", "version", "default", "project", "arch"}
     extra = sorted(set(body) - known)
     if extra:
-        raise CatalogError(f"{where}: unknown key {extra[0]!r}")
+        raise _malformed(f"{where}: unknown key {extra[0]!r}")
     handler = _str(body, "handler", where)
     if not _NAME.fullmatch(handler):
-        raise CatalogError(f"{where}: handler {handler!r} is not a valid runtime name")
+        raise _malformed(f"{where}: handler {handler!r} is not a valid runtime name")
     runtime_type = _str(body, "runtime_type", where)
     if not _RUNTIME_TYPE.fullmatch(runtime_type):
-        raise CatalogError(f"{where}: runtime_type {runtime_type!r} is not io.containerd.NAME.vN")
+        raise _malformed(f"{where}: runtime_type {runtime_type!r} is not io.containerd.NAME.vN")
     binary = _str(body, "binary", where)
     if not _BINARY.fullmatch(binary):
-        raise CatalogError(f"{where}: binary {binary!r} is not containerd-shim-NAME-vN")
+        raise _malformed(f"{where}: binary {binary!r} is not containerd-shim-NAME-vN")
     default = body.get("default", False)
     if not isinstance(default, bool):
-        raise CatalogError(f"{where}: default must be true or false")
+        raise _malformed(f"{where}: default must be true or false")
     arch_doc = body.get("arch")
     if not isinstance(arch_doc, dict) or not arch_doc:
-        raise CatalogError(f"{where}: no [shims.{name}.arch.amd64|arm64] tables")
+        raise _malformed(f"{where}: no [shims.{name}.arch.amd64|arm64] tables")
     artifacts: dict[str, Artifact] = {}
     for arch, art in arch_doc.items():
         if arch not in ARCHES:
-            raise CatalogError(f"{where}: unknown arch {arch!r} (use {', '.join(ARCHES)})")
+            raise _malformed(f"{where}: unknown arch {arch!r} (use {', '.join(ARCHES)})")
         artifacts[arch] = _parse_artifact(arch, art, f"{source}: [shims.{name}.arch.{arch}]")
     return ShimEntry(
         name=name,
@@ -182,14 +187,14 @@ def _parse_shim(name: str, body: object, source: str) -> ShimEntry:
 
 def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
     if not isinstance(body, dict):
-        raise CatalogError(f"{where} is not a table")
+        raise _malformed(f"{where} is not a table")
     extra = sorted(set(body) - {"url", "archive_sha256", "binary_sha256"})
     if extra:
-        raise CatalogError(f"{where}: unknown key {extra[0]!r}")
+        raise _malformed(f"{where}: unknown key {extra[0]!r}")
     url = _str(body, "url", where)
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.netloc or not parts.path.strip("/"):
-        raise CatalogError(f"{where}: url {url!r} is not an http(s) URL of a file")
+        raise _malformed(f"{where}: url {url!r} is not an http(s) URL of a file")
     archive_sha = _str(body, "archive_sha256", where).lower()
     if not _HEX64.fullmatch(archive_sha):
         raise CatalogError(
@@ -198,7 +203,7 @@ def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
         )
     binary_sha = _str(body, "binary_sha256", where).lower()
     if binary_sha != UNPUBLISHED and not _HEX64.fullmatch(binary_sha):
-        raise CatalogError(f"{where}: binary_sha256 {binary_sha!r} is neither a sha256 nor {UNPUBLISHED!r}")
+        raise _malformed(f"{where}: binary_sha256 {binary_sha!r} is neither a sha256 nor {UNPUBLISHED!r}")
     return Artifact(
         arch=arch,
         url=url,
@@ -210,5 +215,5 @@ def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
 def _str(body: Mapping[str, object], key: str, where: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise CatalogError(f"{where}: {key} is missing or not a non-empty string")
+        raise _malformed(f"{where}: {key} is missing or not a non-empty string")
     return value.strip()

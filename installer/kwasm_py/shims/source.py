@@ -139,12 +139,14 @@ def _check_local(
     path = where / shim.binary
     try:
         st = path.stat()
-    except FileNotFoundError:
-        raise FetchError(f"shim {shim.name}: {path} does not exist", hint=hint) from None
+    except FileNotFoundError as ex:
+        raise FetchError(f"shim {shim.name}: {path} does not exist", hint=hint) from ex
     except OSError as ex:
-        raise FetchError(f"shim {shim.name}: cannot read {path}: {ex.strerror}") from ex
+        raise FetchError(
+            f"shim {shim.name}: cannot read {path}: {ex.strerror}", hint="check the directory's permissions"
+        ) from ex
     if not stat.S_ISREG(st.st_mode):
-        raise FetchError(f"shim {shim.name}: {path} is not a regular file")
+        raise FetchError(f"shim {shim.name}: {path} is not a regular file", hint=hint)
     if not st.st_mode & 0o111:
         raise FetchError(f"shim {shim.name}: {path} is not executable", hint=f"chmod 755 {path}")
     digest = sha256_file(path)
