@@ -1,7 +1,8 @@
 """`kwasm-py agent` as a subprocess against the stand-in API, with a fake node engine.
 
-The fake (tests/fake_node.py) speaks the engine's JSON contract; the real engine with a real
-containerd is exercised in test_agent_e2e.py.
+The fake (tests/fake_node.py) speaks the engine's process contract (kwasm_py.contract) and
+records the argv the agent gave it; the real engine with a real containerd is exercised in
+test_agent_e2e.py.
 """
 
 from __future__ import annotations
@@ -223,12 +224,65 @@ def test_sigterm_when_idle_exits_promptly(standin: StandIn, agents):
     assert agent.events("stop")
 
 
+def test_engine_argv_carries_each_shim_as_its_own_argument(standin: StandIn, agents):
+    """KWASM_SHIM's comma list is split once by the agent: the engine gets one --shim per path,
+    the options as arguments, and no comma-joined KWASM_SHIM/KWASM_HANDLER in its environment."""
+    spin, slight = "/s/containerd-shim-spin-v2", "/s/containerd-shim-slight-v2"
+    standin.add_node("n1")
+    agent = agents("n1", KWASM_SHIM=f"{spin},{slight}", KWASM_PID="7", KWASM_RESTART="none")
+    wait_until(agent.calls, what="the start-up status call")  # not opted in: asks the engine
+    standin.patch_node("n1", OPT_IN)
+    wait_labelled(standin, "n1")
+    standin.patch_node("n1", OPT_OUT)
+    standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), what="Unprovisioned event")
+    calls = {c["verb"]: c for c in agent.calls()}
+    root = str(agent.root)
+    assert calls["install"]["argv"] == [
+        "install", "--host-root", root, "--pid", "7", "--restart", "none",
+        "--shim", spin, "--shim", slight, "--verify", "--output", "json",
+    ]  # fmt: skip
+    assert calls["uninstall"]["argv"] == [
+        "uninstall", "--host-root", root, "--pid", "7", "--restart", "none", "--output", "json",
+    ]  # fmt: skip
+    assert calls["status"]["argv"] == ["status", "--host-root", root, "--pid", "7", "--output", "json"]
+    assert all(c["env"] == [] for c in agent.calls())
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (json.dumps({"version": 99, "command": "install", "ok": True}), "contract version 99"),
+        (json.dumps({"version": 1, "command": "install", "ok": True, "changed": True}), "needs 'layout'"),
+        ("Segmentation fault", "not JSON"),
+    ],
+)
+def test_result_outside_the_contract_is_a_clear_failure(standin: StandIn, agents, tmp_path, answer, why):
+    """A newer, malformed or non-JSON engine answer: no label, ProvisionFailed naming the
+    contract problem, the agent keeps running; a good answer later provisions the node."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "bad-result").write_text(answer)
+    agent = agents("n1", root=root)
+    standin.wait_for(lambda: standin.events("ProvisionFailed", "n1"), what="ProvisionFailed")
+    ev = standin.events("ProvisionFailed", "n1")[0]
+    assert ev["type"] == "Warning" and ev["message"].startswith("contract: node install answered outside")
+    assert why in ev["message"]
+    assert not labelled(standin, "n1")
+    st = status(standin, "n1")
+    assert st["ok"] is False and st["step"] == "contract" and why in st["reason"]
+    assert agent.proc.poll() is None and not [ln for ln in agent.lines() if "Traceback" in ln]
+    (root / "bad-result").unlink()
+    wait_labelled(standin, "n1")
+    assert agent.stop() == 0
+
+
 def test_agent_shim_sources(tmp_path, monkeypatch):
     """--shim-source image finds the image's shims for this architecture; dir reads a node
     directory through the host root; a missing source is a clear error."""
     import platform
 
-    from kwasm_py.cluster.agent import agent_shims
+    from kwasm_py.cluster.engine_proc import agent_shims
     from kwasm_py.errors import KwasmError
     from kwasm_py.shims.catalog import normalize_arch
 
@@ -259,7 +313,8 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
     from tests.cluster_helpers import child_env
 
     code = (
-        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cluster.agent, kwasm_py.cluster.kube;"
+        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cluster.agent, kwasm_py.cluster.kube,"
+        " kwasm_py.cluster.engine_proc, kwasm_py.cluster.leases, kwasm_py.contract;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
     )
     out = subprocess.run(

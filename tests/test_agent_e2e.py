@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.root, pytest.mark.containerd]
 
 
 def engine_env(ctd: PrivateContainerd, shim: Path) -> dict[str, str]:
-    """Point the real engine (through KWASM_* variables) at a private containerd."""
+    """Point the real engine at a private containerd: the agent passes host root, PID, restart,
+    install dir and shim on as arguments; KWASM_CONFIG and KWASM_SOCKET reach it by inheritance."""
     return {"KWASM_NODE_COMMAND": f"{sys.executable} -m kwasm_py node", **ctd.engine_env(shim)}
 
 

@@ -63,6 +63,10 @@ class VerifyError(KwasmError):
     """containerd runs but does not report the runtime we configured."""
 
 
+class ContractError(KwasmError):
+    """A document across the agent/engine process boundary is malformed or of a newer version."""
+
+
 class KubeError(KwasmError):
     """The Kubernetes API refused or failed a request."""
 

@@ -312,7 +312,12 @@ def agent(
         int | None, typer.Option("--pid", envvar="KWASM_PID", help="a PID in the node's namespaces")
     ] = None,
     shim: Annotated[
-        str | None, typer.Option("--shim", envvar="KWASM_SHIM", help="shim paths, comma-separated")
+        list[str] | None,
+        typer.Option(
+            "--shim",
+            envvar="KWASM_SHIM",
+            help="shim binary path (repeat); KWASM_SHIM: paths separated by commas",
+        ),
     ] = None,
     shim_source: Annotated[
         str,
@@ -371,40 +376,33 @@ def agent(
     import signal
 
     from kwasm_py.cluster import kube, lean
-    from kwasm_py.cluster.agent import (
-        Agent,
-        AgentConfig,
-        Backoff,
-        Logger,
-        SubprocessEngine,
-        agent_shims,
-        default_node_command,
-    )
+    from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
+    from kwasm_py.cluster.agentlog import Logger
+    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
+    from kwasm_py.contract import EngineRequest
 
     if not node_name:
         raise UsageError("the agent needs its node name", hint="set NODE_NAME or --node-name")
     log = Logger(node=node_name)
-    handlers: str | None = None
-    if not shim:  # from the image, a download, or a directory on the node
+    # The user's one place for commas (KWASM_SHIM in the DaemonSet): split here, once; the
+    # engine gets each shim as its own argument.
+    shims = [p for value in shim or [] for p in value.split(",") if p]
+    handlers: list[str] = []
+    if not shims:  # from the image, a download, or a directory on the node
         try:
-            paths, names = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
-            shim, handlers = ",".join(paths), ",".join(names)
+            shims, handlers = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
             log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
     api = lean.LeanKube(endpoint)
-    env = {
-        key: str(value)
-        for key, value in {
-            "KWASM_HOST_ROOT": host_root,
-            "KWASM_PID": pid,
-            "KWASM_SHIM": shim,
-            "KWASM_HANDLER": handlers,
-            "KWASM_RESTART": restart,
-            "KWASM_INSTALL_DIR": install_dir,
-        }.items()
-        if value is not None
-    }
+    request = EngineRequest(
+        host_root=host_root,
+        pid=pid,
+        restart=restart,
+        install_dir=install_dir,
+        shims=tuple(shims),
+        handlers=tuple(handlers),
+    )
     config = AgentConfig(
         node_name=node_name,
         namespace=namespace or endpoint.namespace,
@@ -417,7 +415,7 @@ def agent(
     )
     the_agent = Agent(
         api,
-        SubprocessEngine(default_node_command(), env=env),
+        SubprocessEngine(default_node_command(), request),
         config,
         log=log,
     )

@@ -9,12 +9,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from kwasm_py import contract
 from kwasm_py.errors import KwasmError, UsageError
 from kwasm_py.model import DEFAULT_INSTALL_DIR, OutputFormat, ShimSpec
+
+if TYPE_CHECKING:
+    from kwasm_py.node.engine import Outcome, Report
 
 app = typer.Typer(no_args_is_help=True, help="Install or remove containerd shims on a node.")
 
@@ -22,17 +26,34 @@ HostRoot = Annotated[
     Path,
     typer.Option("--host-root", envvar="KWASM_HOST_ROOT", help="Where the node's / is mounted here."),
 ]
+
+
+def _env_list(ctx: typer.Context, param: typer.CallbackParam, values: list[str] | None) -> list[str] | None:
+    """KWASM_SHIM / KWASM_HANDLER hold several values separated by commas (or spaces); each
+    --shim / --handler on the command line is one value, taken as given (a path may hold a comma)."""
+    source = ctx.get_parameter_source(param.name) if param.name else None
+    if values and source is not None and source.name == "ENVIRONMENT":  # typer vendors click's enum
+        return [v for value in values for v in value.split(",") if v]
+    return values
+
+
 Shims = Annotated[
     list[str] | None,
     typer.Option(
         "--shim",
         envvar="KWASM_SHIM",
-        help="Shim binary (containerd-shim-NAME-v2) to install; repeatable.",
+        callback=_env_list,
+        help="Shim binary (containerd-shim-NAME-v2) to install; repeatable (KWASM_SHIM: comma-separated).",
     ),
 ]
 Handlers = Annotated[
     list[str] | None,
-    typer.Option("--handler", envvar="KWASM_HANDLER", help="Runtime handler (default: NAME)."),
+    typer.Option(
+        "--handler",
+        envvar="KWASM_HANDLER",
+        callback=_env_list,
+        help="Runtime handler (default: NAME); one per --shim (KWASM_HANDLER: comma-separated).",
+    ),
 ]
 ConfigOpt = Annotated[
     str | None,
@@ -66,10 +87,7 @@ LockTimeout = Annotated[
 
 
 def _split(values: list[str] | None) -> list[str]:
-    out: list[str] = []
-    for value in values or []:
-        out.extend(v for v in value.split(",") if v)
-    return out
+    return [v for v in values or [] if v]
 
 
 def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[ShimSpec, ...]:
@@ -137,11 +155,45 @@ def _emit_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _fail_json(err: KwasmError, step: str) -> None:
-    _emit_json({"ok": False, "step": step, "error": err.message, "hint": err.hint})
+def _emit_result(result: contract.EngineResult) -> None:
+    sys.stdout.write(result.dumps() + "\n")
 
 
-def _run_step(step: str, output: OutputFormat, action: Callable[[], Any]) -> Any:
+def _runtimes(records: list[dict[str, str]]) -> tuple[contract.Runtime, ...]:
+    return tuple(contract.Runtime.from_json(r) for r in records)
+
+
+def _change_result(command: contract.Command, outcome: Outcome) -> contract.EngineResult:
+    """An engine Outcome (install/uninstall) as the process contract's result."""
+    return contract.EngineResult(
+        command=command,
+        ok=outcome.ok,
+        changed=outcome.changed,
+        restarted=outcome.restarted,
+        verified=outcome.verified,
+        layout=outcome.layout,
+        config=outcome.config,
+        runtimes=_runtimes(outcome.runtimes),
+        notes=tuple(outcome.notes),
+    )
+
+
+def _status_result(report: Report) -> contract.EngineResult:
+    """An engine Report (status) as the process contract's result."""
+    cs = report.containerd
+    return contract.EngineResult(
+        command="status",
+        installed=report.installed,
+        status=report.status,
+        layout=report.layout,
+        config=report.config,
+        runtimes=_runtimes(report.runtimes),
+        drift=tuple(report.drift),
+        containerd=None if cs is None else contract.ContainerdView.from_json(cs),
+    )
+
+
+def _run_step(step: contract.Command, output: OutputFormat, action: Callable[[], Any]) -> Any:
     """Run an engine action; JSON output prints the outcome (or the failure) as one object.
 
     Returns the outcome for text output (after printing its notes), None when JSON was printed.
@@ -150,10 +202,10 @@ def _run_step(step: str, output: OutputFormat, action: Callable[[], Any]) -> Any
         outcome = action()
     except KwasmError as err:
         if output is OutputFormat.JSON:
-            _fail_json(err, step)
+            _emit_result(contract.EngineResult.failed(step, step=step, error=err.message, hint=err.hint))
         raise
     if output is OutputFormat.JSON:
-        _emit_json(outcome.as_dict())
+        _emit_result(_change_result(step, outcome))
         return None
     for note in outcome.notes:
         print(f"note: {note}")
@@ -337,7 +389,7 @@ def status(
     opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)
     report = engine.status(opts, ask_containerd=ask)
     if output is OutputFormat.JSON:
-        _emit_json(report.as_dict())
+        _emit_result(_status_result(report))
         return
     print(f"layout:     {report.layout}")
     print(f"config:     {report.config}")

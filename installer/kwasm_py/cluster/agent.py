@@ -2,157 +2,43 @@
 
 It watches its own Node and converges the node to the opt-in the Node carries:
 
-* opted in (annotation or label ``kwasm.sh/kwasm-node=true``): run the node engine's install in a
-  subprocess; only once the engine reports containerd verified the runtime, label the node
+* opted in (annotation or label ``kwasm.sh/kwasm-node=true``): run the node engine's install;
+  only once the engine reports containerd verified the runtime, label the node
   ``kwasm.sh/kwasm-provisioned=true``, write the status annotation and an Event ``Provisioned``.
-  A failure removes the label, records the reason, emits a Warning ``ProvisionFailed`` and
-  retries with backoff.
+  A failure (including an engine answer outside the contract) removes the label, records the
+  reason, emits a Warning ``ProvisionFailed`` and retries with backoff.
 * not opted in: uninstall what the engine recorded, remove label and status, Event
   ``Unprovisioned``.
 * provisioned: every ``drift_interval`` ask the engine for drift; repair and emit ``Repaired``.
 
-Installs and uninstalls may restart containerd, so each one holds one of N restart Leases
-(``kwasm-restart-0..N-1`` in the installer namespace) for its duration. The engine runs as a
-child process (``python -m kwasm_py node install --output json``), which keeps this resident
-process small: it never imports the engine, grpc, tomlkit or the kubernetes client.
+Its parts: this watch loop; :mod:`~kwasm_py.cluster.leases` (installs and uninstalls may restart
+containerd, so each holds one of N restart Leases); :mod:`~kwasm_py.cluster.engine_proc` (the
+engine as a child process, through :mod:`kwasm_py.contract`, which keeps this resident process
+small: it never imports the engine, grpc, tomlkit or the kubernetes client); and
+:mod:`~kwasm_py.cluster.agentlog` (log lines and Events).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import shlex
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol, TextIO
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from kwasm_py.cluster import nodeview
+from kwasm_py.cluster.agentlog import Logger, micro_time, node_event
+from kwasm_py.cluster.engine_proc import Engine, EngineFailed
 from kwasm_py.cluster.kube import AgentApi
-from kwasm_py.errors import KubeError, UsageError
+from kwasm_py.cluster.leases import RestartLeases
+from kwasm_py.contract import EngineResult
+from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON, PROVISIONED_LABEL, STATUS_ANNOTATION
-
-LEASE_PREFIX = "kwasm-restart-"
 
 
 class AgentStopped(BaseException):
     """Raised (from the SIGTERM handler or after a critical section) to end the agent."""
-
-
-class EngineFailed(Exception):
-    """The node engine reported a failure (its JSON ``step``/``error``/``hint``)."""
-
-    def __init__(self, step: str, error: str, hint: str = "") -> None:
-        super().__init__(f"{step}: {error}")
-        self.step = step
-        self.error = error
-        self.hint = hint
-
-
-class Engine(Protocol):
-    def install(self) -> JSON: ...
-
-    def uninstall(self) -> JSON: ...
-
-    def status(self) -> JSON: ...
-
-
-# ---------------------------------------------------------------------------- engine
-
-
-def default_node_command() -> list[str]:
-    """How to run `kwasm-py node`: KWASM_NODE_COMMAND (shell words) or this interpreter."""
-    override = os.environ.get("KWASM_NODE_COMMAND", "").strip()
-    if override:
-        return shlex.split(override)
-    return [sys.executable, "-m", "kwasm_py", "node"]
-
-
-@dataclass
-class SubprocessEngine:
-    """Runs `kwasm-py node VERB ... --output json` and parses the JSON contract."""
-
-    command: Sequence[str]
-    env: Mapping[str, str] = field(default_factory=dict)  # KWASM_* options for the child
-    timeout: float = 600.0
-
-    def _run(self, verb: str, *extra: str) -> JSON:
-        argv = [*self.command, verb, *extra, "--output", "json"]
-        env = {**os.environ, **self.env}
-        try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, env=env, timeout=self.timeout, check=False
-            )
-        except subprocess.TimeoutExpired as ex:
-            raise EngineFailed(verb, f"node {verb} did not finish in {self.timeout:.0f}s") from ex
-        except OSError as ex:
-            raise EngineFailed(verb, f"cannot run {argv[0]}: {ex.strerror}") from ex
-        doc: Any = None
-        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-        for candidate in (proc.stdout, lines[-1] if lines else ""):
-            try:
-                doc = json.loads(candidate)
-                break
-            except ValueError:
-                continue
-        if not isinstance(doc, dict):
-            err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            raise EngineFailed(verb, f"node {verb} gave no JSON (exit {proc.returncode}): {err}")
-        if proc.returncode != 0 or doc.get("ok") is False:
-            raise EngineFailed(
-                str(doc.get("step") or verb),
-                str(doc.get("error") or f"exit {proc.returncode}"),
-                str(doc.get("hint") or ""),
-            )
-        return doc
-
-    def install(self) -> JSON:
-        # The label promises containerd has the runtime: ask it even when nothing changes.
-        return self._run("install", "--verify")
-
-    def uninstall(self) -> JSON:
-        return self._run("uninstall")
-
-    def status(self) -> JSON:
-        return self._run("status")
-
-
-def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> tuple[list[str], list[str]]:
-    """Shim paths and handlers for `--shim-source image|fetch|dir` (when no --shim is given).
-
-    - image: baked into the installer image for this node's architecture (images/Dockerfile);
-    - fetch: downloaded and verified now, into the node's /var/lib/kwasm-py/shims/<arch> so a
-      restarted pod finds them again;
-    - dir: a directory on the node (a node path, read through the host root).
-    """
-    from pathlib import Path
-
-    from kwasm_py.shims import source as shim_source
-
-    root = Path(host_root or "/")
-    arch = shim_source.resolve_arch("auto")
-    directory: Path | None = None
-    if source == "image" and shim_dir:
-        directory = Path(shim_dir) / arch
-    elif source == "fetch":
-        directory = root / "var/lib/kwasm-py/shims" / arch
-    elif source == "dir":
-        if not shim_dir:
-            raise UsageError("--shim-source dir needs --shim-dir (a directory on the node)")
-        directory = root / shim_dir.lstrip("/")
-    resolved = shim_source.resolve_shims(source, directory=directory)  # type: ignore[arg-type]
-    return [str(s.path) for s in resolved], [s.handler for s in resolved]
-
-
-# ---------------------------------------------------------------------------- helpers
 
 
 @dataclass(frozen=True)
@@ -165,51 +51,17 @@ class Backoff:
     scale: float = 1.0
 
     def delay(self, attempt: int) -> float:
+        """Takes the attempt number (1 for the first retry); returns seconds to wait: initial *
+        factor^(attempt-1), capped at maximum, times scale, with +-20% jitter."""
         base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
         return base * self.scale * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
 
-def micro_time(ts: float) -> str:
-    """Kubernetes MicroTime (RFC 3339 with microseconds, UTC)."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> float | None:
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
-        except ValueError:
-            continue
-    return None
-
-
-def _fmt(value: object) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
-    return text
-
-
-class Logger:
-    """One line per event: ``ts=... level=... event=... key=value ...``."""
-
-    def __init__(self, stream: TextIO | None = None, **common: object) -> None:
-        self.stream = stream or sys.stderr
-        self.common = common
-        self.lock = threading.Lock()
-
-    def __call__(self, event: str, level: str = "info", **fields: object) -> None:
-        parts = {"ts": micro_time(time.time()), "level": level, "event": event}
-        line = " ".join(
-            f"{k}={_fmt(v)}" for k, v in {**parts, **self.common, **fields}.items() if v is not None
-        )
-        with self.lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-
 @dataclass(frozen=True)
 class AgentConfig:
+    """The agent's settings: its node, the Lease and Event namespaces, restart parallelism,
+    Lease term, drift interval and watch timeout (seconds), and the retry backoff."""
+
     node_name: str
     namespace: str  # the installer namespace: restart Leases live here
     event_namespace: str = "default"
@@ -220,10 +72,13 @@ class AgentConfig:
     backoff: Backoff = Backoff()
 
 
-# ---------------------------------------------------------------------------- the agent
-
-
 class Agent:
+    """One node's agent: watches the Node through ``api``, drives ``engine``, records on the Node.
+
+    Takes the API port, the engine port, the settings and (for tests) the log, wall clock and
+    sleep. ``run`` is the whole life; the other public methods are its steps.
+    """
+
     def __init__(
         self,
         api: AgentApi,
@@ -251,18 +106,36 @@ class Agent:
         self.stopping = False
         self._critical = 0
         self.node: JSON = {}
+        self.leases = RestartLeases(
+            api,
+            namespace=config.namespace,
+            identity=self.identity,
+            log=self.log,
+            delay=config.backoff.delay,
+            count=config.max_parallel_restarts,
+            duration=config.lease_duration,
+            wall_clock=wall_clock,
+            sleep=sleep,
+            check_stop=self._check_stop,
+        )
 
     # -- stopping
 
     def request_stop(self) -> None:
-        """SIGTERM: stop now, or as soon as the engine call in flight finished."""
+        """SIGTERM: stop now, or as soon as the engine call in flight finished. Takes nothing;
+        raises AgentStopped when no critical section runs."""
         self.stopping = True
         if self._critical == 0:
             raise AgentStopped
 
+    def _check_stop(self) -> None:
+        if self.stopping:
+            raise AgentStopped
+
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
-        """A section SIGTERM must not cut short (an engine run and the patch that records it)."""
+        """A section SIGTERM must not cut short (an engine run and the patch that records it).
+        Raises AgentStopped on leaving it when a stop was requested meanwhile."""
         self._critical += 1
         try:
             yield
@@ -274,7 +147,8 @@ class Agent:
     # -- main loop
 
     def run(self) -> int:
-        """Watch the node until stopped; returns the process exit code."""
+        """Watch the node until stopped; returns the process exit code (0). API errors are
+        logged and retried with backoff; nothing else is expected to escape."""
         name = self.cfg.node_name
         self.log("start", namespace=self.cfg.namespace, max_parallel=self.cfg.max_parallel_restarts)
         rv = ""
@@ -346,7 +220,8 @@ class Agent:
         return min(timers) - now if timers else None
 
     def tick(self) -> None:
-        """Run the timers that are due: a provisioning retry or a drift check."""
+        """Run the timers that are due: a provisioning retry or a drift check. Raises KubeError
+        when reading the Node fails (the watch loop retries)."""
         now = time.monotonic()
         if self.next_retry is not None and now >= self.next_retry:
             self.reconcile(self.api.get_node(self.cfg.node_name))
@@ -356,6 +231,8 @@ class Agent:
     # -- reconcile
 
     def reconcile(self, node: JSON) -> None:
+        """Takes the Node object; installs or uninstalls to match its opt-in (unless already
+        done or a retry is not yet due). Raises KubeError when recording on the Node fails."""
         self.node = node
         if nodeview.opted_in(node):
             if self.provisioned_ok and nodeview.provisioned(node):
@@ -373,12 +250,15 @@ class Agent:
 
     def _engine_says_installed(self) -> bool:
         try:
-            return bool(self.engine.status().get("installed"))
+            return self.engine.status().installed
         except EngineFailed as ex:
             self.log("status_failed", level="warning", step=ex.step, error=ex.error)
             return True  # unknown: uninstall is idempotent, so err on cleaning up
 
     def provision(self, node: JSON, *, repair: bool = False) -> None:
+        """Takes the Node (and whether this repairs drift); installs, then labels the Node and
+        records the runtimes, or records the failure and schedules a retry. Raises KubeError
+        when the label patch fails (the watch loop retries, the engine run is idempotent)."""
         with self.critical():
             self.provisioned_ok = False
             try:
@@ -392,36 +272,36 @@ class Agent:
                 {
                     "metadata": {
                         "labels": {PROVISIONED_LABEL: "true"},
-                        "annotations": {STATUS_ANNOTATION: nodeview.provisioned_status(result, now=now)},
+                        "annotations": {
+                            STATUS_ANNOTATION: nodeview.provisioned_status(result.runtimes, now=now)
+                        },
                     }
                 },
             )
-            runtimes = ",".join(
-                f"{r.get('handler')}@{str(r.get('sha256', ''))[:12]}" for r in result.get("runtimes") or []
-            )
+            runtimes = ",".join(f"{r.handler}@{r.sha256[:12]}" for r in result.runtimes)
             reason = "Repaired" if repair else "Provisioned"
             self.emit(
                 reason,
                 f"runtimes {runtimes} verified by containerd"
-                f" (changed={result.get('changed')}, restarted={result.get('restarted')})",
+                f" (changed={result.changed}, restarted={result.restarted})",
             )
             self.log(
                 reason.lower(),
                 runtimes=runtimes,
-                changed=result.get("changed"),
-                restarted=result.get("restarted"),
+                changed=result.changed,
+                restarted=result.restarted,
             )
             self.provisioned_ok = True
             self.failures = 0
             self.next_retry = None
             self.next_drift = time.monotonic() + self.cfg.drift_interval
 
-    def _install(self, *, repair: bool) -> JSON:
-        with self.restart_slot():
+    def _install(self, *, repair: bool) -> EngineResult:
+        with self.leases.slot():
             self.log("install_start", repair=repair or None)
             result = self.engine.install()
         self.installed = True
-        if not result.get("verified"):
+        if not result.verified:
             raise EngineFailed("verify", "containerd did not report the runtime")
         return result
 
@@ -453,11 +333,13 @@ class Agent:
         )
 
     def unprovision(self, node: JSON) -> None:
+        """Takes the Node; uninstalls what the engine recorded and removes label and status, or
+        records the failure and schedules a retry. Raises KubeError when the patch fails."""
         with self.critical():
             self.provisioned_ok = False
             if self.installed:
                 try:
-                    with self.restart_slot():
+                    with self.leases.slot():
                         self.log("uninstall_start")
                         self.engine.uninstall()
                 except EngineFailed as ex:
@@ -479,20 +361,21 @@ class Agent:
             self.log("unprovisioned")
 
     def check_drift(self) -> None:
+        """Asks the engine for drift; repairs (or reconciles an opt-out) when it reports any.
+        Returns nothing; raises KubeError when reading or patching the Node fails."""
         self.next_drift = time.monotonic() + self.cfg.drift_interval
         try:
             status = self.engine.status()
         except EngineFailed as ex:
             self.log("status_failed", level="warning", step=ex.step, error=ex.error)
             return
-        drift = [str(d) for d in status.get("drift") or []]
-        if status.get("installed") and not drift:
+        if status.installed and not status.drift:
             return
         self.log(
             "drift",
             level="warning",
-            drift=";".join(drift) or "not installed",
-            installed=status.get("installed"),
+            drift=";".join(status.drift) or "not installed",
+            installed=status.installed,
         )
         node = self.api.get_node(self.cfg.node_name)
         if nodeview.opted_in(node):
@@ -503,144 +386,19 @@ class Agent:
     # -- events
 
     def emit(self, reason: str, message: str, *, warning: bool = False) -> None:
-        """A core/v1 Event on the Node (best effort: a lost event is logged, not fatal)."""
-        now = self.wall_clock()
+        """Takes the reason, message and whether it is a Warning; creates a core/v1 Event on the
+        Node. Best effort: a lost Event is logged, nothing is raised."""
         meta = self.node.get("metadata") or {}
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{self.cfg.node_name}.kwasm.{uuid.uuid4().hex[:12]}",
-                "namespace": self.cfg.event_namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "name": self.cfg.node_name,
-                "uid": meta.get("uid", self.cfg.node_name),
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": "kwasm-py-agent", "host": self.cfg.node_name},
-            "firstTimestamp": micro_time(now)[:19] + "Z",
-            "lastTimestamp": micro_time(now)[:19] + "Z",
-            "count": 1,
-            "reportingComponent": "kwasm.sh/kwasm-py-agent",
-            "reportingInstance": self.cfg.node_name,
-        }
+        event = node_event(
+            node_name=self.cfg.node_name,
+            node_uid=str(meta.get("uid", self.cfg.node_name)),
+            namespace=self.cfg.event_namespace,
+            reason=reason,
+            message=message,
+            warning=warning,
+            now=self.wall_clock(),
+        )
         try:
             self.api.create_event(self.cfg.event_namespace, event)
         except KubeError as ex:
             self.log("event_lost", level="warning", reason=reason, error=ex.message)
-
-    # -- restart leases
-
-    @contextlib.contextmanager
-    def restart_slot(self) -> Iterator[str]:
-        """Hold one of the N restart Leases while the body runs (renewed in the background)."""
-        name = self.acquire_lease()
-        done = threading.Event()
-        renewer = threading.Thread(
-            target=self._renew_loop, args=(name, done), name="lease-renew", daemon=True
-        )
-        renewer.start()
-        try:
-            yield name
-        finally:
-            done.set()
-            renewer.join(timeout=10)
-            self.release_lease(name)
-
-    def acquire_lease(self) -> str:
-        attempt = 0
-        while True:
-            for i in range(max(1, self.cfg.max_parallel_restarts)):
-                name = f"{LEASE_PREFIX}{i}"
-                try:
-                    if self._try_lease(name):
-                        self.log("lease_acquired", lease=name, waited=attempt or None)
-                        return name
-                except KubeError as ex:
-                    self.log("lease_error", level="warning", lease=name, error=ex.message)
-            attempt += 1
-            if attempt == 1:
-                self.log("lease_wait", leases=self.cfg.max_parallel_restarts)
-            if self.stopping:
-                raise AgentStopped
-            # Poll no faster than every 50 ms, no slower than a third of a lease term.
-            delay = min(self.cfg.lease_duration / 3, self.cfg.backoff.delay(attempt))
-            self.sleep(max(0.05, delay))
-
-    def _lease_expired(self, spec: JSON, now: float) -> bool:
-        renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
-        duration = float(spec.get("leaseDurationSeconds") or self.cfg.lease_duration)
-        return renewed is None or renewed + duration < now
-
-    def _try_lease(self, name: str) -> bool:
-        ns = self.cfg.namespace
-        now = self.wall_clock()
-        lease = self.api.get_lease(ns, name)
-        spec_new = {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": self.cfg.lease_duration,
-            "acquireTime": micro_time(now),
-            "renewTime": micro_time(now),
-        }
-        try:
-            if lease is None:
-                self.api.create_lease(
-                    ns,
-                    {
-                        "apiVersion": "coordination.k8s.io/v1",
-                        "kind": "Lease",
-                        "metadata": {"name": name, "namespace": ns},
-                        "spec": {**spec_new, "leaseTransitions": 0},
-                    },
-                )
-                return True
-            spec = lease.get("spec") or {}
-            holder = spec.get("holderIdentity")
-            if holder and holder != self.identity and not self._lease_expired(spec, now):
-                return False
-            if holder and holder != self.identity:
-                self.log("lease_expired", lease=name, holder=holder)
-            transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.identity)
-            lease["spec"] = {**spec, **spec_new, "leaseTransitions": transitions}
-            self.api.replace_lease(ns, lease)
-        except KubeError as ex:
-            if ex.status == 409:  # another node got there first
-                return False
-            raise
-        return True
-
-    def _renew_loop(self, name: str, done: threading.Event) -> None:
-        while not done.wait(max(0.05, self.cfg.lease_duration / 3)):
-            try:
-                lease = self.api.get_lease(self.cfg.namespace, name)
-                if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
-                    self.log("lease_lost", level="warning", lease=name)
-                    return
-                lease["spec"]["renewTime"] = micro_time(self.wall_clock())
-                self.api.replace_lease(self.cfg.namespace, lease)
-            except KubeError as ex:
-                self.log("lease_renew_failed", level="warning", lease=name, error=ex.message)
-
-    def release_lease(self, name: str) -> None:
-        for _ in range(3):
-            try:
-                lease = self.api.get_lease(self.cfg.namespace, name)
-                if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
-                    return
-                spec = dict(lease.get("spec") or {})
-                for key in ("holderIdentity", "acquireTime", "renewTime"):
-                    spec.pop(key, None)
-                lease["spec"] = spec
-                self.api.replace_lease(self.cfg.namespace, lease)
-            except KubeError as ex:
-                if ex.status != 409:
-                    self.log("lease_release_failed", level="warning", lease=name, error=ex.message)
-                    return  # it expires on its own
-            else:
-                self.log("lease_released", lease=name)
-                return

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kwasm_py.contract import Runtime
 from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
 
 
@@ -16,6 +18,7 @@ def _meta(node: JSON, part: str) -> dict[str, Any]:
 
 
 def name_of(node: JSON) -> str:
+    """Takes a Node object; returns its name ("" when it has none)."""
     return str((node.get("metadata") or {}).get("name", ""))
 
 
@@ -27,6 +30,7 @@ def opted_in(node: JSON) -> bool:
 
 
 def provisioned(node: JSON) -> bool:
+    """Takes a Node object; returns whether it carries ``kwasm.sh/kwasm-provisioned=true``."""
     return _meta(node, "labels").get(PROVISIONED_LABEL) == "true"
 
 
@@ -42,22 +46,15 @@ def status_of(node: JSON) -> JSON:
     return doc if isinstance(doc, dict) else {}
 
 
-def provisioned_status(result: JSON, *, now: str) -> str:
-    """Status annotation after a verified install: per runtime its handler, shim and sha256."""
-    runtimes = [
-        {
-            "handler": r.get("handler", ""),
-            "runtime_type": r.get("runtime_type", ""),
-            "shim": r.get("shim", ""),
-            "sha256": r.get("sha256", ""),
-        }
-        for r in result.get("runtimes") or []
-        if isinstance(r, dict)
-    ]
-    return json.dumps({"ok": True, "time": now, "runtimes": runtimes}, sort_keys=True)
+def provisioned_status(runtimes: Sequence[Runtime], *, now: str) -> str:
+    """Takes the runtimes a verified install reported and the time; returns the status
+    annotation: per runtime its handler, runtime_type, shim and sha256."""
+    entries = [r.to_json() for r in runtimes]
+    return json.dumps({"ok": True, "time": now, "runtimes": entries}, sort_keys=True)
 
 
 def failed_status(*, step: str, reason: str, now: str) -> str:
+    """Takes the failed step, its reason and the time; returns the status annotation."""
     return json.dumps({"ok": False, "time": now, "step": step, "reason": reason}, sort_keys=True)
 
 
@@ -73,6 +70,7 @@ class NodeRow:
     reason: str = ""
 
     def to_json(self) -> JSON:
+        """Takes nothing; returns the row as the JSON object `kwasm-py status -o json` prints."""
         return {
             "name": self.name,
             "opted_in": self.opted_in,
@@ -84,6 +82,7 @@ class NodeRow:
 
 
 def row(node: JSON) -> NodeRow:
+    """Takes a Node object; returns its `kwasm-py status` row (from labels and annotation)."""
     st = status_of(node)
     return NodeRow(
         name=name_of(node),
