@@ -99,22 +99,104 @@ def test_installer_contents():
 
 
 def test_examples_contents():
-    """The Spin examples use the RuntimeClass, the limits, `/` and the runtime-config Secret."""
-    spin = by_kind(docs(REPO / "manifests/examples/spin-app.yaml"), "Deployment")[0]
-    pod = spin["spec"]["template"]["spec"]
-    assert pod["runtimeClassName"] == "wasmtime-spin"
-    assert pod["containers"][0]["command"] == ["/"]
-    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "100m", "memory": "128Mi"}
+    """The Spin examples use the RuntimeClass, `/`, 128Mi/100m requests and limits, no token."""
+    for name in ("spin-app.yaml", "spin-kv-app.yaml"):
+        pod = by_kind(docs(REPO / "manifests/examples" / name), "Deployment")[0]["spec"]["template"]["spec"]
+        assert pod["runtimeClassName"] == "wasmtime-spin"
+        assert pod["automountServiceAccountToken"] is False
+        (ctr,) = pod["containers"]
+        assert ctr["command"] == ["/"] and "args" not in ctr
+        want = {"cpu": "100m", "memory": "128Mi"}
+        assert ctr["resources"] == {"requests": want, "limits": want}
+
+
+def _kv() -> tuple[dict, dict, list[dict], list[dict]]:
     kv = docs(REPO / "manifests/examples/spin-kv-app.yaml")
-    secret = by_kind(kv, "Secret")[0]
-    assert "key_value_store" in secret["stringData"]["runtime-config.toml"]
-    kv_pod = by_kind(kv, "Deployment")[0]["spec"]["template"]["spec"]
-    args = kv_pod["containers"][0]["args"]
-    mount = kv_pod["containers"][0]["volumeMounts"][0]["mountPath"]
-    assert args[0] == "--runtime-config-file" and args[1].startswith(mount)
-    assert kv_pod["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
     redis = docs(REPO / "manifests/examples/redis.yaml")
-    assert {o["kind"] for o in redis} == {"Deployment", "Service"}
+    secret = by_kind(kv, "Secret")[0]
+    pod = by_kind(kv, "Deployment")[0]["spec"]["template"]["spec"]
+    return secret, pod, kv, redis
+
+
+def test_kv_runtime_config_is_mounted_where_the_spin_shim_reads_it():
+    """The runtime config Secret is the single file /runtime-config.toml (subPath), as the shim's
+    RUNTIME_CONFIG_PATH; its key-value store is Redis under the name the app opens ("foo")."""
+    import tomllib
+
+    secret, pod, _, _ = _kv()
+    (ctr,) = pod["containers"]
+    (mount,) = ctr["volumeMounts"]
+    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == (
+        "/runtime-config.toml",
+        "runtime-config.toml",
+        True,
+    )
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert mount["subPath"] in secret["stringData"]
+    config = tomllib.loads(secret["stringData"]["runtime-config.toml"])
+    assert config["key_value_store"]["foo"]["type"] == "redis"
+
+
+def test_kv_runtime_config_uses_the_redis_password():
+    """Redis requires the password from its Secret, and the runtime config's URL carries it."""
+    import tomllib
+    import urllib.parse
+
+    secret, _, _, redis = _kv()
+    (auth,) = by_kind(redis, "Secret")
+    password = auth["stringData"]["password"]
+    (deploy,) = by_kind(redis, "Deployment")
+    (ctr,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in ctr["env"]}
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (auth["metadata"]["name"], "password")
+    assert ctr["args"][ctr["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    url = urllib.parse.urlsplit(
+        tomllib.loads(secret["stringData"]["runtime-config.toml"])["key_value_store"]["foo"]["url"]
+    )
+    assert url.password == password
+    (svc,) = by_kind(redis, "Service")
+    assert url.hostname.split(".")[0] == svc["metadata"]["name"]
+    assert url.port == svc["spec"]["ports"][0]["port"]
+
+
+def test_only_the_kv_app_may_reach_redis():
+    """A NetworkPolicy selects the Redis pods and admits only the Spin KV app's pods, on 6379."""
+    _, _, kv, redis = _kv()
+    (netpol,) = by_kind(redis, "NetworkPolicy")
+    redis_labels = by_kind(redis, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    app_labels = by_kind(kv, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    spec = netpol["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock widening it
+    assert peer["podSelector"]["matchLabels"].items() <= app_labels.items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_example_pods_are_safe_to_copy():
+    """No example pod mounts a service-account token; every image has an exact version (no
+    `latest`, no bare name); Redis runs as non-root, read-only, without capabilities."""
+    import re
+
+    for path in sorted((REPO / "manifests/examples").glob("*.yaml")):
+        for deploy in by_kind(docs(path), "Deployment"):
+            pod = deploy["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False, path.name
+            for ctr in pod["containers"]:
+                image = ctr["image"]
+                assert re.search(r"(@sha256:[0-9a-f]{64}|:v?\d+\.\d+\.\d+[\w.-]*)$", image), image
+    redis = by_kind(docs(REPO / "manifests/examples/redis.yaml"), "Deployment")[0]["spec"]["template"]["spec"]
+    assert redis["securityContext"]["runAsNonRoot"] is True
+    sc = redis["containers"][0]["securityContext"]
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_kind_config_has_one_control_plane_two_workers():
