@@ -75,12 +75,17 @@ def test_installer_contents():
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     (role,) = by_kind(objs, "ClusterRole")
     assert sorted((r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]) == [
-        ("events", ("create", "patch")),
-        ("nodes", ("get", "list", "patch", "watch")),
+        ("nodes", ("get", "patch", "watch")),
     ]
-    (lease_role,) = by_kind(objs, "Role")
-    assert lease_role["rules"][0]["resources"] == ["leases"]
-    assert lease_role["metadata"]["namespace"] == ns["metadata"]["name"]
+    (ns_role,) = by_kind(objs, "Role")
+    assert ns_role["metadata"]["namespace"] == ns["metadata"]["name"]
+    assert sorted(
+        (r["resources"][0], tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in ns_role["rules"]
+    ) == [
+        ("events", ("create",), ()),
+        ("leases", ("create",), ()),
+        ("leases", ("get", "update"), ("kwasm-restart-0",)),
+    ]
     (ds,) = by_kind(objs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
@@ -90,6 +95,8 @@ def test_installer_contents():
     assert pod["volumes"][0]["hostPath"]["path"] == "/"
     env = {e["name"]: e for e in ctr["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Events go to the namespace the Role covers, not the agent's default ("default").
+    assert env["KWASM_EVENT_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert set(ctr["resources"]) == {"requests", "limits"}
     assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     assert ctr["image"] == manifests.DEFAULT_IMAGE and ":" in ctr["image"]
@@ -197,6 +204,39 @@ def test_example_pods_are_safe_to_copy():
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+def test_gke_critical_pods_quota():
+    """The agent keeps system-node-critical, and the installer namespace carries the quota GKE
+    requires for it (scope PriorityClass In [that class]), applied before the DaemonSet."""
+    objs = installer()
+    kinds = [o["kind"] for o in objs]
+    (quota,) = by_kind(objs, "ResourceQuota")
+    (ds,) = by_kind(objs, "DaemonSet")
+    assert quota["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    cls = ds["spec"]["template"]["spec"]["priorityClassName"]
+    assert cls == "system-node-critical"
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": [cls]}
+    ]
+    assert quota["spec"]["hard"] == {"pods": "1G"}  # not a limit, as GKE's own kube-system quota
+    assert kinds.index("ResourceQuota") < kinds.index("DaemonSet")
+    assert not by_kind(objs, "PriorityClass")
+
+
+def test_lease_grants_follow_max_parallel_restarts():
+    """With N restart slots the Role names exactly the N Leases the agents take turns on."""
+    objs = manifests.installer_objects(manifests.InstallerParams(max_parallel_restarts=3))
+    (role,) = by_kind(objs, "Role")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["kwasm-restart-0", "kwasm-restart-1", "kwasm-restart-2"],
+            "verbs": ["get", "update"],
+        }
+    ]
 
 
 def test_kind_config_has_one_control_plane_two_workers():
