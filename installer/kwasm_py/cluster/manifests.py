@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kwasm_py.cluster import policy
 from kwasm_py.model import PROVISIONED_LABEL
 
 JSON = dict[str, Any]
@@ -64,8 +65,8 @@ def _meta(name: str, params: InstallerParams, *, namespaced: bool = True) -> JSO
 def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
     """The installer's objects, in apply order, for PARAMS (defaults: manifests/installer.yaml).
 
-    Namespace, critical-pods ResourceQuota, ServiceAccount, RBAC, the agent DaemonSet and the
-    RuntimeClasses. Raises nothing.
+    Namespace, critical-pods ResourceQuota, ServiceAccount, RBAC, the own-Node admission policy
+    and its binding, the agent DaemonSet and the RuntimeClasses. Raises nothing.
     """
     p = params or InstallerParams()
     ns = p.namespace
@@ -100,7 +101,8 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
     }
     # Exactly what the agent calls (tests/test_agent.py records every request against the
     # stand-in API and fails on a grant never used or a use never granted). Nodes: get its Node,
-    # watch it (fieldSelector metadata.name), merge-patch it.
+    # watch it (fieldSelector metadata.name), merge-patch it; which Node and which keys is the
+    # admission policy's job (cluster/policy.py), since RBAC cannot say "my node".
     cluster_role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
@@ -150,6 +152,9 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         },
         "subjects": subject,
     }
+    own_node = policy.own_node_policy(
+        f"{APP_NAME}-own-node", namespace=ns, service_account=APP_NAME, labels=p.labels
+    )
     env = [
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "KWASM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -216,7 +221,8 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         }
         for name, handler in p.runtime_classes
     ]
-    # The quota before the DaemonSet (GKE refuses its pods without it).
+    # The quota before the DaemonSet (GKE refuses its pods without it), the policy before the
+    # agent's first request.
     return [
         namespace,
         quota,
@@ -225,6 +231,7 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         cluster_binding,
         role,
         role_binding,
+        *own_node,
         daemonset,
         *runtime_classes,
     ]
