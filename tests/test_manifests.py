@@ -305,3 +305,24 @@ def test_daemonset_runs_the_image_entrypoint_as_is():
     argv = container.get("command") or entrypoint
     argv = [*argv, *container.get("args", [])]
     assert argv == ["kwasm-py", "agent"]
+
+
+def test_cli_options_reach_quota_rbac_and_policy(capsys):
+    """`kwasm-py manifests --namespace --max-parallel-restarts` moves the quota, the Role, its
+    Lease names and the policy's ServiceAccount with them."""
+    from tests.cluster_helpers import run_cli
+
+    res = run_cli(capsys, "manifests", "--namespace", "wasm", "--max-parallel-restarts", "2")
+    assert res.code == 0, res.err
+    objs = [o for o in yaml.safe_load_all(res.out) if o]
+    (quota,) = by_kind(objs, "ResourceQuota")
+    (role,) = by_kind(objs, "Role")
+    (binding,) = by_kind(objs, "RoleBinding")
+    assert quota["metadata"]["namespace"] == role["metadata"]["namespace"] == "wasm"
+    assert binding["subjects"][0]["namespace"] == "wasm"
+    names = [n for r in role["rules"] for n in r.get("resourceNames", ())]
+    assert names == ["kwasm-restart-0", "kwasm-restart-1"]
+    (vap,) = by_kind(objs, "ValidatingAdmissionPolicy")
+    assert (
+        "'system:serviceaccount:wasm:kwasm-node-installer'" in vap["spec"]["matchConditions"][0]["expression"]
+    )
