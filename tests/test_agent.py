@@ -323,19 +323,36 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
     assert out.stdout.strip() == "[]"
 
 
-def _rbac_rules() -> tuple[list[dict], list[dict]]:
+def _installer_docs() -> list[dict]:
     from pathlib import Path
 
     import yaml
 
-    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "manifests/installer.yaml").read_text()))
-    cluster = [r for d in docs if d and d["kind"] == "ClusterRole" for r in d["rules"]]
-    namespaced = [r for d in docs if d and d["kind"] == "Role" for r in d["rules"]]
-    return cluster, namespaced
+    path = Path(__file__).parent.parent / "manifests/installer.yaml"
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str, str | None]:
-    """(apiGroup, resource, verb, namespace) of one API request."""
+def _rbac_grants() -> set[tuple[str, str, str, str | None, str | None]]:
+    """Every (apiGroup, resource, verb, namespace, resourceName) installer.yaml grants the agent:
+    namespace None for the ClusterRole (cluster-wide), resourceName None for any name."""
+    docs = _installer_docs()
+    grants = set()
+    for d in docs:
+        if d["kind"] not in ("ClusterRole", "Role"):
+            continue
+        namespace = d["metadata"].get("namespace") if d["kind"] == "Role" else None
+        for r in d["rules"]:
+            for group in r["apiGroups"]:
+                for resource in r["resources"]:
+                    for verb in r["verbs"]:
+                        for name in r.get("resourceNames") or [None]:
+                            grants.add((group, resource, verb, namespace, name))
+    return grants
+
+
+def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str, str | None, str | None]:
+    """(apiGroup, resource, verb, namespace, name) of one API request, as the authorizer sees it
+    (a list/watch with fieldSelector metadata.name=X is authorised for the name X)."""
     parts = [p for p in path.split("/") if p]
     group = "" if parts[0] == "api" else parts[1]
     rest = parts[2:] if parts[0] == "api" else parts[3:]
@@ -343,6 +360,8 @@ def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, st
     if rest[0] == "namespaces" and len(rest) > 2:
         namespace, rest = rest[1], rest[2:]
     resource, name = rest[0], (rest[1] if len(rest) > 1 else None)
+    if len(rest) > 2:
+        resource = f"{resource}/{rest[2]}"  # a subresource: nodes/status
     watching = query.get("watch", "").lower() in ("true", "1")
     verb = {
         "GET": "get" if name else ("watch" if watching else "list"),
@@ -351,32 +370,45 @@ def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, st
         "PATCH": "patch",
         "DELETE": "delete",
     }[method]
-    return group, resource, verb, namespace
+    selector = query.get("fieldSelector", "")
+    if name is None and selector.startswith("metadata.name=") and "," not in selector:
+        name = selector.removeprefix("metadata.name=")
+    return group, resource, verb, namespace, name
 
 
 def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, agents):
-    """A whole opt-in / opt-out cycle: each request the agent made is granted by installer.yaml's
-    ClusterRole (cluster-wide) or Role (in the installer namespace), nothing more is needed."""
+    """A whole opt-in / opt-out cycle, with the DaemonSet's Event namespace: each request the
+    agent made is granted by installer.yaml (namespace and resource names included), and every
+    verb on every resource installer.yaml grants was used."""
+    (ds,) = [d for d in _installer_docs() if d["kind"] == "DaemonSet"]
+    (ctr,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["KWASM_EVENT_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     standin.add_node("n1")
-    agent = agents("n1")
+    agent = agents("n1", KWASM_EVENT_NAMESPACE=NAMESPACE)  # what the fieldRef gives the pod
     standin.patch_node("n1", OPT_IN)
     wait_labelled(standin, "n1")
     standin.patch_node("n1", {"metadata": {"annotations": {OPT_IN_KEY: None}}})
     standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), what="Unprovisioned event")
     assert agent.stop() == 0
-    cluster, namespaced = _rbac_rules()
+    grants = _rbac_grants()
+    assert all(ns in (None, NAMESPACE) for _, _, _, ns, _ in grants)
 
-    def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    def granted(group: str, resource: str, verb: str, namespace: str | None, name: str | None) -> bool:
         return any(
-            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+            (g, r, v) == (group, resource, verb)
+            and (gns is None or gns == namespace)
+            and (gname is None or gname == name)
+            for g, r, v, gns, gname in grants
         )
 
-    seen = set()
+    used = set()
     for req in standin.recorded():
-        group, resource, verb, namespace = _access(req.method, req.path, req.query)
-        seen.add((resource, verb))
-        ok = allowed(cluster, group, resource, verb) or (
-            namespace == NAMESPACE and allowed(namespaced, group, resource, verb)
+        group, resource, verb, namespace, name = _access(req.method, req.path, req.query)
+        assert granted(group, resource, verb, namespace, name), (
+            f"{req.method} {req.path} needs {verb} on {group or 'core'}/{resource}"
+            f" (name {name}) in {namespace or 'the cluster'}"
         )
-        assert ok, f"{req.method} {req.path} needs {verb} on {group or 'core'}/{resource} in {namespace}"
-    assert {("nodes", "watch"), ("nodes", "patch"), ("events", "create"), ("leases", "update")} <= seen
+        used.add((group, resource, verb))
+    unused = {(g, r, v) for g, r, v, _, _ in grants} - used
+    assert not unused, f"installer.yaml grants what the agent never uses: {sorted(unused)}"

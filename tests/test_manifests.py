@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kwasm_py.cluster import manifests
+from kwasm_py.cluster import manifests, policy
 from kwasm_py.model import PROVISIONED_LABEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,14 +43,32 @@ def test_supported_versions_reach_the_newest_bundled():
     assert VERSIONS[-1] == kubernetes_validate.utils.latest_version()
 
 
+# Kinds claimed only from a later minor: admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy
+# is GA in 1.30 (README: below that, kubectl reports these two objects and applies the rest).
+LATER = {
+    "ValidatingAdmissionPolicy": policy.MIN_VERSION,
+    "ValidatingAdmissionPolicyBinding": policy.MIN_VERSION,
+}
+
+
+def minor(version: str) -> tuple[int, int]:
+    major, mnr = version.split(".")[:2]
+    return int(major), int(mnr)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_every_document_validates_strictly(path: Path, version: str):
-    """Every document in manifests/ passes strict schema validation for this Kubernetes minor."""
+    """Every document in manifests/ passes strict schema validation for this Kubernetes minor;
+    a kind claimed only from a later minor is unknown to the older ones (the claim is exact)."""
     objs = docs(path)
     assert objs
     for obj in objs:
-        kubernetes_validate.validate(obj, version, strict=True)
+        if minor(version) < LATER.get(obj["kind"], OLDEST):
+            with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, version, strict=True)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_a_typo_fails_strict_validation():
@@ -75,12 +93,17 @@ def test_installer_contents():
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     (role,) = by_kind(objs, "ClusterRole")
     assert sorted((r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]) == [
-        ("events", ("create", "patch")),
-        ("nodes", ("get", "list", "patch", "watch")),
+        ("nodes", ("get", "patch", "watch")),
     ]
-    (lease_role,) = by_kind(objs, "Role")
-    assert lease_role["rules"][0]["resources"] == ["leases"]
-    assert lease_role["metadata"]["namespace"] == ns["metadata"]["name"]
+    (ns_role,) = by_kind(objs, "Role")
+    assert ns_role["metadata"]["namespace"] == ns["metadata"]["name"]
+    assert sorted(
+        (r["resources"][0], tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in ns_role["rules"]
+    ) == [
+        ("events", ("create",), ()),
+        ("leases", ("create",), ()),
+        ("leases", ("get", "update"), ("kwasm-restart-0",)),
+    ]
     (ds,) = by_kind(objs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
@@ -90,6 +113,8 @@ def test_installer_contents():
     assert pod["volumes"][0]["hostPath"]["path"] == "/"
     env = {e["name"]: e for e in ctr["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Events go to the namespace the Role covers, not the agent's default ("default").
+    assert env["KWASM_EVENT_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert set(ctr["resources"]) == {"requests", "limits"}
     assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     assert ctr["image"] == manifests.DEFAULT_IMAGE and ":" in ctr["image"]
@@ -99,22 +124,149 @@ def test_installer_contents():
 
 
 def test_examples_contents():
-    """The Spin examples use the RuntimeClass, the limits, `/` and the runtime-config Secret."""
-    spin = by_kind(docs(REPO / "manifests/examples/spin-app.yaml"), "Deployment")[0]
-    pod = spin["spec"]["template"]["spec"]
-    assert pod["runtimeClassName"] == "wasmtime-spin"
-    assert pod["containers"][0]["command"] == ["/"]
-    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "100m", "memory": "128Mi"}
+    """The Spin examples use the RuntimeClass, `/`, 128Mi/100m requests and limits, no token."""
+    for name in ("spin-app.yaml", "spin-kv-app.yaml"):
+        pod = by_kind(docs(REPO / "manifests/examples" / name), "Deployment")[0]["spec"]["template"]["spec"]
+        assert pod["runtimeClassName"] == "wasmtime-spin"
+        assert pod["automountServiceAccountToken"] is False
+        (ctr,) = pod["containers"]
+        assert ctr["command"] == ["/"] and "args" not in ctr
+        want = {"cpu": "100m", "memory": "128Mi"}
+        assert ctr["resources"] == {"requests": want, "limits": want}
+
+
+def _kv() -> tuple[dict, dict, list[dict], list[dict]]:
     kv = docs(REPO / "manifests/examples/spin-kv-app.yaml")
-    secret = by_kind(kv, "Secret")[0]
-    assert "key_value_store" in secret["stringData"]["runtime-config.toml"]
-    kv_pod = by_kind(kv, "Deployment")[0]["spec"]["template"]["spec"]
-    args = kv_pod["containers"][0]["args"]
-    mount = kv_pod["containers"][0]["volumeMounts"][0]["mountPath"]
-    assert args[0] == "--runtime-config-file" and args[1].startswith(mount)
-    assert kv_pod["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
     redis = docs(REPO / "manifests/examples/redis.yaml")
-    assert {o["kind"] for o in redis} == {"Deployment", "Service"}
+    secret = by_kind(kv, "Secret")[0]
+    pod = by_kind(kv, "Deployment")[0]["spec"]["template"]["spec"]
+    return secret, pod, kv, redis
+
+
+def test_kv_runtime_config_is_mounted_where_the_spin_shim_reads_it():
+    """The runtime config Secret is the single file /runtime-config.toml (subPath), as the shim's
+    RUNTIME_CONFIG_PATH; its key-value store is Redis under the name the app opens ("foo")."""
+    import tomllib
+
+    secret, pod, _, _ = _kv()
+    (ctr,) = pod["containers"]
+    (mount,) = ctr["volumeMounts"]
+    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == (
+        "/runtime-config.toml",
+        "runtime-config.toml",
+        True,
+    )
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert mount["subPath"] in secret["stringData"]
+    config = tomllib.loads(secret["stringData"]["runtime-config.toml"])
+    assert config["key_value_store"]["foo"]["type"] == "redis"
+
+
+def test_kv_runtime_config_uses_the_redis_password():
+    """Redis requires the password from its Secret, and the runtime config's URL carries it."""
+    import tomllib
+    import urllib.parse
+
+    secret, _, _, redis = _kv()
+    (auth,) = by_kind(redis, "Secret")
+    password = auth["stringData"]["password"]
+    (deploy,) = by_kind(redis, "Deployment")
+    (ctr,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in ctr["env"]}
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (auth["metadata"]["name"], "password")
+    assert ctr["args"][ctr["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    url = urllib.parse.urlsplit(
+        tomllib.loads(secret["stringData"]["runtime-config.toml"])["key_value_store"]["foo"]["url"]
+    )
+    assert url.password == password
+    (svc,) = by_kind(redis, "Service")
+    assert url.hostname.split(".")[0] == svc["metadata"]["name"]
+    assert url.port == svc["spec"]["ports"][0]["port"]
+
+
+def test_only_the_kv_app_may_reach_redis():
+    """A NetworkPolicy selects the Redis pods and admits only the Spin KV app's pods, on 6379."""
+    _, _, kv, redis = _kv()
+    (netpol,) = by_kind(redis, "NetworkPolicy")
+    redis_labels = by_kind(redis, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    app_labels = by_kind(kv, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    spec = netpol["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock widening it
+    assert peer["podSelector"]["matchLabels"].items() <= app_labels.items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_example_pods_are_safe_to_copy():
+    """No example pod mounts a service-account token; every image has an exact version (no
+    `latest`, no bare name); Redis runs as non-root, read-only, without capabilities."""
+    import re
+
+    for path in sorted((REPO / "manifests/examples").glob("*.yaml")):
+        for deploy in by_kind(docs(path), "Deployment"):
+            pod = deploy["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False, path.name
+            for ctr in pod["containers"]:
+                image = ctr["image"]
+                assert re.search(r"(@sha256:[0-9a-f]{64}|:v?\d+\.\d+\.\d+[\w.-]*)$", image), image
+    redis = by_kind(docs(REPO / "manifests/examples/redis.yaml"), "Deployment")[0]["spec"]["template"]["spec"]
+    assert redis["securityContext"]["runAsNonRoot"] is True
+    sc = redis["containers"][0]["securityContext"]
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_gke_critical_pods_quota():
+    """The agent keeps system-node-critical, and the installer namespace carries the quota GKE
+    requires for it (scope PriorityClass In [that class]), applied before the DaemonSet."""
+    objs = installer()
+    kinds = [o["kind"] for o in objs]
+    (quota,) = by_kind(objs, "ResourceQuota")
+    (ds,) = by_kind(objs, "DaemonSet")
+    assert quota["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    cls = ds["spec"]["template"]["spec"]["priorityClassName"]
+    assert cls == "system-node-critical"
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": [cls]}
+    ]
+    assert quota["spec"]["hard"] == {"pods": "1G"}  # not a limit, as GKE's own kube-system quota
+    assert kinds.index("ResourceQuota") < kinds.index("DaemonSet")
+    assert not by_kind(objs, "PriorityClass")
+
+
+def test_admission_policy_is_applied_before_the_agent_runs():
+    """The own-Node policy and binding come before the DaemonSet and match its ServiceAccount."""
+    objs = installer()
+    kinds = [o["kind"] for o in objs]
+    assert kinds.index("ValidatingAdmissionPolicyBinding") < kinds.index("DaemonSet")
+    (vap,) = by_kind(objs, "ValidatingAdmissionPolicy")
+    (ds,) = by_kind(objs, "DaemonSet")
+    sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    (cond,) = vap["spec"]["matchConditions"]
+    assert f"system:serviceaccount:{ds['metadata']['namespace']}:{sa}" in cond["expression"]
+
+
+def test_lease_grants_follow_max_parallel_restarts():
+    """With N restart slots the Role names exactly the N Leases the agents take turns on."""
+    objs = manifests.installer_objects(manifests.InstallerParams(max_parallel_restarts=3))
+    (role,) = by_kind(objs, "Role")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["kwasm-restart-0", "kwasm-restart-1", "kwasm-restart-2"],
+            "verbs": ["get", "update"],
+        }
+    ]
 
 
 def test_kind_config_has_one_control_plane_two_workers():
@@ -153,3 +305,24 @@ def test_daemonset_runs_the_image_entrypoint_as_is():
     argv = container.get("command") or entrypoint
     argv = [*argv, *container.get("args", [])]
     assert argv == ["kwasm-py", "agent"]
+
+
+def test_cli_options_reach_quota_rbac_and_policy(capsys):
+    """`kwasm-py manifests --namespace --max-parallel-restarts` moves the quota, the Role, its
+    Lease names and the policy's ServiceAccount with them."""
+    from tests.cluster_helpers import run_cli
+
+    res = run_cli(capsys, "manifests", "--namespace", "wasm", "--max-parallel-restarts", "2")
+    assert res.code == 0, res.err
+    objs = [o for o in yaml.safe_load_all(res.out) if o]
+    (quota,) = by_kind(objs, "ResourceQuota")
+    (role,) = by_kind(objs, "Role")
+    (binding,) = by_kind(objs, "RoleBinding")
+    assert quota["metadata"]["namespace"] == role["metadata"]["namespace"] == "wasm"
+    assert binding["subjects"][0]["namespace"] == "wasm"
+    names = [n for r in role["rules"] for n in r.get("resourceNames", ())]
+    assert names == ["kwasm-restart-0", "kwasm-restart-1"]
+    (vap,) = by_kind(objs, "ValidatingAdmissionPolicy")
+    assert (
+        "'system:serviceaccount:wasm:kwasm-node-installer'" in vap["spec"]["matchConditions"][0]["expression"]
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kwasm_py.cluster import policy
 from kwasm_py.model import JSON, PROVISIONED_LABEL
 
 # The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
@@ -19,6 +20,20 @@ DEFAULT_SHIMS: tuple[str, ...] = ()
 DEFAULT_RUNTIME_CLASSES = (("wasmtime-spin", "spin"),)
 LEASE_PREFIX = "kwasm-restart-"
 HOST_ROOT = "/host"
+# The agent's pods are node-critical (the kubelet does not evict them first, and they may preempt
+# on admission). GKE admits pods of the built-in critical classes outside kube-system only in a
+# namespace holding a ResourceQuota scoped to those classes ("limit priority class consumption by
+# default", Kubernetes docs on resource quotas; GKE's own kube-system quota `gcp-critical-pods`
+# is `pods: 1G`; reported as open-policy-agent/gatekeeper#1120, openservicemesh/osm#4408). So
+# installer.yaml ships that quota instead of a PriorityClass of its own: a user-defined class is
+# capped at 1e9 and loses the kubelet's critical-pod handling (priority >= 2e9).
+PRIORITY_CLASS = "system-node-critical"
+CRITICAL_PODS_QUOTA = "1G"  # not a limit: the quota only has to exist and match (as GKE's own)
+
+
+def lease_names(max_parallel_restarts: int) -> list[str]:
+    """The restart Leases the agents take turns on: ``kwasm-restart-0`` .. ``-(N-1)``."""
+    return [f"{LEASE_PREFIX}{i}" for i in range(max_parallel_restarts)]
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,11 @@ def _meta(name: str, params: InstallerParams, *, namespaced: bool = True) -> JSO
 
 
 def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
-    """Namespace, ServiceAccount, RBAC, DaemonSet and RuntimeClasses, in apply order."""
+    """The installer's objects, in apply order, for PARAMS (defaults: manifests/installer.yaml).
+
+    Namespace, critical-pods ResourceQuota, ServiceAccount, RBAC, the own-Node admission policy
+    and its binding, the agent DaemonSet and the RuntimeClasses. Raises nothing.
+    """
     p = params or InstallerParams()
     ns = p.namespace
     selector = {"app.kubernetes.io/name": APP_NAME}
@@ -64,13 +83,29 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         },
     }
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(APP_NAME, p)}
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _meta(f"{APP_NAME}-critical-pods", p),
+        "spec": {
+            "hard": {"pods": CRITICAL_PODS_QUOTA},
+            "scopeSelector": {
+                "matchExpressions": [
+                    {"scopeName": "PriorityClass", "operator": "In", "values": [PRIORITY_CLASS]}
+                ]
+            },
+        },
+    }
+    # Exactly what the agent calls (tests/test_agent.py records every request against the
+    # stand-in API and fails on a grant never used or a use never granted). Nodes: get its Node,
+    # watch it (fieldSelector metadata.name), merge-patch it; which Node and which keys is the
+    # admission policy's job (cluster/policy.py), since RBAC cannot say "my node".
     cluster_role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": _meta(APP_NAME, p, namespaced=False),
         "rules": [
-            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch", "patch"]},
         ],
     }
     subject = [{"kind": "ServiceAccount", "name": APP_NAME, "namespace": ns}]
@@ -85,32 +120,47 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         },
         "subjects": subject,
     }
+    # In the installer namespace only: Events (KWASM_EVENT_NAMESPACE below) and the restart
+    # Leases. `create` cannot be limited by resourceNames (the name is not known when it is
+    # authorised), so it stays namespace-wide; get/update are limited to the N restart Leases.
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(f"{APP_NAME}-leases", p),
+        "metadata": _meta(APP_NAME, p),
         "rules": [
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
             {
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],
-                "verbs": ["get", "create", "update"],
-            }
+                "resourceNames": lease_names(p.max_parallel_restarts),
+                "verbs": ["get", "update"],
+            },
         ],
     }
     role_binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(f"{APP_NAME}-leases", p),
+        "metadata": _meta(APP_NAME, p),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
-            "name": f"{APP_NAME}-leases",
+            "name": APP_NAME,
         },
         "subjects": subject,
     }
+    own_node = policy.own_node_policy(
+        f"{APP_NAME}-own-node", namespace=ns, service_account=APP_NAME, labels=p.labels
+    )
     env = [
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "KWASM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # Events go where the Role lets the agent create them (kubectl describe node lists a
+        # Node's Events from every namespace).
+        {
+            "name": "KWASM_EVENT_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
         {"name": "KWASM_HOST_ROOT", "value": HOST_ROOT},
         {"name": "KWASM_PID", "value": "1"},
         {"name": "KWASM_RESTART", "value": "auto"},
@@ -130,7 +180,7 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
                 "spec": {
                     "serviceAccountName": APP_NAME,
                     "hostPID": True,
-                    "priorityClassName": "system-node-critical",
+                    "priorityClassName": PRIORITY_CLASS,
                     # Every node may opt in, whatever its taints.
                     "tolerations": [{"operator": "Exists"}],
                     "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -168,13 +218,17 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         }
         for name, handler in p.runtime_classes
     ]
+    # The quota before the DaemonSet (GKE refuses its pods without it), the policy before the
+    # agent's first request.
     return [
         namespace,
+        quota,
         sa,
         cluster_role,
         cluster_binding,
         role,
         role_binding,
+        *own_node,
         daemonset,
         *runtime_classes,
     ]
