@@ -51,7 +51,7 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
     path, and no temp file is left beside it."""
     (tmp_path / "config.toml").mkdir()
     (tmp_path / "config.toml" / "keep").write_text("x")
-    with pytest.raises(HostIOError, match="cannot write /etc/containerd/config.toml"):
+    with pytest.raises(HostIOError, match=r"cannot write /etc/containerd/config\.toml"):
         write_atomic(
             tmp_path / "config.toml", b"data", mode=0o644, owner=None, label="/etc/containerd/config.toml"
         )
