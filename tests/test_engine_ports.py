@@ -1,11 +1,11 @@
-"""The engine in process with fake ports: order of effects, verification, rollback."""
+"""The engine in process with fake ports: order of effects, verification, rollback, uninstall plan."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -13,6 +13,8 @@ from kwasm_py.errors import RestartError, VerifyError
 from kwasm_py.model import RestartMethod, RestartSpec, ShimSpec
 from kwasm_py.node import engine
 from kwasm_py.node.procfs import ProcFS
+from tests.conftest import Kwasm
+from tests.containerd_node import fake_shim
 from tests.fake_ports import FakeContainerd, node_proc, tree_digest
 from tests.test_engine import DEFAULT_NODE
 from tests.test_layout import tree
@@ -147,4 +149,67 @@ def test_uninstall_restarts_and_checks_the_runtime_is_gone(tmp_path: Path, root:
     outcome = fake.uninstall(options(root), [])
     assert outcome.changed and outcome.restarted and outcome.verified
     assert fake.ctd.events == ["restart systemd:containerd", "status"] and "spin" not in fake.ctd.runtimes
+    assert tree_digest(root) == before
+
+
+def test_uninstall_plan_is_what_uninstall_does(tmp_path: Path, root: Path, shim: Path) -> None:
+    """Planning the removal of one of two runtimes: the plan's config bytes and file list are
+    exactly what the uninstall then leaves and removes, and planning changed nothing."""
+    other = fake_shim(tmp_path / "shims", "slight")
+    fake = ports(tmp_path, root)
+    fake.install(options(root, shim, other))
+    before = tree_digest(root)
+    node, the_plan = engine.plan_uninstall(options(root), ["slight"], proc=fake.proc)
+    assert tree_digest(root) == before
+    assert the_plan is not None and the_plan.changed and not the_plan.restores_original
+    assert [r.handler for r in the_plan.chosen] == ["slight"] and [r.handler for r in the_plan.keep] == [
+        "spin"
+    ]
+    assert the_plan.removes == (PurePosixPath("/opt/kwasm/bin/containerd-shim-slight-v2"),)
+    assert '-  runtime_type = "/opt/kwasm/bin/containerd-shim-slight-v2"' in the_plan.diff()
+    assert node.layout.restart == SYSTEMD_RESTART
+    fake.uninstall(options(root), ["slight"])
+    assert (root / CONFIG).read_bytes() == the_plan.new_data
+    after = tree_digest(root)
+    assert set(before) - set(after) == {"opt/kwasm/bin/containerd-shim-slight-v2"}
+    state = json.loads((root / STATE).read_text())
+    assert [r["handler"] for r in state["runtimes"]] == ["spin"]
+    assert fake.ctd.runtimes.get("spin") and "slight" not in fake.ctd.runtimes
+
+
+def test_plan_uninstall_cli_changes_nothing(root: Path, shim: Path, kwasm: Kwasm) -> None:
+    """`node plan --uninstall` shows the restored file, the files that go and the restart, as
+    text and JSON, and the node root (every file, /opt included) is unchanged."""
+    assert (
+        kwasm(
+            "node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none"
+        ).returncode
+        == 0
+    )
+    before = tree_digest(root)
+    r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "--restart", "systemd:containerd")
+    assert r.returncode == 0, r.stderr
+    assert "config:     /etc/containerd/config.toml (restored byte for byte from its backup)" in r.stdout
+    for path in (
+        "/opt/kwasm/bin/containerd-shim-spin-v2",
+        "/opt/kwasm/backup/config.toml.orig",
+        "/opt/kwasm/kwasm-state.json",
+    ):
+        assert f"delete:     {path}" in r.stdout
+    assert "systemctl restart containerd" in r.stdout
+    assert '-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]' in r.stdout
+    r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "--restart", "none", "-o", "json")
+    data = json.loads(r.stdout)
+    assert data["remove"] == ["spin"] and data["keep"] == [] and data["restart"].startswith("none")
+    assert data["config_action"] == "restored byte for byte from its backup"
+    r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "--handler", "nope")
+    assert r.returncode == 2 and "did not install handler(s) nope" in r.stderr
+    assert tree_digest(root) == before
+
+
+def test_plan_uninstall_with_nothing_installed(root: Path, kwasm: Kwasm) -> None:
+    """On a node kwasm-py never touched, the uninstall plan says so and changes nothing."""
+    before = tree_digest(root)
+    r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["installed"] is False
     assert tree_digest(root) == before

@@ -181,13 +181,23 @@ def plan(
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
     force: Annotated[bool, typer.Option("--force")] = False,
+    uninstall: Annotated[
+        bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
+    ] = False,
     output: Output = "text",
 ) -> None:
-    """Show what `install` would do; change nothing."""
+    """Show what `install` (or, with --uninstall, `uninstall`) would do; change nothing."""
     from kwasm_py.node import engine
     from kwasm_py.node import restart as restart_mod
 
     _check_output(output)
+    if uninstall:
+        _plan_uninstall(
+            _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket),
+            _split(handler),
+            output,
+        )
+        return
     opts = _options(
         host_root=host_root,
         shims=_shims(_split(shim), _split(handler), []),
@@ -236,6 +246,59 @@ def plan(
         lines.append("nothing to change")
     print("\n".join(lines))
     if the_plan.config_changed:
+        print(the_plan.diff(), end="")
+
+
+def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:
+    """Print what `uninstall` of `handlers` would do: the config diff, the files that go, the restart."""
+    from kwasm_py.node import engine
+    from kwasm_py.node import restart as restart_mod
+
+    node, the_plan = engine.plan_uninstall(opts, handlers)
+    if the_plan is None:
+        if output == "json":
+            _emit_json({"installed": False, "changes": False, "notes": ["nothing installed by kwasm-py"]})
+        else:
+            print("nothing installed by kwasm-py on this node; nothing to change")
+        return
+    lay = node.layout
+    config_action = "unchanged"
+    if the_plan.changed:
+        config_action = "removed" if the_plan.new_data is None else "edited"
+        if the_plan.restores_original:
+            config_action = "restored byte for byte from its backup"
+    remove = [r.handler for r in the_plan.chosen]
+    keep = [r.handler for r in the_plan.keep]
+    removed_files = [str(p) for p in the_plan.removes]
+    data: dict[str, Any] = {
+        "installed": True,
+        "layout": the_plan.state.layout,
+        "config": str(the_plan.config_path),
+        "config_action": config_action,
+        "remove": remove,
+        "keep": keep,
+        "files_removed": removed_files,
+        "diff": the_plan.diff(),
+        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.changed else "none needed",
+        "changes": True,
+    }
+    if output == "json":
+        _emit_json(data)
+        return
+    lines = [
+        f"layout:     {data['layout']}",
+        f"config:     {data['config']} ({config_action})",
+        f"remove:     {', '.join(data['remove'])}",
+        *(
+            [f"keep:       {', '.join(data['keep'])} (rewrite {the_plan.state_path})"]
+            if the_plan.keep
+            else []
+        ),
+        *(f"delete:     {p}" for p in data["files_removed"]),
+        f"restart:    {data['restart']}",
+    ]
+    print("\n".join(lines))
+    if the_plan.changed:
         print(the_plan.diff(), end="")
 
 

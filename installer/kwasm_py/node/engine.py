@@ -23,7 +23,6 @@ from kwasm_py.containerd import config as cc
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
-    HostIOError,
     KwasmError,
     RestartError,
     UsageError,
@@ -41,7 +40,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, restart
+from kwasm_py.node import cri, layout, plan, restart, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -386,6 +385,42 @@ def plan_only(
     return node, make_plan(node, _shim_digests(opts))
 
 
+def plan_uninstall(
+    opts: NodeOptions,
+    handlers: list[str],
+    *,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
+) -> tuple[Node, uninstall_plan.UninstallPlan | None]:
+    """What `uninstall` of `handlers` (all when empty) would do, changing nothing.
+
+    Returns the Node (its layout pointed at the file the state names) and the UninstallPlan,
+    None when kwasm-py installed nothing here. Raises what `open_node` and
+    `uninstall_plan.make_plan` raise.
+    """
+    node = open_node(opts, cri_client=cri_client, proc=proc)
+    if node.state is None:
+        return node, None
+    return node, _uninstall_plan(node, handlers)
+
+
+def _uninstall_plan(node: Node, handlers: list[str]) -> uninstall_plan.UninstallPlan:
+    """Read what uninstall decides from and plan it; points `node.layout` at the state's file."""
+    state = node.state
+    assert state is not None
+    cfg_path = PurePosixPath(state.config.path)
+    node.layout = replace(node.layout, config_path=cfg_path)
+    old = node.fs.read(cfg_path)
+    backup = node.fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
+    return uninstall_plan.make_plan(
+        state=state,
+        state_path=node.state_path,
+        handlers=handlers,
+        old_data=old.data if old else None,
+        backup_data=backup.data if backup else None,
+    )
+
+
 def _runtime_dicts(
     records: tuple[st.RuntimeRecord, ...] | list[st.RuntimeRecord],
 ) -> list[dict[str, str]]:
@@ -706,54 +741,13 @@ def uninstall(
         state = node.state
         if state is None:
             return Outcome(notes=["nothing installed by kwasm-py on this node"])
-        cfg_path = PurePosixPath(state.config.path)
-        lay = replace(node.layout, config_path=cfg_path)
-        node.layout = lay
+        the_plan = _uninstall_plan(node, handlers)
+        lay, cfg_path = node.layout, the_plan.config_path
         outcome = Outcome(layout=state.layout, config=str(cfg_path))
-        chosen = [r for r in state.runtimes if not handlers or r.handler in handlers]
-        unknown = set(handlers) - {r.handler for r in state.runtimes}
-        if unknown:
-            raise UsageError(f"kwasm-py did not install handler(s) {', '.join(sorted(unknown))}")
-        keep = [r for r in state.runtimes if r not in chosen]
+        chosen, keep = list(the_plan.chosen), list(the_plan.keep)
         old = fs.read(cfg_path)
-        new_data: bytes | None
-        if old is None:
-            new_data = None
-        elif not keep and hashlib.sha256(old.data).hexdigest() == state.config.written_sha256:
-            # Nothing else changed since we wrote it: give back the original, byte for byte.
-            if state.config.created:
-                new_data = None
-            else:
-                backup = fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
-                if backup is None:
-                    raise HostIOError(
-                        f"the backup of {cfg_path} is missing ({state.config.backup})",
-                        hint="the runtime table can still be removed by hand",
-                    )
-                new_data = backup.data
-        else:
-            schema = CriSchema(state.config.schema)
-            doc = cc.load(old.data.decode(), source=str(cfg_path))
-            for record in chosen:
-                edit = cc.remove_runtime(
-                    doc,
-                    record.handler,
-                    schema=schema,
-                    restore=record.replaced,
-                    version_added=state.config.version_added and not keep and record is chosen[-1],
-                    source=str(cfg_path),
-                )
-                doc = cc.load(edit.text, source=str(cfg_path))
-            extra = state.companion
-            if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
-                doc = cc.load(
-                    cc.remove_runtime(doc, extra["handler"], schema=schema, source=str(cfg_path)).text,
-                    source=str(cfg_path),
-                )
-            new_data = doc.text.encode()
-            if state.config.created and not keep and not doc.data and not doc.body.strip():
-                new_data = None
-        changed = (old.data if old else None) != new_data
+        new_data = the_plan.new_data
+        changed = the_plan.changed
         if changed:
             node.require_pid()
         try:
@@ -797,16 +791,8 @@ def uninstall(
         for record in chosen:
             if fs.remove(PurePosixPath(record.shim)):
                 log(f"step=binary action=remove path={record.shim}")
-        if keep:
-            remaining = replace(
-                state,
-                runtimes=tuple(keep),
-                config=replace(
-                    state.config,
-                    written_sha256=hashlib.sha256(new_data or b"").hexdigest(),
-                ),
-                updated=_now(),
-            )
+        remaining = the_plan.remaining_state(updated=_now())
+        if remaining is not None:
             fs.atomic_write(node.state_path, remaining.to_json(), mode=0o600, keep_metadata=False)
         else:
             if state.config.backup:
