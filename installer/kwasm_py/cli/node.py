@@ -180,24 +180,21 @@ def plan(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
-    force: Annotated[bool, typer.Option("--force")] = False,
     uninstall: Annotated[
         bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
     ] = False,
+    force: Annotated[bool, typer.Option("--force")] = False,
     output: Output = "text",
 ) -> None:
-    """Show what `install` (or, with --uninstall, `uninstall`) would do; change nothing."""
+    """Show what `install` would do; change nothing."""
+    if uninstall:  # what `uninstall` would do
+        opts = _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket)
+        _plan_uninstall(opts, _split(handler), output)
+        return
     from kwasm_py.node import engine
     from kwasm_py.node import restart as restart_mod
 
     _check_output(output)
-    if uninstall:
-        _plan_uninstall(
-            _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket),
-            _split(handler),
-            output,
-        )
-        return
     opts = _options(
         host_root=host_root,
         shims=_shims(_split(shim), _split(handler), []),
@@ -254,6 +251,8 @@ def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:
     from kwasm_py.node import engine
     from kwasm_py.node import restart as restart_mod
 
+    if output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {output!r}")
     node, the_plan = engine.plan_uninstall(opts, handlers)
     if the_plan is None:
         if output == "json":
