@@ -226,10 +226,17 @@ def plan(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    uninstall: Annotated[
+        bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force")] = False,
     output: Output = OutputFormat.TEXT,
 ) -> None:
     """Show what `install` would do; change nothing."""
+    if uninstall:  # what `uninstall` would do
+        opts = _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket)
+        _plan_uninstall(opts, _split(handler), output)
+        return
     from kwasm_py.node import engine
     from kwasm_py.node import restart as restart_mod
 
@@ -281,6 +288,61 @@ def plan(
         lines.append("nothing to change")
     print("\n".join(lines))
     if the_plan.config_changed:
+        print(the_plan.diff(), end="")
+
+
+def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:
+    """Print what `uninstall` of `handlers` would do: the config diff, the files that go, the restart."""
+    from kwasm_py.node import engine
+    from kwasm_py.node import restart as restart_mod
+
+    if output not in ("text", "json"):
+        raise UsageError(f"--output must be text or json, not {output!r}")
+    node, the_plan = engine.plan_uninstall(opts, handlers)
+    if the_plan is None:
+        if output == "json":
+            _emit_json({"installed": False, "changes": False, "notes": ["nothing installed by kwasm-py"]})
+        else:
+            print("nothing installed by kwasm-py on this node; nothing to change")
+        return
+    lay = node.layout
+    config_action = "unchanged"
+    if the_plan.changed:
+        config_action = "removed" if the_plan.new_data is None else "edited"
+        if the_plan.restores_original:
+            config_action = "restored byte for byte from its backup"
+    remove = [r.handler for r in the_plan.chosen]
+    keep = [r.handler for r in the_plan.keep]
+    removed_files = [str(p) for p in the_plan.removes]
+    data: dict[str, Any] = {
+        "installed": True,
+        "layout": the_plan.state.layout,
+        "config": str(the_plan.config_path),
+        "config_action": config_action,
+        "remove": remove,
+        "keep": keep,
+        "files_removed": removed_files,
+        "diff": the_plan.diff(),
+        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.changed else "none needed",
+        "changes": True,
+    }
+    if output == "json":
+        _emit_json(data)
+        return
+    lines = [
+        f"layout:     {data['layout']}",
+        f"config:     {data['config']} ({config_action})",
+        f"remove:     {', '.join(data['remove'])}",
+        *(
+            [f"keep:       {', '.join(data['keep'])} (rewrite {the_plan.state_path})"]
+            if the_plan.keep
+            else []
+        ),
+        *(f"delete:     {p}" for p in data["files_removed"]),
+        f"restart:    {data['restart']}",
+    ]
+    print("\n".join(lines))
+    if the_plan.changed:
         print(the_plan.diff(), end="")
 
 

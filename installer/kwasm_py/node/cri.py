@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import ContainerdVersion
@@ -21,6 +21,8 @@ _APIS = ("runtime.v1", "runtime.v1alpha2")
 
 @dataclass(frozen=True)
 class CriStatus:
+    """What containerd's CRI plugin says: ready or not, and the runtimes it registered."""
+
     runtime_ready: bool
     runtimes: dict[str, str] = field(default_factory=dict)  # handler -> runtimeType
     conditions: tuple[dict[str, Any], ...] = ()
@@ -84,6 +86,7 @@ _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
 def parse_version(text: str) -> ContainerdVersion:
+    """`1.6.20~ds1` / `v2.1.9` -> ContainerdVersion; raises RestartError when none is in `text`."""
     match = _VERSION_RE.search(text)
     if not match:
         raise RestartError(f"cannot read a containerd version from {text!r}")
@@ -92,7 +95,10 @@ def parse_version(text: str) -> ContainerdVersion:
 
 
 def version(socket: str, *, timeout: float = 3.0) -> ContainerdVersion:
-    """containerd's own version, from CRI Version (runtime_version)."""
+    """containerd's own version, from CRI Version (runtime_version), asked at `socket`.
+
+    Raises RestartError when nothing answers within `timeout` s, or the runtime is not containerd.
+    """
     raw = _call(socket, "Version", b"", timeout)
     fields = {num: val for num, _, val in _fields(raw) if isinstance(val, bytes)}
     name = fields.get(2, b"").decode()
@@ -103,7 +109,11 @@ def version(socket: str, *, timeout: float = 3.0) -> ContainerdVersion:
 
 
 def status(socket: str, *, timeout: float = 3.0) -> CriStatus:
-    """RuntimeReady and the registered runtimes, from CRI Status(verbose=true)."""
+    """RuntimeReady and the registered runtimes, from CRI Status(verbose=true), asked at `socket`.
+
+    Returns a CriStatus (handler -> runtimeType from the live CRI config, cri.Status `info.config`);
+    raises RestartError when nothing answers within `timeout` s.
+    """
     raw = _call(socket, "Status", b"\x08\x01", timeout)
     conditions: list[dict[str, Any]] = []
     info: dict[str, str] = {}
@@ -125,3 +135,27 @@ def status(socket: str, *, timeout: float = 3.0) -> CriStatus:
         for handler, runtime in (config.get("containerd", {}).get("runtimes") or {}).items():
             runtimes[handler] = runtime.get("runtimeType", "")
     return CriStatus(runtime_ready=ready, runtimes=runtimes, conditions=tuple(conditions))
+
+
+class CriClient(Protocol):
+    """Asks the node's containerd over CRI: the engine's port for it (fakes implement it in tests)."""
+
+    def version(self, socket: str, *, timeout: float) -> ContainerdVersion:
+        """containerd's version; raises RestartError when it does not answer."""
+        ...
+
+    def status(self, socket: str, *, timeout: float) -> CriStatus:
+        """Readiness and registered runtimes; raises RestartError when it does not answer."""
+        ...
+
+
+class GrpcCri:
+    """The real CriClient: the module functions `version` and `status` over gRPC."""
+
+    def version(self, socket: str, *, timeout: float) -> ContainerdVersion:
+        """See the module function `version`."""
+        return version(socket, timeout=timeout)
+
+    def status(self, socket: str, *, timeout: float) -> CriStatus:
+        """See the module function `status`."""
+        return status(socket, timeout=timeout)

@@ -23,7 +23,6 @@ from kwasm_py.containerd import config as cc
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
-    HostIOError,
     KwasmError,
     RestartError,
     UsageError,
@@ -41,10 +40,11 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, restart
+from kwasm_py.node import cri, layout, plan, restart, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
+from kwasm_py.node.procfs import HOST, ProcFS
 
 KILL_ENV = "KWASM_TEST_KILL_AT"
 P_SOCKET = layout.DEFAULT_SOCKET  # tests: SIGKILL ourselves at a named step
@@ -52,6 +52,8 @@ P_SOCKET = layout.DEFAULT_SOCKET  # tests: SIGKILL ourselves at a named step
 
 @dataclass(frozen=True)
 class NodeOptions:
+    """What a `kwasm-py node ...` run was asked to do (node paths are inside `host_root`)."""
+
     host_root: Path
     shims: tuple[ShimSpec, ...] = ()
     config: PurePosixPath | None = None
@@ -67,6 +69,8 @@ class NodeOptions:
 
 @dataclass
 class Outcome:
+    """What an install or uninstall did."""
+
     ok: bool = True
     changed: bool = False
     restarted: bool = False
@@ -77,6 +81,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """The outcome as the JSON object `node install|uninstall -o json` prints."""
         return {
             "ok": self.ok,
             "changed": self.changed,
@@ -91,6 +96,8 @@ class Outcome:
 
 @dataclass
 class Report:
+    """What `status` found: the state file, drift from it, and containerd's own answer."""
+
     installed: bool
     layout: str
     config: str
@@ -100,6 +107,7 @@ class Report:
     containerd: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as the JSON object `node status -o json` prints."""
         return {
             "installed": self.installed,
             "status": self.status,
@@ -126,7 +134,8 @@ def _now() -> str:
 
 @dataclass
 class Node:
-    """One node as the engine sees it: files, state, layout, containerd."""
+    """One node as the engine sees it: files, state, layout, containerd, and the ports that
+    act on it (restarter, CRI client, /proc reader)."""
 
     opts: NodeOptions
     fs: HostFS
@@ -134,45 +143,55 @@ class Node:
     state: st.State | None
     step: str = "start"
     pid_ok: bool = True  # --pid is a process of this node (its / is --host-root)
+    restarter: restart.Restarter = field(default_factory=restart.NodeRestarter)
+    cri_client: cri.CriClient = field(default_factory=cri.GrpcCri)
+    proc: ProcFS = HOST
     _containerd: ContainerdVersion | None = None
     _asked: bool = False
 
     @property
     def install_dir(self) -> PurePosixPath:
+        """Node path of kwasm-py's directory (binaries, state, backup)."""
         return self.opts.install_dir
 
     @property
     def state_path(self) -> PurePosixPath:
+        """Node path of the state file."""
         return self.install_dir / STATE_FILE_NAME
 
     @property
     def backup_dir(self) -> PurePosixPath:
+        """Node path of the directory holding the original config's backup."""
         return self.install_dir / BACKUP_DIR_NAME
 
     @property
     def socket(self) -> str:
-        return restart.socket_path(self.opts.pid, self.layout.socket)
+        """Where the node's containerd socket is reachable from here."""
+        return self.proc.socket_path(self.opts.pid, self.layout.socket)
 
     def containerd_version(self) -> ContainerdVersion | None:
-        """Ask the running containerd once; None when it does not answer."""
+        """Ask the running containerd its version once; None when it does not answer."""
         if not self._asked and self.pid_ok:
             self._asked = True
             try:
-                self._containerd = cri.version(self.socket, timeout=2.0)
+                self._containerd = self.cri_client.version(self.socket, timeout=2.0)
             except KwasmError:
                 self._containerd = None
         return self._containerd
 
     def cri_status(self) -> cri.CriStatus:
+        """containerd's CRI status; raises UsageError when --pid is not a process of this node,
+        RestartError when containerd does not answer."""
         if not self.pid_ok:
             raise UsageError(
                 f"--pid {self.opts.pid} is not a process of the node at {self.fs.root} "
                 "(its / is elsewhere), so its containerd cannot be reached through it",
                 hint="pass a PID of the node (PID 1 in a hostPID pod), or --restart none",
             )
-        return cri.status(self.socket, timeout=3.0)
+        return self.cri_client.status(self.socket, timeout=3.0)
 
     def require_pid(self) -> None:
+        """Raise UsageError when a restart is due but --pid is not a process of this node."""
         if self.layout.restart.method is not RestartMethod.NONE and not self.pid_ok:
             self.cri_status()
 
@@ -182,17 +201,30 @@ def _read_state(fs: HostFS, path: PurePosixPath) -> st.State | None:
     return None if info is None else st.from_json(info.data, source=str(path))
 
 
-def open_node(opts: NodeOptions) -> Node:
-    """Detect the layout (or take it from the state file / overrides) and read the state."""
+def open_node(
+    opts: NodeOptions,
+    *,
+    restarter: restart.Restarter | None = None,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
+) -> Node:
+    """Detect the layout (or take it from the state file / overrides) and read the state.
+
+    Takes the options and the ports (None: the real ones: nsenter restarts, gRPC CRI, this
+    machine's /proc). Returns the Node; raises UsageError for a bad --host-root, HostIOError for
+    an unreadable state file, and detection's errors when no layout is found and neither
+    --config nor a state file says which file to use. Changes nothing.
+    """
     root = Path(opts.host_root)
     if not root.is_dir():
         raise UsageError(f"--host-root {root} is not a directory")
     fs = HostFS(root)
+    proc = proc or HOST
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
-    pid_ok = restart.pid_sees_root(opts.pid, root)
+    pid_ok = proc.sees_root(opts.pid, root)
     detected: Layout | None
     try:
-        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None)
+        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
         detected = layout.detect(facts)
     except KwasmError:
         if opts.config is None and state is None:
@@ -201,7 +233,16 @@ def open_node(opts: NodeOptions) -> Node:
     if state is not None and opts.config is None:
         detected = _owned_layout(state, detected)  # keep working on the file we own
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
-    return Node(opts=opts, fs=fs, layout=chosen, state=state, pid_ok=pid_ok)
+    return Node(
+        opts=opts,
+        fs=fs,
+        layout=chosen,
+        state=state,
+        pid_ok=pid_ok,
+        restarter=restarter or restart.NodeRestarter(proc),
+        cri_client=cri_client or cri.GrpcCri(),
+        proc=proc,
+    )
 
 
 def _owned_layout(state: st.State, detected: Layout | None) -> Layout:
@@ -296,6 +337,12 @@ def _check_imports(node: Node, own: str | None, handlers: list[str]) -> None:
 
 
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
+    """The install plan for `node` and the shims with their sha256 (see `plan.make_plan`).
+
+    Reads the config, the rendered file, imported files and the installed binaries, asks
+    containerd its version; raises what `plan.make_plan` raises, and ConflictError for a runtime
+    of the same handler in an imported file. Writes nothing.
+    """
     fs, lay = node.fs, node.layout
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
@@ -324,11 +371,54 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
 # install
 
 
-def plan_only(opts: NodeOptions) -> tuple[Node, plan.Plan]:
-    node = open_node(opts)
+def plan_only(
+    opts: NodeOptions, *, cri_client: cri.CriClient | None = None, proc: ProcFS | None = None
+) -> tuple[Node, plan.Plan]:
+    """What `install` would do, changing nothing: the Node and the install Plan.
+
+    Raises UsageError without --shim or for a bad shim, ChecksumError for a wrong --sha256, and
+    what `open_node` and `make_plan` raise.
+    """
+    node = open_node(opts, cri_client=cri_client, proc=proc)
     if not opts.shims:
         raise UsageError("no --shim given")
     return node, make_plan(node, _shim_digests(opts))
+
+
+def plan_uninstall(
+    opts: NodeOptions,
+    handlers: list[str],
+    *,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
+) -> tuple[Node, uninstall_plan.UninstallPlan | None]:
+    """What `uninstall` of `handlers` (all when empty) would do, changing nothing.
+
+    Returns the Node (its layout pointed at the file the state names) and the UninstallPlan,
+    None when kwasm-py installed nothing here. Raises what `open_node` and
+    `uninstall_plan.make_plan` raise.
+    """
+    node = open_node(opts, cri_client=cri_client, proc=proc)
+    if node.state is None:
+        return node, None
+    return node, _uninstall_plan(node, handlers)
+
+
+def _uninstall_plan(node: Node, handlers: list[str]) -> uninstall_plan.UninstallPlan:
+    """Read what uninstall decides from and plan it; points `node.layout` at the state's file."""
+    state = node.state
+    assert state is not None
+    cfg_path = PurePosixPath(state.config.path)
+    node.layout = replace(node.layout, config_path=cfg_path)
+    old = node.fs.read(cfg_path)
+    backup = node.fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
+    return uninstall_plan.make_plan(
+        state=state,
+        state_path=node.state_path,
+        handlers=handlers,
+        old_data=old.data if old else None,
+        backup_data=backup.data if backup else None,
+    )
 
 
 def _runtime_dicts(
@@ -364,7 +454,23 @@ def _quick_noop(node: Node, shims: list[tuple[ShimSpec, str]]) -> bool:
     return True
 
 
-def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) -> Outcome:
+def install(
+    opts: NodeOptions,
+    *,
+    log: Callable[[str], None] = lambda _m: None,
+    restarter: restart.Restarter | None = None,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
+) -> Outcome:
+    """Install `opts.shims` on the node: binaries, config, restart, containerd confirms, state.
+
+    Takes the options, a progress logger and the ports (None: the real ones, see `open_node`).
+    Returns the Outcome (a no-op re-run changes nothing and restarts nothing). Raises
+    UsageError / ChecksumError for bad input before anything changes, ConfigError /
+    ConflictError for a config it refuses, LockHeld when another run holds the node, and
+    HostIOError, RestartError or VerifyError when a step fails (after rolling back, see
+    `_rollback`: the message names the step and what was put back).
+    """
     if not opts.shims:
         raise UsageError("no --shim given")
     root = Path(opts.host_root)
@@ -374,7 +480,7 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
     known = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
     shims = _shim_digests(opts, known)  # before the lock: bad input fails fast, changes nothing
     with fs.lock(timeout=opts.lock_timeout):
-        node = open_node(opts)
+        node = open_node(opts, restarter=restarter, cri_client=cri_client, proc=proc)
         outcome = Outcome(layout=node.layout.name, config=str(node.layout.config_path))
         if _quick_noop(node, shims):
             assert node.state is not None
@@ -488,7 +594,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         node.step = "restart"
         if must_restart and lay.restart.method is not RestartMethod.NONE:
             log(f"step=restart method={lay.restart}")
-            restart.restart(
+            node.restarter.restart(
                 lay.restart, pid=opts.pid, timeout=opts.verify_timeout, started=lambda: _kill_point("restart")
             )
             outcome.restarted = True
@@ -583,11 +689,12 @@ def _rollback(
                 fs.remove(node.backup_dir / (lay.config_path.name + ".orig"))
             fs.rmdir_if_empty(node.backup_dir)
             fs.rmdir_if_empty(node.install_dir / "bin")
+            fs.rmdir_if_empty(node.install_dir)
         else:
             fs.atomic_write(node.state_path, prev_state.to_json(), mode=0o600, keep_metadata=False)
         notes.append("rolled back the config and shim binaries")
         if failed_step in ("restart", "verify") and lay.restart.method is not RestartMethod.NONE:
-            restart.restart(lay.restart, pid=node.opts.pid, timeout=node.opts.verify_timeout)
+            node.restarter.restart(lay.restart, pid=node.opts.pid, timeout=node.opts.verify_timeout)
             outcome.restarted = True
             restart.wait_until(
                 node.cri_status,
@@ -607,8 +714,21 @@ def _rollback(
 
 
 def uninstall(
-    opts: NodeOptions, handlers: list[str], *, log: Callable[[str], None] = lambda _m: None
+    opts: NodeOptions,
+    handlers: list[str],
+    *,
+    log: Callable[[str], None] = lambda _m: None,
+    restarter: restart.Restarter | None = None,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
 ) -> Outcome:
+    """Remove exactly what install added for `handlers` (all when empty), restart, verify.
+
+    Takes the options, the handlers, a progress logger and the ports (None: the real ones).
+    Returns the Outcome ("nothing installed" when there is no state file). Raises UsageError
+    for a handler kwasm-py did not install, LockHeld, and HostIOError / RestartError when a step
+    fails (the config is put back first; the message says so).
+    """
     root = Path(opts.host_root)
     if not root.is_dir():
         raise UsageError(f"--host-root {root} is not a directory")
@@ -617,58 +737,17 @@ def uninstall(
     if _read_state(fs, state_path) is None:
         return Outcome(notes=["nothing installed by kwasm-py on this node"])
     with fs.lock(timeout=opts.lock_timeout):
-        node = open_node(opts)
+        node = open_node(opts, restarter=restarter, cri_client=cri_client, proc=proc)
         state = node.state
         if state is None:
             return Outcome(notes=["nothing installed by kwasm-py on this node"])
-        cfg_path = PurePosixPath(state.config.path)
-        lay = replace(node.layout, config_path=cfg_path)
-        node.layout = lay
+        the_plan = _uninstall_plan(node, handlers)
+        lay, cfg_path = node.layout, the_plan.config_path
         outcome = Outcome(layout=state.layout, config=str(cfg_path))
-        chosen = [r for r in state.runtimes if not handlers or r.handler in handlers]
-        unknown = set(handlers) - {r.handler for r in state.runtimes}
-        if unknown:
-            raise UsageError(f"kwasm-py did not install handler(s) {', '.join(sorted(unknown))}")
-        keep = [r for r in state.runtimes if r not in chosen]
+        chosen, keep = list(the_plan.chosen), list(the_plan.keep)
         old = fs.read(cfg_path)
-        new_data: bytes | None
-        if old is None:
-            new_data = None
-        elif not keep and hashlib.sha256(old.data).hexdigest() == state.config.written_sha256:
-            # Nothing else changed since we wrote it: give back the original, byte for byte.
-            if state.config.created:
-                new_data = None
-            else:
-                backup = fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
-                if backup is None:
-                    raise HostIOError(
-                        f"the backup of {cfg_path} is missing ({state.config.backup})",
-                        hint="the runtime table can still be removed by hand",
-                    )
-                new_data = backup.data
-        else:
-            schema = CriSchema(state.config.schema)
-            doc = cc.load(old.data.decode(), source=str(cfg_path))
-            for record in chosen:
-                edit = cc.remove_runtime(
-                    doc,
-                    record.handler,
-                    schema=schema,
-                    restore=record.replaced,
-                    version_added=state.config.version_added and not keep and record is chosen[-1],
-                    source=str(cfg_path),
-                )
-                doc = cc.load(edit.text, source=str(cfg_path))
-            extra = state.companion
-            if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
-                doc = cc.load(
-                    cc.remove_runtime(doc, extra["handler"], schema=schema, source=str(cfg_path)).text,
-                    source=str(cfg_path),
-                )
-            new_data = doc.text.encode()
-            if state.config.created and not keep and not doc.data and not doc.body.strip():
-                new_data = None
-        changed = (old.data if old else None) != new_data
+        new_data = the_plan.new_data
+        changed = the_plan.changed
         if changed:
             node.require_pid()
         try:
@@ -683,7 +762,7 @@ def uninstall(
                 log(f"step=config path={cfg_path} action=restore")
             node.step = "restart"
             if changed and lay.restart.method is not RestartMethod.NONE:
-                restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                node.restarter.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
                 outcome.restarted = True
                 gone = {r.handler for r in chosen}
                 node.step = "verify"
@@ -705,23 +784,15 @@ def uninstall(
                 err.message += "; put the config back as it was"
                 if lay.restart.method is not RestartMethod.NONE:
                     try:
-                        restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                        node.restarter.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
                     except KwasmError as again:
                         err.message += f"; restart after that failed too: {again.message}"
             raise
         for record in chosen:
             if fs.remove(PurePosixPath(record.shim)):
                 log(f"step=binary action=remove path={record.shim}")
-        if keep:
-            remaining = replace(
-                state,
-                runtimes=tuple(keep),
-                config=replace(
-                    state.config,
-                    written_sha256=hashlib.sha256(new_data or b"").hexdigest(),
-                ),
-                updated=_now(),
-            )
+        remaining = the_plan.remaining_state(updated=_now())
+        if remaining is not None:
             fs.atomic_write(node.state_path, remaining.to_json(), mode=0o600, keep_metadata=False)
         else:
             if state.config.backup:
@@ -740,8 +811,20 @@ def uninstall(
 # status
 
 
-def status(opts: NodeOptions, *, ask_containerd: bool = False) -> Report:
-    node = open_node(opts)
+def status(
+    opts: NodeOptions,
+    *,
+    ask_containerd: bool = False,
+    cri_client: cri.CriClient | None = None,
+    proc: ProcFS | None = None,
+) -> Report:
+    """What kwasm-py installed on the node and how far the node drifted from it.
+
+    Takes the options, whether to ask containerd over CRI (its failure to answer is reported,
+    not raised) and the ports (None: the real ones). Returns the Report; raises what
+    `open_node` raises. Changes nothing.
+    """
+    node = open_node(opts, cri_client=cri_client, proc=proc)
     state = node.state
     report = Report(
         installed=state is not None and state.status == st.INSTALLED,

@@ -2,8 +2,9 @@
 
 Node paths (``/etc/containerd/config.toml``) are resolved inside the host root the way the node
 itself would resolve them: absolute symlinks point into the root, never out to this machine's
-own files. Writes are atomic (temp file in the same directory, fsync, rename) and keep the
-owner and mode of the file they replace, so a crash leaves either the old or the new file.
+own files. Writes are atomic (`write_atomic`: an O_EXCL temp file in the same directory, fsync,
+rename) and keep the owner and mode of the file they replace, so a crash leaves either the old
+or the new file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ _MAX_LINKS = 40
 
 @dataclass(frozen=True)
 class FileInfo:
+    """A file's bytes with the metadata a rewrite keeps."""
+
     data: bytes
     mode: int
     uid: int
@@ -53,7 +57,9 @@ class HostFS:
     # -- paths ---------------------------------------------------------------------------------
 
     def resolve(self, node_path: PurePosixPath) -> Path:
-        """Map a node path to a host path, following symlinks as the node would."""
+        """Map an absolute node path to a host path under the root, following symlinks as the
+        node would (absolute targets stay inside the root). Raises HostIOError for a relative
+        path or a symlink loop."""
         if not node_path.is_absolute():
             raise HostIOError(f"node path {node_path} is not absolute")
         parts = list(node_path.parts[1:])
@@ -85,10 +91,14 @@ class HostFS:
     # -- reading -------------------------------------------------------------------------------
 
     def exists(self, node_path: PurePosixPath) -> bool:
+        """Whether the node path exists (after resolving symlinks inside the root)."""
         return self.resolve(node_path).exists()
 
     def read(self, node_path: PurePosixPath) -> FileInfo | None:
-        """The file's bytes and metadata, or None when it does not exist."""
+        """The file's bytes and metadata, or None when it does not exist.
+
+        Raises HostIOError when it is a directory or cannot be read.
+        """
         path = self.resolve(node_path)
         try:
             with path.open("rb") as fh:
@@ -103,6 +113,7 @@ class HostFS:
         return FileInfo(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
 
     def read_text(self, node_path: PurePosixPath) -> str | None:
+        """The file as UTF-8 text, None when absent; raises HostIOError when unreadable or not UTF-8."""
         info = self.read(node_path)
         if info is None:
             return None
@@ -112,9 +123,11 @@ class HostFS:
             raise HostIOError(f"{node_path} is not UTF-8 text") from err
 
     def sha256(self, node_path: PurePosixPath) -> str | None:
+        """Hex sha256 of the file, None when absent; raises HostIOError when unreadable."""
         return file_sha256(self.resolve(node_path))
 
     def listdir(self, node_path: PurePosixPath) -> list[str]:
+        """Sorted names in the directory; [] when it is absent or not a directory."""
         try:
             return sorted(os.listdir(self.resolve(node_path)))
         except (FileNotFoundError, NotADirectoryError):
@@ -131,7 +144,11 @@ class HostFS:
         owner: tuple[int, int] | None = None,
         keep_metadata: bool = True,
     ) -> None:
-        """Replace the file with `data` atomically (existing owner/mode kept when asked)."""
+        """Replace the file at `node_path` with `data` atomically (see `write_atomic`).
+
+        With `keep_metadata`, an existing file's mode and owner win over `mode` / `owner`.
+        Raises HostIOError when the write fails.
+        """
         path = self.resolve(node_path)
         if keep_metadata:
             with contextlib.suppress(FileNotFoundError):
@@ -141,7 +158,10 @@ class HostFS:
         write_atomic(path, data, mode=mode, owner=owner, label=str(node_path))
 
     def copy_in(self, source: Path, node_path: PurePosixPath, *, mode: int = 0o755) -> str:
-        """Copy a host file into the node atomically; return its sha256."""
+        """Copy the host file `source` to `node_path` atomically with `mode`; return its sha256.
+
+        Raises HostIOError when the source cannot be read or the destination written.
+        """
         try:
             data = Path(source).read_bytes()
         except OSError as err:
@@ -150,12 +170,14 @@ class HostFS:
         return hashlib.sha256(data).hexdigest()
 
     def makedirs(self, node_path: PurePosixPath) -> None:
+        """Create the directory and its parents (existing ones are fine); raises HostIOError."""
         try:
             self.resolve(node_path).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _io_error("create directory", node_path, err) from err
 
     def remove(self, node_path: PurePosixPath) -> bool:
+        """Unlink the file; True when it was there, False when absent; raises HostIOError."""
         try:
             self.resolve(node_path).unlink()
         except FileNotFoundError:
@@ -166,6 +188,7 @@ class HostFS:
         return True
 
     def rmdir_if_empty(self, node_path: PurePosixPath) -> None:
+        """Remove the directory when it is empty; anything else (absent, not empty) is left."""
         with contextlib.suppress(OSError):
             self.resolve(node_path).rmdir()
 
@@ -175,7 +198,8 @@ class HostFS:
 
         Locking the root directory itself (not a lock file) serialises every kwasm-py run on the
         node, including one in another pod that mounts the same root, and leaves no file behind:
-        a run that fails before changing anything really changes nothing.
+        a run that fails before changing anything really changes nothing. Raises LockHeld after
+        the timeout, HostIOError when the root cannot be opened.
         """
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -200,7 +224,7 @@ class HostFS:
 
 
 def file_sha256(path: Path) -> str | None:
-    """Hex sha256 of a host file, None when it does not exist."""
+    """Hex sha256 of a host file, None when it does not exist; raises HostIOError when unreadable."""
     try:
         return digests.file_sha256(path)
     except FileNotFoundError:
@@ -210,15 +234,20 @@ def file_sha256(path: Path) -> str | None:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] | None, label: str) -> None:
-    """Temp file in the same directory, fsync, chmod/chown, rename over, fsync the directory.
+    """Write `data` to the host file `path`: temp file in the same directory, fsync, chmod/chown,
+    rename over, fsync the directory. The one atomic-write helper of the node engine.
 
-    Never rewrites a file in place: a running shim binary stays intact (no "text file busy"),
-    and a crash leaves the old or the new file, never a partial one.
+    The temp file is made by `tempfile.mkstemp` (O_CREAT|O_EXCL, a random name, mode 0600), so a
+    symlink or file planted at a guessable name is never followed or reused. Never rewrites a
+    file in place: a running shim binary stays intact (no "text file busy"), and a crash leaves
+    the old or the new file, never a partial one. `owner` (uid, gid) is applied when running as
+    root. Raises HostIOError naming `label` (the node path) when any step fails.
     """
-    tmp = path.with_name(f".{path.name}.kwasm-tmp-{os.getpid()}")
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.kwasm-tmp-", dir=path.parent)
+        tmp = Path(name)
         try:
             view = memoryview(data)
             while view:
@@ -233,8 +262,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] |
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise _io_error("write", PurePosixPath(label), err) from err
 
 

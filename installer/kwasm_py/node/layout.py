@@ -225,7 +225,11 @@ def detect(facts: NodeFacts) -> Layout:
 
 
 def parse_restart(value: str) -> RestartSpec | None:
-    """Parse `--restart`: auto (None), none, systemd[:UNIT], openrc[:SERVICE], signal[:PROC]."""
+    """Parse `--restart`: auto (None), none, systemd[:UNIT], openrc[:SERVICE], signal[:PROC].
+
+    Returns the RestartSpec (target `containerd` when none is given), None for auto; raises
+    UsageError for an unknown method.
+    """
     method_name, _, target = value.partition(":")
     if method_name == "auto":
         return None
@@ -252,7 +256,10 @@ def override(
     restart: RestartSpec | None,
     socket: P | None,
 ) -> Layout:
-    """Apply --config/--restart/--socket on top of a detected layout (or instead of one)."""
+    """Apply --config/--restart/--socket on top of a detected layout (or instead of one).
+
+    Returns the Layout to use; raises LayoutError when nothing was detected and no --config given.
+    """
     if layout is None:
         if config is None:
             raise LayoutError("no layout detected and no --config given")

@@ -29,6 +29,8 @@ BASE_TEMPLATE = '{{ template "base" . }}\n'
 
 @dataclass(frozen=True)
 class BinaryStep:
+    """One shim binary: where it goes, its sha256, and whether it has to be written."""
+
     shim: ShimSpec
     dest: PurePosixPath
     sha256: str
@@ -37,6 +39,9 @@ class BinaryStep:
 
 @dataclass(frozen=True)
 class Plan:
+    """What an install changes: the config text before and after, the binaries, the runtime
+    entries, and what the state file records about them."""
+
     layout: Layout
     containerd: ContainerdVersion | None
     schema: CriSchema
@@ -51,17 +56,21 @@ class Plan:
 
     @property
     def config_changed(self) -> bool:
+        """Whether the config text changes (so containerd has to read it again)."""
         return self.old_text != self.new_text
 
     @property
     def writes(self) -> tuple[BinaryStep, ...]:
+        """The binaries that have to be written (missing or different on the node)."""
         return tuple(b for b in self.binaries if b.write)
 
     @property
     def changes(self) -> bool:
+        """Whether anything on the node changes (config or binaries)."""
         return self.config_changed or bool(self.writes)
 
     def diff(self) -> str:
+        """The config change as a unified diff ("" when unchanged; /dev/null for a new file)."""
         path = str(self.layout.config_path)
         old = (self.old_text or "").splitlines(keepends=True)
         new = self.new_text.splitlines(keepends=True)
@@ -95,7 +104,8 @@ def make_plan(
     """Decide the binaries to write and the config text to have, from what is there now.
 
     `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
-    of what is there (None when absent).
+    of what is there (None when absent). Returns the Plan; raises UsageError for two shims on
+    one handler, ConfigError / ConflictError for a config it refuses (see `containerd.config`).
     """
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import tomllib
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from kwasm_py.node import layout, restart
+from kwasm_py.node import layout
 from kwasm_py.node.hostfs import HostFS
+from kwasm_py.node.procfs import HOST, ProcFS
 
 _UNIT_DIRS = (
     PurePosixPath("/etc/systemd/system"),
@@ -17,33 +18,13 @@ _UNIT_DIRS = (
 )
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+def gather(fs: HostFS, *, pid: int | None, proc: ProcFS = HOST) -> layout.NodeFacts:
+    """The facts `layout.detect` decides from: files and units under the root, and the node's
+    init and running containerd (read through `proc` for node process `pid`; None: no process
+    of the node is reachable, so only files count).
 
-
-def running_configs(pid: int) -> tuple[PurePosixPath, ...]:
-    """The --config of every containerd in the node's PID namespace (node paths)."""
-    configs = []
-    for proc in restart.find_processes(pid, "containerd"):
-        try:
-            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        path = str(layout.DEFAULT_CONFIG)
-        for i, arg in enumerate(args):
-            if arg in ("--config", "-c") and i + 1 < len(args):
-                path = args[i + 1]
-            elif arg.startswith("--config="):
-                path = arg.split("=", 1)[1]
-        configs.append(PurePosixPath(path))
-    return tuple(configs)
-
-
-def gather(fs: HostFS, *, pid: int | None) -> layout.NodeFacts:
+    Returns NodeFacts; raises HostIOError when a probed file cannot be read.
+    """
     existing = frozenset(p for p in layout.PROBED_PATHS if fs.exists(p))
     units = set()
     for unit in layout.UNITS:
@@ -61,7 +42,7 @@ def gather(fs: HostFS, *, pid: int | None) -> layout.NodeFacts:
             with contextlib.suppress(tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
                 value = tomllib.loads(fs.read_text(rendered) or "").get("version", 1)
                 versions[rendered] = value if isinstance(value, int) else 1
-    init = _comm(pid) if pid is not None else ""
+    init = proc.comm(pid) if pid is not None else ""
     if not init:
         init = "systemd" if fs.exists(PurePosixPath("/lib/systemd/systemd")) else ""
     return layout.NodeFacts(
@@ -69,7 +50,7 @@ def gather(fs: HostFS, *, pid: int | None) -> layout.NodeFacts:
         systemd_units=frozenset(units),
         openrc_services=frozenset(openrc),
         init=init,
-        running_configs=running_configs(pid) if pid is not None else (),
+        running_configs=proc.containerd_configs(pid) if pid is not None else (),
         k0s_managed=k0s_managed,
         rendered_versions=versions,
     )

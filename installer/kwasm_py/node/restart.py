@@ -12,12 +12,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
+from kwasm_py.node.procfs import HOST, ProcFS
 
 
 def in_node(pid: int, argv: Sequence[str]) -> list[str]:
@@ -35,12 +34,8 @@ def in_node(pid: int, argv: Sequence[str]) -> list[str]:
     ]
 
 
-def socket_path(pid: int, socket: PurePosixPath) -> str:
-    """Where the node's socket is reachable from this machine."""
-    return f"/proc/{pid}/root{socket}"
-
-
 def restart_command(spec: RestartSpec) -> list[str]:
+    """The command (inside the node) that restarts containerd as `spec` says; [] for none."""
     if spec.method is RestartMethod.SYSTEMD:
         return ["systemctl", "restart", spec.target]
     if spec.method is RestartMethod.OPENRC:
@@ -51,92 +46,12 @@ def restart_command(spec: RestartSpec) -> list[str]:
 
 
 def describe(spec: RestartSpec, pid: int) -> str:
-    """The restart as a user would type it (for `plan`)."""
+    """The restart as a user would type it (for `plan`): `spec` through node process `pid`."""
     if spec.method is RestartMethod.NONE:
         return "none (--restart none)"
     if spec.method is RestartMethod.SIGNAL:
         return f"SIGTERM the {spec.target} process of node PID {pid}; its parent restarts it"
     return " ".join(in_node(pid, restart_command(spec)))
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    start_ticks: int  # /proc/PID/stat field 22: identifies this incarnation of the pid
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def pid_sees_root(pid: int, root: Path) -> bool:
-    """Whether process `pid` has `root` as its / (so it is a process of that node)."""
-    try:
-        theirs, ours = Path(f"/proc/{pid}/root").stat(), Path(root).stat()
-    except OSError:
-        return False
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
-
-
-def pid_namespace(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return None
-
-
-def find_processes(pid: int, name: str) -> list[Proc]:
-    """Processes called `name` in the PID namespace of `pid` (the node's processes)."""
-    namespace = pid_namespace(pid)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            comm = Path(f"/proc/{entry}/comm").read_text().strip()
-        except OSError:
-            continue
-        if comm != name or pid_namespace(int(entry)) != namespace:
-            continue
-        fields = _stat_fields(int(entry))
-        if fields:
-            found.append(Proc(int(entry), int(fields[19])))
-    return found
-
-
-def descendants(pid: int, name: str) -> list[Proc]:
-    """Processes called `name` below `pid` in the process tree."""
-    children: dict[int, list[int]] = {}
-    comms: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(int(entry))
-        if not fields:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        try:
-            comms[int(entry)] = Path(f"/proc/{entry}/comm").read_text().strip()
-        except OSError:
-            continue
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        if comms.get(child) == name:
-            fields = _stat_fields(child)
-            if fields:
-                out.append(Proc(child, int(fields[19])))
-        todo.extend(children.get(child, []))
-    return out
-
-
-def alive(proc: Proc) -> bool:
-    fields = _stat_fields(proc.pid)
-    return fields is not None and int(fields[19]) == proc.start_ticks and fields[0] != "Z"
 
 
 def restart(
@@ -145,26 +60,30 @@ def restart(
     pid: int,
     timeout: float = 90.0,
     started: Callable[[], None] = lambda: None,
+    proc: ProcFS = HOST,
 ) -> None:
     """Restart the node's containerd as `spec` says; return once the restart has completed.
 
-    `started` runs as soon as the restart is under way (the command spawned, or the signal
-    sent), before waiting for it: the point where a crash leaves containerd mid-restart.
+    Takes the restart, a process of the node (`pid`, for nsenter and to find the process to
+    signal), the seconds to wait and `started`, run as soon as the restart is under way (the
+    command spawned, or the signal sent), before waiting for it: the point where a crash leaves
+    containerd mid-restart. `proc` is the /proc to read. Raises RestartError when the command
+    cannot run, fails or times out, or the process to signal is not found or ignores SIGTERM.
     """
     if spec.method is RestartMethod.NONE:
         return
     if spec.method is RestartMethod.SIGNAL:
-        targets = descendants(pid, spec.target) or find_processes(pid, spec.target)
+        targets = proc.descendants(pid, spec.target) or proc.find(pid, spec.target)
         if not targets:
             raise RestartError(f"no {spec.target} process found under node PID {pid}")
-        for proc in targets:
+        for target in targets:
             try:
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(target.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
         started()
         deadline = time.monotonic() + timeout
-        while any(alive(p) for p in targets):
+        while any(proc.alive(p) for p in targets):
             if time.monotonic() > deadline:
                 raise RestartError(f"{spec.target} (pid {targets[0].pid}) ignored SIGTERM")
             time.sleep(0.005)
@@ -200,7 +119,11 @@ def wait_until(
     timeout: float,
     what: str,
 ) -> T:
-    """Poll `check` (containerd's CRI status) until `ready` holds; fail after `timeout` seconds."""
+    """Poll `check` (containerd's CRI status) until `ready` holds of its answer; return that answer.
+
+    A RestartError from `check` (containerd not answering) counts as "not yet". Raises
+    RestartError after `timeout` seconds, naming `what` and the last reason.
+    """
     deadline = time.monotonic() + timeout
     last_error = ""
     while True:
@@ -214,3 +137,39 @@ def wait_until(
         if time.monotonic() > deadline:
             raise RestartError(f"gave up after {timeout:.0f} s waiting for {what}: {last_error}")
         time.sleep(0.02)
+
+
+class Restarter(Protocol):
+    """Restarts the node's containerd: the engine's port for it (fakes implement it in tests)."""
+
+    def restart(
+        self,
+        spec: RestartSpec,
+        *,
+        pid: int,
+        timeout: float,
+        started: Callable[[], None] = ...,
+    ) -> None:
+        """Restart as `spec` says through node process `pid`; return once it completed.
+
+        Calls `started` once the restart is under way; raises RestartError when it fails.
+        """
+        ...
+
+
+class NodeRestarter:
+    """The real Restarter: nsenter + systemctl / rc-service, or SIGTERM, read through `proc`."""
+
+    def __init__(self, proc: ProcFS = HOST) -> None:
+        self.proc = proc
+
+    def restart(
+        self,
+        spec: RestartSpec,
+        *,
+        pid: int,
+        timeout: float,
+        started: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Restart the node's containerd (see the module function `restart`, which it calls)."""
+        restart(spec, pid=pid, timeout=timeout, started=started, proc=self.proc)

@@ -21,6 +21,8 @@ INSTALLED = "installed"
 
 @dataclass(frozen=True)
 class RuntimeRecord:
+    """One runtime kwasm-py added: its table, its binary, and what it took over."""
+
     handler: str
     name: str  # shim name (containerd-shim-NAME-v2)
     runtime_type: str
@@ -38,6 +40,8 @@ class RuntimeRecord:
 
 @dataclass(frozen=True)
 class ConfigRecord:
+    """The config file kwasm-py edits: where, what it was, what kwasm-py last wrote."""
+
     path: str  # node path of the edited file
     kind: str  # config | template | drop-in
     created: bool  # the file did not exist before kwasm-py
@@ -50,6 +54,8 @@ class ConfigRecord:
 
 @dataclass(frozen=True)
 class State:
+    """The whole state file."""
+
     status: str
     layout: str
     config: ConfigRecord
@@ -62,13 +68,19 @@ class State:
     schema: int = field(default=SCHEMA)
 
     def runtime(self, handler: str) -> RuntimeRecord | None:
+        """The record of `handler`, None when kwasm-py did not add it."""
         return next((r for r in self.runtimes if r.handler == handler), None)
 
     def to_json(self) -> bytes:
+        """The state file's bytes (sorted, indented JSON)."""
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
 
 
 def from_json(raw: bytes, *, source: str) -> State:
+    """Parse a state file's bytes (`source` names it in errors).
+
+    Raises HostIOError when it is not a state file or has a schema this version does not read.
+    """
     try:
         data = json.loads(raw)
         if data.get("schema") != SCHEMA:
