@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Kwasm, tree_hash
-from tests.test_layout import SYSTEMD, UNIT, V2, tree
+from tests.harness.cli import Kwasm, run_kwasm
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree, tree_hash
 
 DEFAULT_NODE = {
     **SYSTEMD,
@@ -302,8 +302,6 @@ def test_lock_held_is_an_error_after_the_timeout(node: Path, shim: Path, tmp_pat
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         before = tree_hash(node)
-        from tests.conftest import run_kwasm
-
         r = run_kwasm("node", "install", *args(node, shim), env={"KWASM_LOCK_TIMEOUT": "0.3"})
         assert r.returncode == 1 and "holds the lock" in r.stderr, r.stderr
         assert tree_hash(node) == before
