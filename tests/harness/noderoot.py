@@ -1,10 +1,18 @@
-"""Node roots as directory trees: build one from a dict, hash it."""
+"""Node roots as directory trees: build one from a dict, hash the whole of it, diff two hashes.
+
+`tree_hash` is the one way tests prove "nothing else changed": it covers every entry under the
+root (the root included) with no directory left out, so litter in /opt, /run or /var and stale
+binaries are seen. Where a run legitimately changes something, assert that exact difference
+with `tree_diff` instead of leaving a directory out.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
+from typing import NamedTuple
 
 V2 = (
     'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
@@ -30,17 +38,77 @@ def tree(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def tree_hash(root: Path) -> dict[str, tuple[str, int]]:
-    """Content and mode of every file under root (sockets and mount contents left out)."""
-    out: dict[str, tuple[str, int]] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if rel.startswith(("lib", "run", "opt")) or path.is_socket() or path.name.endswith(".log"):
-            continue
-        if path.is_symlink():
-            out[rel] = ("link:" + os.readlink(path), 0)
-        elif path.is_file():
-            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
-        elif path.is_dir():
-            out[rel] = ("dir", path.stat().st_mode)
+class Entry(NamedTuple):
+    """One entry of a tree: its type, permission bits, owner, and content digest or link target."""
+
+    kind: str  # file, dir, link, fifo, socket, char, block
+    mode: int  # permission bits (with setuid/setgid/sticky)
+    uid: int
+    gid: int
+    content: str  # sha256 of a file, target of a link, "" otherwise
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "link"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "char"),
+        (stat.S_ISBLK, "block"),
+    ):
+        if test(mode):
+            return name
+    return f"unknown:{stat.S_IFMT(mode):o}"
+
+
+def _entry(path: Path) -> Entry:
+    st = path.lstat()
+    kind = _kind(st.st_mode)
+    if kind == "file":
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        content = digest.hexdigest()
+    elif kind == "link":
+        content = os.readlink(path)
+    else:
+        content = ""
+    return Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content)
+
+
+def tree_hash(root: Path) -> dict[str, Entry]:
+    """Every file, directory, symlink and special file under `root`, by path relative to it.
+
+    Takes a directory (symlinks are recorded, never followed; mounted filesystems under it are
+    walked like any directory). Returns {relative path: Entry}, the root itself as ".". Raises
+    OSError when an entry cannot be read.
+    """
+    out = {".": _entry(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in (*dirnames, *filenames):
+            path = base / name
+            out[str(path.relative_to(root))] = _entry(path)
     return out
+
+
+def tree_diff(
+    before: dict[str, Entry], after: dict[str, Entry]
+) -> dict[str, tuple[Entry | None, Entry | None]]:
+    """What changed between two `tree_hash` results: {path: (before or None, after or None)}.
+
+    Takes two results of `tree_hash`. Returns only paths added, removed or changed, sorted.
+    """
+    return {
+        path: (before.get(path), after.get(path))
+        for path in sorted(before.keys() | after.keys())
+        if before.get(path) != after.get(path)
+    }
+
+
+def added(before: dict[str, Entry], after: dict[str, Entry]) -> list[str]:
+    """The paths present in `after` only (sorted): what a run left behind."""
+    return sorted(after.keys() - before.keys())
