@@ -1,6 +1,6 @@
 """`kwasm-py agent` as a subprocess against the stand-in API, with a fake node engine.
 
-The fake (tests/fake_node.py) speaks the engine's JSON contract; the real engine with a real
+The fake (tests/harness/fake_node.py) speaks the engine's JSON contract; the real engine with a real
 containerd is exercised in test_agent_e2e.py.
 """
 
