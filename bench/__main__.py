@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
                 mem_kib = int(line.split()[1])
     except OSError:
         pass
-    from tests.containerd_node import BINARIES
+    from tests.harness.containerd import BINARIES
 
     containerd = {
         gen: _first_line([str(path / "containerd"), "--version"]) if (path / "containerd").exists() else ""

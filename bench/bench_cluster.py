@@ -34,9 +34,9 @@ from bench._common import (
     wait_for,
 )
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL
-from tests.cluster_helpers import FAKE_NODE
-from tests.containerd_node import PrivateContainerd, available, fake_shim
-from tests.kube_standin import StandIn
+from tests.harness.cluster import FAKE_NODE
+from tests.harness.containerd import PrivateContainerd, available, fake_shim
+from tests.harness.kube_standin import StandIn
 
 LATENCY = 0.005  # a real API server's PATCH: network round trip + admission + etcd write
 

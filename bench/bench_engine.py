@@ -23,7 +23,7 @@ import tomlkit
 from bench._common import KWASM, PYTHON, REPO, Goal, child_env, row, run_quiet, skipped, timed, wait_for
 from kwasm_py.containerd import config as cc
 from kwasm_py.node import cri
-from tests.containerd_node import PrivateContainerd, available, fake_shim
+from tests.harness.containerd import PrivateContainerd, available, fake_shim
 
 SHARED = REPO.parent / "shared" / "containerd-configs"
 ENV = child_env()

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench._common import row, skipped
-from tests import image_build as ib
+from tests.harness import image_build as ib
 
 MIB = 2**20
 

@@ -17,7 +17,7 @@ import requests
 from bench._common import row
 from kwasm_py.shims import catalog as shim_catalog
 from kwasm_py.shims import fetch as artifacts
-from tests.shim_http import catalog_text, serve, sha, shim_tar
+from tests.harness.shim_http import catalog_text, serve, sha, shim_tar
 
 
 def _plain(url: str, out: Path) -> None:

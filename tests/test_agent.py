@@ -1,6 +1,6 @@
 """`kwasm-py agent` as a subprocess against the stand-in API, with a fake node engine.
 
-The fake (tests/fake_node.py) speaks the engine's process contract (kwasm_py.contract) and
+The fake (tests/harness/fake_node.py) speaks the engine's process contract (kwasm_py.contract) and
 records the argv the agent gave it; the real engine with a real containerd is exercised in
 test_agent_e2e.py.
 """
@@ -14,10 +14,8 @@ import time
 import pytest
 
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
-from tests.cluster_helpers import NAMESPACE, wait_until
-from tests.kube_standin import RESOURCES, StandIn
-
-pytest_plugins = ["tests.cluster_fixtures"]
+from tests.harness.cluster import NAMESPACE, wait_until
+from tests.harness.kube_standin import RESOURCES, StandIn
 
 OPT_IN = {"metadata": {"annotations": {OPT_IN_KEY: "true"}}}
 OPT_OUT = {"metadata": {"annotations": {OPT_IN_KEY: None}}}
@@ -310,7 +308,7 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
     import subprocess
     import sys
 
-    from tests.cluster_helpers import child_env
+    from tests.harness.cli import child_env
 
     code = (
         "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cluster.agent, kwasm_py.cluster.kube,"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
-from tests.cluster_helpers import run_cli, wait_until
-from tests.containerd_node import PrivateContainerd, fake_shim
-from tests.kube_standin import StandIn
+from tests.harness.cli import invoke
+from tests.harness.cluster import wait_until
+from tests.harness.containerd import PrivateContainerd, fake_shim
+from tests.harness.kube_standin import StandIn
 
-pytest_plugins = ["tests.cluster_fixtures"]
 pytestmark = [pytest.mark.root, pytest.mark.containerd]
 
 
@@ -30,7 +30,7 @@ def labelled(api: StandIn, node: str) -> bool:
     return api.node(node)["metadata"]["labels"].get(PROVISIONED_LABEL) == "true"
 
 
-def test_annotate_provision_label_remove(standin: StandIn, kubeconfig: Path, agents, ctd16, tmp_path, capsys):
+def test_annotate_provision_label_remove(standin: StandIn, kubeconfig: Path, agents, ctd16, tmp_path):
     """CLI opt-in -> label only once containerd lists spin -> opt-out -> runtime gone, label gone."""
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("n1")
@@ -47,7 +47,7 @@ def test_annotate_provision_label_remove(standin: StandIn, kubeconfig: Path, age
     standin.inject(410, 1, method="GET", watch=True)
     agent = agents("n1", **engine_env(ctd16, shim))
     assert "spin" not in ctd16.cri_status().runtimes
-    res = run_cli(capsys, "annotate-node", "n1", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     standin.inject(500, 1, method="PATCH", plural="nodes", name="n1")  # the agent's label patch
     standin.wait_for(lambda: labelled(standin, "n1"), 60, "n1 labelled")
@@ -55,10 +55,10 @@ def test_annotate_provision_label_remove(standin: StandIn, kubeconfig: Path, age
         ctd16.dir / "kwasm/bin/containerd-shim-spin-v2"
     )
     standin.wait_for(lambda: standin.events("Provisioned", "n1"), 10, "Provisioned")
-    res = run_cli(capsys, "wait", "n1", "--timeout", "5", "--kubeconfig", str(kubeconfig))
+    res = invoke("wait", "n1", "--timeout", "5", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
 
-    res = run_cli(capsys, "annotate-node", "n1", "--remove", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "--remove", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     standin.wait_for(
         lambda: (

@@ -13,7 +13,7 @@ from kwasm_py import retry
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.shims import catalog as shim_catalog
 from kwasm_py.shims import fetch as artifacts
-from tests.shim_http import (
+from tests.harness.shim_http import (
     Member,
     catalog_text,
     forward_proxy,

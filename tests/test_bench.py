@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench._common import ROW_KEYS
-from tests.containerd_node import available
+from tests.harness.containerd import available
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,9 @@ import socket
 from pathlib import Path
 
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
-from tests.cluster_helpers import run_cli
-from tests.kube_standin import StandIn
+from tests.harness.cli import invoke
+from tests.harness.kube_standin import StandIn
 
-pytest_plugins = ["tests.cluster_fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,11 +17,11 @@ def annotations(api: StandIn, name: str) -> dict:
     return api.node(name)["metadata"].get("annotations") or {}
 
 
-def test_annotate_named_nodes(standin: StandIn, kubeconfig: Path, capsys):
+def test_annotate_named_nodes(standin: StandIn, kubeconfig: Path):
     """Named nodes get the opt-in annotation; the others are left alone."""
     for n in ("n1", "n2", "n3"):
         standin.add_node(n)
-    res = run_cli(capsys, "annotate-node", "n1", "n3", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "n3", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert annotations(standin, "n1")[OPT_IN_KEY] == "true"
     assert annotations(standin, "n3")[OPT_IN_KEY] == "true"
@@ -30,76 +29,76 @@ def test_annotate_named_nodes(standin: StandIn, kubeconfig: Path, capsys):
     assert "2 of 2 nodes opted in" in res.out
 
 
-def test_unknown_node_is_named_others_still_done(standin: StandIn, kubeconfig: Path, capsys):
+def test_unknown_node_is_named_others_still_done(standin: StandIn, kubeconfig: Path):
     """An unknown node gives a clear error naming it and exit 1; the known ones are annotated."""
     standin.add_node("n1")
-    res = run_cli(capsys, "annotate-node", "n1", "ghost", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "ghost", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
     assert "node 'ghost' not found" in res.err
     assert "Traceback" not in res.err
     assert annotations(standin, "n1")[OPT_IN_KEY] == "true"
 
 
-def test_annotate_all_selector_and_label(standin: StandIn, kubeconfig: Path, capsys):
+def test_annotate_all_selector_and_label(standin: StandIn, kubeconfig: Path):
     """--all patches every node; -l only matching ones; --label opts in with a label."""
     standin.add_node("a", labels={"pool": "wasm"})
     standin.add_node("b")
-    res = run_cli(capsys, "annotate-node", "-l", "pool=wasm", "--label", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "-l", "pool=wasm", "--label", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert standin.node("a")["metadata"]["labels"][OPT_IN_KEY] == "true"
     assert OPT_IN_KEY not in standin.node("b")["metadata"]["labels"]
-    res = run_cli(capsys, "annotate-node", "--all", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "--all", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert all(annotations(standin, n)[OPT_IN_KEY] == "true" for n in ("a", "b"))
-    res = run_cli(capsys, "annotate-node", "--all", "--remove", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "--all", "--remove", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     for n in ("a", "b"):
         meta = standin.node(n)["metadata"]
         assert OPT_IN_KEY not in meta["annotations"] and OPT_IN_KEY not in meta["labels"]
 
 
-def test_annotate_many_nodes_bounded_parallel(standin: StandIn, kubeconfig: Path, capsys):
+def test_annotate_many_nodes_bounded_parallel(standin: StandIn, kubeconfig: Path):
     """200 nodes are all patched, with a count summary instead of a 200-row table."""
     for i in range(200):
         standin.add_node(f"n{i:03}")
-    res = run_cli(capsys, "annotate-node", "--all", "--parallel", "8", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "--all", "--parallel", "8", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     assert "200 of 200 nodes opted in" in res.out
     assert "n150" not in res.out
     assert all(annotations(standin, f"n{i:03}")[OPT_IN_KEY] == "true" for i in range(200))
 
 
-def test_usage_errors(standin: StandIn, kubeconfig: Path, capsys):
+def test_usage_errors(standin: StandIn, kubeconfig: Path):
     """Naming nodes and --all together (or nothing) is a usage error: exit 2, one line."""
     standin.add_node("n1")
-    res = run_cli(capsys, "annotate-node", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "--kubeconfig", str(kubeconfig))
     assert res.code == 2 and res.err.startswith("error: ")
-    res = run_cli(capsys, "annotate-node", "n1", "--all", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "--all", "--kubeconfig", str(kubeconfig))
     assert res.code == 2
     assert OPT_IN_KEY not in annotations(standin, "n1")
 
 
-def test_api_errors_are_one_line(standin: StandIn, kubeconfig: Path, tmp_path: Path, capsys):
+def test_api_errors_are_one_line(standin: StandIn, kubeconfig: Path, tmp_path: Path):
     """Connection refused, 403 and a bad kubeconfig: one error line, exit 1, no traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dead = tmp_path / "dead"
     dead.write_text(kubeconfig.read_text().replace(standin.url, f"http://127.0.0.1:{port}"))
-    res = run_cli(capsys, "annotate-node", "n1", "--kubeconfig", str(dead))
+    res = invoke("annotate-node", "n1", "--kubeconfig", str(dead))
     assert res.code == 1 and "connection refused" in res.err
     assert "Traceback" not in res.err and res.err.count("error:") == 1
     standin.add_node("n1")
     standin.inject(403, method="PATCH", message='nodes "n1" is forbidden')
-    res = run_cli(capsys, "annotate-node", "n1", "--kubeconfig", str(kubeconfig))
+    res = invoke("annotate-node", "n1", "--kubeconfig", str(kubeconfig))
     assert res.code == 1 and "403" in res.err and "RBAC" in res.err
     bad = tmp_path / "bad"
     bad.write_text("kind: Config\n")
-    res = run_cli(capsys, "status", "--kubeconfig", str(bad))
+    res = invoke("status", "--kubeconfig", str(bad))
     assert res.code == 1 and res.err.startswith("error: bad kubeconfig")
 
 
-def test_status_table_and_json(standin: StandIn, kubeconfig: Path, capsys):
+def test_status_table_and_json(standin: StandIn, kubeconfig: Path):
     """status reports opt-in, provisioning, runtimes and the last failure per node."""
     ok_status = {"ok": True, "time": "t1", "runtimes": [{"handler": "spin", "sha256": "ab" * 32}]}
     standin.add_node(
@@ -110,46 +109,45 @@ def test_status_table_and_json(standin: StandIn, kubeconfig: Path, capsys):
     bad_status = {"ok": False, "time": "t2", "step": "verify", "reason": "runtime missing"}
     standin.add_node("bad", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     standin.add_node("off")
-    res = run_cli(capsys, "status", "-o", "json", "--kubeconfig", str(kubeconfig))
+    res = invoke("status", "-o", "json", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
     rows = {r["name"]: r for r in json.loads(res.out)}
     assert rows["good"]["provisioned"] and rows["good"]["runtimes"][0]["handler"] == "spin"
     assert rows["bad"]["opted_in"] and not rows["bad"]["provisioned"]
     assert rows["bad"]["reason"] == "runtime missing"
     assert not rows["off"]["opted_in"]
-    res = run_cli(capsys, "status", "--kubeconfig", str(kubeconfig))
+    res = invoke("status", "--kubeconfig", str(kubeconfig))
     assert res.code == 0
     assert "spin@abababababab" in res.out and "runtime missing" in res.out
 
 
-def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path, capsys):
+def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path):
     """wait exits 1 naming the node that is not provisioned and why; 0 once all are."""
     bad_status = {"ok": False, "time": "t", "step": "verify", "reason": "runtime missing"}
     standin.add_node("n1", labels={PROVISIONED_LABEL: "true"}, annotations={OPT_IN_KEY: "true"})
     standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
-    res = run_cli(capsys, "wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
+    res = invoke("wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
     assert "node 'n2' not ready: runtime missing" in res.err and "'n1'" not in res.err
     standin.patch_node("n2", {"metadata": {"labels": {PROVISIONED_LABEL: "true"}}})
-    res = run_cli(capsys, "wait", "n1", "n2", "--timeout", "5", "--kubeconfig", str(kubeconfig))
+    res = invoke("wait", "n1", "n2", "--timeout", "5", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
-    res = run_cli(capsys, "wait", "ghost", "--timeout", "0", "--kubeconfig", str(kubeconfig))
+    res = invoke("wait", "ghost", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1 and "'ghost' not found" in res.err
 
 
-def test_manifests_default_matches_committed_file(capsys):
+def test_manifests_default_matches_committed_file():
     """`kwasm-py manifests` prints manifests/installer.yaml byte for byte."""
-    res = run_cli(capsys, "manifests")
+    res = invoke("manifests")
     assert res.code == 0
     assert res.out == (REPO / "manifests" / "installer.yaml").read_text()
 
 
-def test_manifests_options(capsys):
+def test_manifests_options():
     """--image, --namespace, --shim, --runtime-class and --max-parallel-restarts reach the YAML."""
     import yaml
 
-    res = run_cli(
-        capsys,
+    res = invoke(
         "manifests",
         "--image", "example.org/kwasm:9",
         "--namespace", "wasm",
@@ -168,5 +166,5 @@ def test_manifests_options(capsys):
     assert env["KWASM_MAX_PARALLEL_RESTARTS"] == "3"
     rcs = [(o["metadata"]["name"], o["handler"]) for o in objs if o["kind"] == "RuntimeClass"]
     assert rcs == [("wasmtime-slight", "slight")]
-    res = run_cli(capsys, "manifests", "--runtime-class", "nohandler")
+    res = invoke("manifests", "--runtime-class", "nohandler")
     assert res.code == 2 and "NAME=HANDLER" in res.err

@@ -7,31 +7,12 @@ import os
 import pty
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.shim_http import catalog_text, serve, sha, shim_tar
+from tests.harness.cli import KWASM_ARGV, child_env, run_kwasm
+from tests.harness.shim_http import catalog_text, serve, sha, shim_tar
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = "containerd-shim-spin-v2"
-
-
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "installer"), str(ROOT)])
-    e.pop("KWASM_SHIM_CATALOG", None)
-    return e
-
-
-def kwasm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kwasm_py", *args],
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=60,
-        check=False,
-    )
 
 
 def write_catalog(tmp_path: Path, url: str, archive: bytes) -> Path:
@@ -46,7 +27,7 @@ def test_fetch_plain_output_when_not_a_terminal(tmp_path):
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive)
         cat = write_catalog(tmp_path, srv.url("/a.tar.gz"), archive)
-        r = kwasm("shims", "fetch", "--catalog", str(cat), "--arch", "amd64",
+        r = run_kwasm("shims", "fetch", "--catalog", str(cat), "--arch", "amd64",
                   "--dest", str(tmp_path / "out"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"spin v1.2.3 amd64: {tmp_path / 'out' / BIN} sha256 {sha(body)}")
@@ -60,7 +41,7 @@ def test_fetch_json_output(tmp_path):
     with serve() as srv:
         srv.add("/a.tar.gz", data=archive)
         cat = write_catalog(tmp_path, srv.url("/a.tar.gz"), archive)
-        r = kwasm("shims", "fetch", "spin", "--catalog", str(cat), "--arch", "x86_64",
+        r = run_kwasm("shims", "fetch", "spin", "--catalog", str(cat), "--arch", "x86_64",
                   "--dest", str(tmp_path / "out"), "-o", "json")  # fmt: skip
     doc = json.loads(r.stdout)
     assert doc["ok"] is True
@@ -76,9 +57,9 @@ def test_fetch_progress_bar_on_a_terminal(tmp_path):
         master, slave = pty.openpty()
         try:
             p = subprocess.Popen(
-                [sys.executable, "-m", "kwasm_py", "shims", "fetch", "--catalog", str(cat),
+                [*KWASM_ARGV, "shims", "fetch", "--catalog", str(cat),
                  "--arch", "amd64", "--dest", str(tmp_path / "out")],
-                stdout=subprocess.PIPE, stderr=slave, env={**env(), "COLUMNS": "120"},
+                stdout=subprocess.PIPE, stderr=slave, env=child_env(COLUMNS="120"),
             )  # fmt: skip
             os.close(slave)
             chunks = []
@@ -106,7 +87,7 @@ def test_fetch_404_is_one_clear_error(tmp_path):
     with serve() as srv:
         url = srv.url("/gone.tar.gz")
         cat = write_catalog(tmp_path, url, archive)
-        r = kwasm("shims", "fetch", "--catalog", str(cat), "--arch", "amd64",
+        r = run_kwasm("shims", "fetch", "--catalog", str(cat), "--arch", "amd64",
                   "--dest", str(tmp_path / "out"))  # fmt: skip
     assert r.returncode == 1
     lines = r.stderr.splitlines()
@@ -117,9 +98,9 @@ def test_fetch_404_is_one_clear_error(tmp_path):
 
 def test_fetch_unknown_shim_and_arch_exit_2(tmp_path):
     """Unknown shim names and architectures are usage errors (exit 2), nothing fetched."""
-    r = kwasm("shims", "fetch", "nope", "--dest", str(tmp_path / "o"))
+    r = run_kwasm("shims", "fetch", "nope", "--dest", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown shim 'nope'" in r.stderr
-    r = kwasm("shims", "fetch", "--arch", "ppc64le", "--dest", str(tmp_path / "o"))
+    r = run_kwasm("shims", "fetch", "--arch", "ppc64le", "--dest", str(tmp_path / "o"))
     assert r.returncode == 2 and "ppc64le" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -133,12 +114,12 @@ def test_list_shows_catalog_and_node_state(tmp_path):
         json.dumps({"runtimes": [{"handler": "spin", "shim": f"/opt/kwasm/bin/{BIN}",
                                   "sha256": sha(b"spin")}]})
     )  # fmt: skip
-    r = kwasm("shims", "list", "--host-root", str(root))
+    r = run_kwasm("shims", "list", "--host-root", str(root))
     assert r.returncode == 0, r.stderr
     assert "spin       handler=spin       v0.25.1  [amd64,arm64] (default)" in r.stdout
     assert f"{BIN}  sha256 {sha(b'spin')} handler=spin  matches state file" in r.stdout
     (root / "opt/kwasm/bin" / BIN).write_bytes(b"changed")
-    doc = json.loads(kwasm("shims", "list", "--host-root", str(root), "-o", "json").stdout)
+    doc = json.loads(run_kwasm("shims", "list", "--host-root", str(root), "-o", "json").stdout)
     assert [c["name"] for c in doc["catalog"]] == ["spin", "wasmtime"]
     inst = doc["installed"][0]
     assert inst["sha256"] == sha(b"changed") and inst["state_sha256"] == sha(b"spin")
@@ -146,13 +127,13 @@ def test_list_shows_catalog_and_node_state(tmp_path):
 
 def test_list_bad_host_root_is_usage_error(tmp_path):
     """A --host-root that is not a directory exits 2 with one error line."""
-    r = kwasm("shims", "list", "--host-root", str(tmp_path / "missing"))
+    r = run_kwasm("shims", "list", "--host-root", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.startswith("error: --host-root")
 
 
 def test_output_format_is_checked_by_the_shared_choice(tmp_path):
     """-o accepts text|json only (model.OutputFormat): anything else is a usage error, exit 2."""
-    r = kwasm("shims", "list", "-o", "yaml")
+    r = run_kwasm("shims", "list", "-o", "yaml")
     assert r.returncode == 2 and "'yaml' is not one of 'text', 'json'" in r.stderr
-    r = kwasm("shims", "list", "--host-root", str(tmp_path / "none"), "-o", "json")
+    r = run_kwasm("shims", "list", "--host-root", str(tmp_path / "none"), "-o", "json")
     assert r.returncode == 2 and r.stderr.startswith("error: --host-root") and "hint: " in r.stderr

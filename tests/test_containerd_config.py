@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kwasm_py.containerd import config as cc
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
-from tests.conftest import SHARED_CONFIGS
+from tests.harness.containerd import SHARED_CONFIGS
 
 DATA = Path(__file__).parent / "data" / "configs"
 SHIM = "/opt/kwasm/bin/containerd-shim-spin-v2"

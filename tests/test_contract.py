@@ -10,8 +10,8 @@ import pytest
 
 from kwasm_py.contract import CONTRACT_VERSION, ContainerdView, EngineRequest, EngineResult, Runtime
 from kwasm_py.errors import ContractError, KwasmError
-from tests.cluster_helpers import run_cli
-from tests.test_layout import SYSTEMD, UNIT, V2, tree
+from tests.harness.cli import invoke
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree
 
 SPIN = Runtime(
     "spin", "/opt/kwasm/bin/containerd-shim-spin-v2", "/opt/kwasm/bin/containerd-shim-spin-v2", "ab" * 32
@@ -173,31 +173,31 @@ def _shim(directory: Path) -> Path:
     return path
 
 
-def test_node_cli_prints_contract_results(tmp_path: Path, capsys):
+def test_node_cli_prints_contract_results(tmp_path: Path):
     """`node install|status|uninstall -o json` print contract documents the agent can read,
     failures included; a shim path with a comma given as --shim stays one path."""
     root = _node_root(tmp_path)
     shim = _shim(tmp_path / "odd,dir")
     common = ["--host-root", str(root), "--restart", "none", "-o", "json"]
-    res = run_cli(capsys, "node", "install", *common, "--shim", str(shim))
+    res = invoke("node", "install", *common, "--shim", str(shim))
     assert res.code == 0, res.err
     installed = EngineResult.loads(res.out, command="install")
     assert installed.changed and not installed.restarted and installed.layout == "containerd"
     assert [r.handler for r in installed.runtimes] == ["spin"]
-    res = run_cli(capsys, "node", "status", "--host-root", str(root), "--no-containerd", "-o", "json")
+    res = invoke("node", "status", "--host-root", str(root), "--no-containerd", "-o", "json")
     status = EngineResult.loads(res.out, command="status")
     assert status.installed and status.status == "installed" and status.drift == ()
     assert status.containerd is None and status.runtimes == installed.runtimes
-    res = run_cli(capsys, "node", "install", *common, "--shim", str(tmp_path / "containerd-shim-nope-v2"))
+    res = invoke("node", "install", *common, "--shim", str(tmp_path / "containerd-shim-nope-v2"))
     failed = EngineResult.loads(res.out, command="install")
     assert res.code != 0 and not failed.ok and failed.error and failed.step == "install"
-    res = run_cli(capsys, "node", "uninstall", *common)
+    res = invoke("node", "uninstall", *common)
     assert res.code == 0, res.err
     removed = EngineResult.loads(res.out, command="uninstall")
     assert removed.changed and [r.handler for r in removed.runtimes] == ["spin"]
 
 
-def test_node_cli_kwasm_shim_is_comma_separated(tmp_path: Path, capsys, monkeypatch):
+def test_node_cli_kwasm_shim_is_comma_separated(tmp_path: Path):
     """KWASM_SHIM (and KWASM_HANDLER) keep working for users: comma-separated lists."""
     root = _node_root(tmp_path)
     spin = _shim(tmp_path / "a")
@@ -205,9 +205,8 @@ def test_node_cli_kwasm_shim_is_comma_separated(tmp_path: Path, capsys, monkeypa
     other.parent.mkdir()
     other.write_bytes(spin.read_bytes())
     other.chmod(0o755)
-    monkeypatch.setenv("KWASM_SHIM", f"{spin},{other}")
-    monkeypatch.setenv("KWASM_HANDLER", "spin,wasm-slight")
-    res = run_cli(capsys, "node", "plan", "--host-root", str(root), "-o", "json")
+    env = {"KWASM_SHIM": f"{spin},{other}", "KWASM_HANDLER": "spin,wasm-slight"}
+    res = invoke("node", "plan", "--host-root", str(root), "-o", "json", env=env)
     assert res.code == 0, res.err
     plan = json.loads(res.out)
     assert [b["source"] for b in plan["binaries"]] == [str(spin), str(other)]

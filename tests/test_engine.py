@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Kwasm, tree_hash
-from tests.test_layout import SYSTEMD, UNIT, V2, tree
+from tests.harness.cli import Kwasm, run_kwasm
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree, tree_hash
 
 DEFAULT_NODE = {
     **SYSTEMD,
@@ -20,6 +20,13 @@ DEFAULT_NODE = {
     "/usr/bin/containerd": "",
     "/lib/systemd/system/containerd.service": UNIT,
 }
+#: Product bugs the whole-root tree hash exposed (tests/harness/noderoot.py); strict, so a fix
+#: turns these tests red until the marker is removed.
+LEAVES_OPT = pytest.mark.xfail(
+    strict=True,
+    reason="kwasm-py bug: install creates the missing parents of the install dir (/opt on this "
+    "root) and uninstall removes only the install dir, so an empty /opt is left behind",
+)
 K3S_RENDERED = (
     V2 + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n'
 )
@@ -35,8 +42,14 @@ def args(root: Path, shim: Path, *extra: str) -> list[str]:
     return ["--host-root", str(root), "--shim", str(shim), "--restart", "none", *extra]
 
 
-def test_install_uninstall_roundtrip(node: Path, shim: Path, kwasm: Kwasm) -> None:
-    """Install writes binary, config and state; uninstall restores the node byte for byte."""
+@pytest.mark.parametrize(
+    "has_opt", [pytest.param(False, marks=LEAVES_OPT, id="no-opt"), pytest.param(True, id="with-opt")]
+)
+def test_install_uninstall_roundtrip(node: Path, shim: Path, kwasm: Kwasm, has_opt: bool) -> None:
+    """Install writes binary, config and state; uninstall restores the node byte for byte
+    (whether or not the node root had an /opt before)."""
+    if has_opt:
+        (node / "opt").mkdir()
     before = tree_hash(node)
     original = (node / "etc/containerd/config.toml").read_bytes()
     r = kwasm("node", "install", *args(node, shim), "-o", "json")
@@ -115,6 +128,7 @@ def test_plan_changes_nothing(node: Path, shim: Path, kwasm: Kwasm) -> None:
     assert tree_hash(node) == before
 
 
+@LEAVES_OPT
 def test_k3s_template_created_with_base_and_removed(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """k3s without a template: one is created from {{ template "base" . }}, not a frozen copy."""
     root = tree(
@@ -135,6 +149,7 @@ def test_k3s_template_created_with_base_and_removed(tmp_path: Path, shim: Path, 
     assert tree_hash(root) == before
 
 
+@LEAVES_OPT
 def test_k0s_drop_in(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """k0s-managed nodes get a drop-in next to k0s's config, never an edit of it."""
     main = '# k0s_managed=true\nimports = ["/run/k0s/containerd-cri.toml"]\nversion = 2\n'
@@ -264,6 +279,11 @@ def test_read_only_install_dir(node: Path, shim: Path, kwasm: Kwasm, tmp_path: P
 
 
 @pytest.mark.root
+@pytest.mark.xfail(
+    strict=True,
+    reason="kwasm-py bug: an install that fails with ENOSPC rolls back its files but leaves the "
+    "empty /opt/kwasm and /opt directories it created",
+)
 def test_full_filesystem(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """A full node filesystem fails the install cleanly and leaves no partial file behind."""
     if os.geteuid() != 0:
@@ -302,8 +322,6 @@ def test_lock_held_is_an_error_after_the_timeout(node: Path, shim: Path, tmp_pat
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         before = tree_hash(node)
-        from tests.conftest import run_kwasm
-
         r = run_kwasm("node", "install", *args(node, shim), env={"KWASM_LOCK_TIMEOUT": "0.3"})
         assert r.returncode == 1 and "holds the lock" in r.stderr, r.stderr
         assert tree_hash(node) == before

@@ -13,11 +13,11 @@ from kwasm_py.errors import RestartError, VerifyError
 from kwasm_py.model import RestartMethod, RestartSpec, ShimSpec
 from kwasm_py.node import engine
 from kwasm_py.node.procfs import ProcFS
-from tests.conftest import Kwasm
-from tests.containerd_node import fake_shim
-from tests.fake_ports import FakeContainerd, node_proc, tree_digest
+from tests.harness.cli import Kwasm
+from tests.harness.containerd import fake_shim
+from tests.harness.fake_ports import FakeContainerd, node_proc
+from tests.harness.noderoot import tree, tree_hash
 from tests.test_engine import DEFAULT_NODE
-from tests.test_layout import tree
 
 SYSTEMD_RESTART = RestartSpec(RestartMethod.SYSTEMD, "containerd")
 BINARY = "opt/kwasm/bin/containerd-shim-spin-v2"
@@ -101,13 +101,13 @@ def test_second_run_restarts_nothing_and_verify_only_asks(tmp_path: Path, root: 
     fake = ports(tmp_path, root)
     fake.install(options(root, shim))
     fake.ctd.events.clear()
-    before = tree_digest(root)
+    before = tree_hash(root)
     assert not fake.install(options(root, shim)).changed
     assert fake.ctd.events == []
     opts = engine.NodeOptions(**{**options(root, shim).__dict__, "verify": True})
     outcome = fake.install(opts)
     assert outcome.verified and not outcome.restarted and fake.ctd.events == ["status"]
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_runtime_never_listed_rolls_back(tmp_path: Path, root: Path, shim: Path) -> None:
@@ -115,7 +115,7 @@ def test_runtime_never_listed_rolls_back(tmp_path: Path, root: Path, shim: Path)
     the config, binary and state are put back, containerd is restarted again, and the whole
     node root (including /opt) is exactly as before."""
     fake = ports(tmp_path, root, registers=False)
-    before = tree_digest(root)
+    before = tree_hash(root)
     with pytest.raises(VerifyError) as caught:
         fake.install(options(root, shim, timeout=0.2))
     message = caught.value.message
@@ -125,31 +125,31 @@ def test_runtime_never_listed_rolls_back(tmp_path: Path, root: Path, shim: Path)
     assert fake.ctd.restarts == [SYSTEMD_RESTART, SYSTEMD_RESTART]
     second = fake.ctd.events.index("restart systemd:containerd", 1)
     assert fake.ctd.events[second + 1 :] == ["status"], "after the rollback restart: asked once, ready"
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_containerd_not_coming_back_rolls_back(tmp_path: Path, root: Path, shim: Path) -> None:
     """containerd does not answer after our restart: RestartError, rollback restart, and it runs
     again on the previous config; nothing of ours is left."""
     fake = ports(tmp_path, root, down_after=frozenset({1}))
-    before = tree_digest(root)
+    before = tree_hash(root)
     with pytest.raises(RestartError, match="did not come back after the restart") as caught:
         fake.install(options(root, shim, timeout=0.2))
     assert "containerd runs again with the previous config" in caught.value.message
     assert len(fake.ctd.restarts) == 2 and fake.ctd.up and "spin" not in fake.ctd.runtimes
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_uninstall_restarts_and_checks_the_runtime_is_gone(tmp_path: Path, root: Path, shim: Path) -> None:
     """Uninstall in process: one restart, containerd no longer lists spin, the root is as before."""
     fake = ports(tmp_path, root)
-    before = tree_digest(root)
+    before = tree_hash(root)
     fake.install(options(root, shim))
     fake.ctd.events.clear()
     outcome = fake.uninstall(options(root), [])
     assert outcome.changed and outcome.restarted and outcome.verified
     assert fake.ctd.events == ["restart systemd:containerd", "status"] and "spin" not in fake.ctd.runtimes
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_uninstall_plan_is_what_uninstall_does(tmp_path: Path, root: Path, shim: Path) -> None:
@@ -158,9 +158,9 @@ def test_uninstall_plan_is_what_uninstall_does(tmp_path: Path, root: Path, shim:
     other = fake_shim(tmp_path / "shims", "slight")
     fake = ports(tmp_path, root)
     fake.install(options(root, shim, other))
-    before = tree_digest(root)
+    before = tree_hash(root)
     node, the_plan = engine.plan_uninstall(options(root), ["slight"], proc=fake.proc)
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
     assert the_plan is not None and the_plan.changed and not the_plan.restores_original
     assert [r.handler for r in the_plan.chosen] == ["slight"] and [r.handler for r in the_plan.keep] == [
         "spin"
@@ -170,7 +170,7 @@ def test_uninstall_plan_is_what_uninstall_does(tmp_path: Path, root: Path, shim:
     assert node.layout.restart == SYSTEMD_RESTART
     fake.uninstall(options(root), ["slight"])
     assert (root / CONFIG).read_bytes() == the_plan.new_data
-    after = tree_digest(root)
+    after = tree_hash(root)
     assert set(before) - set(after) == {"opt/kwasm/bin/containerd-shim-slight-v2"}
     state = json.loads((root / STATE).read_text())
     assert [r["handler"] for r in state["runtimes"]] == ["spin"]
@@ -186,7 +186,7 @@ def test_plan_uninstall_cli_changes_nothing(root: Path, shim: Path, kwasm: Kwasm
         ).returncode
         == 0
     )
-    before = tree_digest(root)
+    before = tree_hash(root)
     r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "--restart", "systemd:containerd")
     assert r.returncode == 0, r.stderr
     assert "config:     /etc/containerd/config.toml (restored byte for byte from its backup)" in r.stdout
@@ -204,12 +204,12 @@ def test_plan_uninstall_cli_changes_nothing(root: Path, shim: Path, kwasm: Kwasm
     assert data["config_action"] == "restored byte for byte from its backup"
     r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "--handler", "nope")
     assert r.returncode == 2 and "did not install handler(s) nope" in r.stderr
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_plan_uninstall_with_nothing_installed(root: Path, kwasm: Kwasm) -> None:
     """On a node kwasm-py never touched, the uninstall plan says so and changes nothing."""
-    before = tree_digest(root)
+    before = tree_hash(root)
     r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["installed"] is False
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before

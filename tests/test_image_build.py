@@ -17,10 +17,10 @@ import pytest
 from kwasm_py import sandbox
 from kwasm_py.shims import catalog as shim_catalog
 from kwasm_py.shims import source as shim_source
-from tests import image_build as ib
-from tests.containerd_node import fake_shim
-from tests.image_build import Built
-from tests.test_layout import SYSTEMD, UNIT, V2, tree
+from tests.harness import image_build as ib
+from tests.harness.containerd import fake_shim
+from tests.harness.image_build import Built
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree
 
 pytestmark = [pytest.mark.root, pytest.mark.image]
 

@@ -10,9 +10,7 @@ import pytest
 from kwasm_py.cluster import kube, official
 from kwasm_py.cluster.lean import LeanKube
 from kwasm_py.errors import KubeError, KwasmError
-from tests.kube_standin import StandIn
-
-pytest_plugins = ["tests.cluster_fixtures"]
+from tests.harness.kube_standin import StandIn
 
 
 def free_port() -> int:

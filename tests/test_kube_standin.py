@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube_standin import StandIn, json_patch, label_match, merge_patch
-
-pytest_plugins = ["tests.cluster_fixtures"]
+from tests.harness.kube_standin import StandIn, json_patch, label_match, merge_patch
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH")

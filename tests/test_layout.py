@@ -11,31 +11,15 @@ from kwasm_py.model import ConfigKind, RestartMethod, RestartSpec
 from kwasm_py.node import layout
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node.hostfs import HostFS
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree
 
-V2 = (
-    'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
-    '  runtime_type = "io.containerd.runc.v2"\n'
-)
 V3 = (
     "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\n"
     "  runtime_type = 'io.containerd.runc.v2'\n"
 )
 
 
-def tree(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        path = root / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if rel.endswith("/"):
-            path.mkdir(exist_ok=True)
-        else:
-            path.write_text(text)
-    return root
-
-
 K0S_MAIN = '# k0s_managed=true\nimports = ["/run/k0s/containerd-cri.toml"]\nversion = 2\n'
-UNIT = "[Service]\nExecStart=/usr/bin/containerd\n"
-SYSTEMD = {"/lib/systemd/systemd": ""}
 
 CASES: dict[str, tuple[dict[str, str], str, str, RestartSpec]] = {
     # name: (files, expected layout, expected config, expected restart)

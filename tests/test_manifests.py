@@ -307,12 +307,12 @@ def test_daemonset_runs_the_image_entrypoint_as_is():
     assert argv == ["kwasm-py", "agent"]
 
 
-def test_cli_options_reach_quota_rbac_and_policy(capsys):
+def test_cli_options_reach_quota_rbac_and_policy():
     """`kwasm-py manifests --namespace --max-parallel-restarts` moves the quota, the Role, its
     Lease names and the policy's ServiceAccount with them."""
-    from tests.cluster_helpers import run_cli
+    from tests.harness.cli import invoke
 
-    res = run_cli(capsys, "manifests", "--namespace", "wasm", "--max-parallel-restarts", "2")
+    res = invoke("manifests", "--namespace", "wasm", "--max-parallel-restarts", "2")
     assert res.code == 0, res.err
     objs = [o for o in yaml.safe_load_all(res.out) if o]
     (quota,) = by_kind(objs, "ResourceQuota")

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from kwasm_py.node import probe
 from kwasm_py.node.hostfs import HostFS
 from kwasm_py.node.procfs import Proc, ProcFS, config_from_argv
-from tests.fake_ports import fake_process
+from tests.harness.fake_ports import fake_process
 
 NODE_NS, HOST_NS = "pid:[4026532001]", "pid:[4026531836]"
 

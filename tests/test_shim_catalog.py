@@ -8,7 +8,7 @@ import pytest
 
 from kwasm_py.errors import CatalogError
 from kwasm_py.shims import catalog as shim_catalog
-from tests.shim_http import catalog_text
+from tests.harness.shim_http import catalog_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "images" / "shims.toml"

@@ -12,7 +12,7 @@ from kwasm_py import retry
 from kwasm_py.errors import ChecksumError, FetchError, UsageError
 from kwasm_py.shims import catalog as shim_catalog
 from kwasm_py.shims import source as shim_source
-from tests.shim_http import catalog_text, serve, sha, shim_tar
+from tests.harness.shim_http import catalog_text, serve, sha, shim_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = "containerd-shim-spin-v2"

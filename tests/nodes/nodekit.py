@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from kwasm_py import sandbox
+from tests.harness.cli import run_kwasm
 
 REPO = Path(__file__).resolve().parents[2]
 SPIN_RUNTIME_TYPE = "io.containerd.spin.v2"
@@ -206,23 +205,6 @@ class NodeHandle:
         return run_kwasm(
             *args, "--host-root", str(self.root), "--pid", str(self.pid), env=env, timeout=timeout
         )
-
-
-def run_kwasm(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess:
-    """Run this tree's CLI in a subprocess (so a SIGKILL hits it, not pytest)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KWASM_")}
-    full_env["PYTHONPATH"] = str(REPO / "installer")
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "kwasm_py", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        check=False,
-    )
 
 
 def json_out(proc: subprocess.CompletedProcess) -> dict:

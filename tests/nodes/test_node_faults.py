@@ -7,15 +7,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from nodekit import KINDS, REPO, json_out
+from nodekit import KINDS, json_out
 from test_node_engine import INSTALLED_SHIM, install, runtime_table
 
 from kwasm_py import sandbox
+from tests.harness.cli import start_kwasm
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
@@ -134,15 +134,10 @@ def test_two_installs_at_once_are_serialised(make_node, test_shim):
     node.wait_ready()
     starts = node.containerd_starts()
     argv = [
-        sys.executable,
-        "-m", "kwasm_py", "node", "install", "--host-root", str(node.root), "--pid",
-        str(node.pid), "--shim", str(shim), "--output", "json",
+        "node", "install", "--host-root", str(node.root), "--pid", str(node.pid),
+        "--shim", str(shim), "--output", "json",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "installer")}
-    procs = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
-    ]
+    procs = [start_kwasm(*argv) for _ in range(2)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -6,14 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from nodekit import KINDS, REPO, SPIN_RUNTIME_TYPE, run_kwasm
+from nodekit import KINDS, REPO, SPIN_RUNTIME_TYPE
 
 from kwasm_py import sandbox
+from tests.harness.cli import KWASM_ARGV, run_kwasm
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
@@ -168,8 +168,8 @@ def test_cli_up_list_down(node_state, node_roots):
 def test_cli_refuses_without_root_and_with_bad_input():
     """Not root: one clear error, exit 1; an unknown suite: exit 2; nothing is started."""
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-         "-m", "kwasm_py", "sandbox", "up"],
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *KWASM_ARGV,
+         "sandbox", "up"],
         capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "installer"),
                                              "PATH": os.environ["PATH"]}, check=False,
     )  # fmt: skip

@@ -3,8 +3,6 @@ over CRI in process (it implements both `restart.Restarter` and `cri.CriClient`)
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,20 +110,3 @@ class FakeContainerd:
         if not self.up:
             raise RestartError(f"containerd at {socket} did not answer CRI Status: down")
         return CriStatus(runtime_ready=True, runtimes=dict(self.runtimes))
-
-
-def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
-    """Every file, symlink and directory under `root` (nothing skipped): type+content and mode."""
-    out: dict[str, tuple[str, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            info = path.lstat()
-            if path.is_symlink():
-                out[rel] = ("link:" + os.readlink(path), 0)
-            elif path.is_dir():
-                out[rel] = ("dir", info.st_mode)
-            else:
-                out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode)
-    return out

@@ -1,9 +1,8 @@
-"""Helpers for the cluster-side tests: in-process CLI runs, agent subprocesses, bounded polling."""
+"""Helpers for the cluster-side tests: agent subprocesses on fake nodes, bounded polling."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,43 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.harness.cli import KWASM_ARGV, child_env
 
-REPO = Path(__file__).resolve().parent.parent
+#: The stand-in for `kwasm-py node` that agents run in these tests (see fake_node.py).
 FAKE_NODE = Path(__file__).resolve().parent / "fake_node.py"
 NAMESPACE = "kwasm-system"
-
-
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
-    """Run `kwasm-py ARGS` in-process through the real entry point (errors rendered once)."""
-    from kwasm_py.cli import main
-
-    old = sys.argv
-    sys.argv = ["kwasm-py", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as ex:
-        code = int(ex.code or 0)
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return CliResult(code, captured.out, captured.err)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment for a `python -m kwasm_py` child that runs this tree's code."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KWASM_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "installer"), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -109,10 +76,10 @@ class AgentFactory:
             "KWASM_WATCH_TIMEOUT": "30",
             "KWASM_LEASE_DURATION": "30",
         }
-        full_env = child_env(**{**settings, **env})
+        full_env = child_env({**settings, **env})
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kwasm_py", "agent"],
+                [*KWASM_ARGV, "agent"],
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

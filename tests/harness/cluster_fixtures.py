@@ -1,7 +1,6 @@
 """Fixtures for the cluster-side tests: the stand-in API, kubeconfigs, agent processes.
 
-Test modules load them with ``pytest_plugins = ["tests.cluster_fixtures"]``, so this file does not
-depend on (or clash with) a shared conftest.py.
+Registered for every test by tests/conftest.py (``pytest_plugins``).
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_helpers import NAMESPACE, AgentFactory
-from tests.kube_standin import StandIn
+from tests.harness.cluster import NAMESPACE, AgentFactory
+from tests.harness.kube_standin import StandIn
 
 
 @pytest.fixture

@@ -13,18 +13,26 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "installer"))
-
-from kwasm_py.node import cri  # noqa: E402
+from kwasm_py.node import cri
+from tests.harness.cli import REPO
 
 CACHE = Path(os.environ.get("KWASM_CACHE", "/var/cache/kwasm-py"))
+
+
+def _shared_configs() -> Path:
+    """The project's shared folder of real distribution configs: beside the checkout, or beside
+    the folder of worktrees (/work/main and /work/wt/NAME both find /work/shared)."""
+    candidates = [p / "shared" / "containerd-configs" for p in (REPO.parent, REPO.parent.parent)]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+#: Real containerd configs of distributions (read-only, shared by the project).
+SHARED_CONFIGS = _shared_configs()
 BINARIES = {
     "1.6": Path("/usr/bin"),
     "2.x": CACHE / "containerd2" / "usr" / "bin",

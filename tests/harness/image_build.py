@@ -33,7 +33,7 @@ from typing import Any
 
 from kwasm_py import sandbox
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 BASE_IMAGE = "localhost/kwasm-py-base:bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3")
 # What the Debian slim images leave out (dpkg path-exclude there; removed here after the fact).
