@@ -27,7 +27,7 @@ Shims = Annotated[
     typer.Option(
         "--shim",
         envvar="KWASM_SHIM",
-        help="Shim binary (containerd-shim-NAME-v2) to install; repeatable.",
+        help="Shim binary (containerd-shim-NAME-vN) to install; repeatable.",
     ),
 ]
 Handlers = Annotated[
@@ -73,7 +73,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[ShimSpec, ...]:
-    from kwasm_py.node.plan import shim_name
+    from kwasm_py.node.plan import parse_shim_binary
 
     if handlers and len(handlers) != len(paths):
         raise UsageError("give one --handler per --shim (or none)")
@@ -81,13 +81,14 @@ def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[Sh
         raise UsageError("give one --sha256 per --shim (or none)")
     specs = []
     for i, path in enumerate(paths):
-        name = shim_name(path)
+        name, version = parse_shim_binary(path)
         specs.append(
             ShimSpec(
                 source=path,
                 name=name,
                 handler=handlers[i] if handlers else name,
                 sha256=sha256[i] if sha256 else None,
+                shim_version=version,
             )
         )
     return tuple(specs)
