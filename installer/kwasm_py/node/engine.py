@@ -389,12 +389,24 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
                 return outcome
             outcome.notes.append("files are in place but containerd does not report the runtime")
             node.state = replace(node.state, status=st.PENDING)  # converge: restart once
+        _require_exec(node)
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
         if the_plan.changes:
             node.require_pid()
         _apply(node, the_plan, outcome, log=log)
         return outcome
+
+
+def _require_exec(node: Node) -> None:
+    """Refuse, before anything changes, an install directory the node cannot execute from."""
+    bin_dir = node.install_dir / "bin"
+    blocked = nodeprobe.exec_blocker(node.fs, bin_dir, pid=node.opts.pid if node.pid_ok else None)
+    if blocked:
+        raise HostIOError(
+            f"the node cannot execute shims installed in {bin_dir}: {blocked}",
+            hint="pass --install-dir on a filesystem the node mounts without noexec (e.g. /var/lib/kwasm)",
+        )
 
 
 def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[str], None]) -> None:
