@@ -58,7 +58,15 @@ SocketOpt = Annotated[
     typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
 ]
 Output = Annotated[str, typer.Option("--output", "-o", help="text or json.")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        "--verify-timeout",
+        "--timeout",
+        envvar="KWASM_VERIFY_TIMEOUT",
+        help="Seconds to wait for containerd after a restart (a crash loop rolls back sooner).",
+    ),
+]
 LockTimeout = Annotated[
     float,
     typer.Option("--lock-timeout", envvar="KWASM_LOCK_TIMEOUT", help="Seconds to wait for the node lock."),

@@ -541,14 +541,21 @@ def _registered(node: Node, the_plan: plan.Plan) -> bool:
 
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
     wanted = {e.handler: e.runtime_type for e in the_plan.entries}
+    watch = restart.CrashWatch(node.layout.restart, pid=node.opts.pid)
     try:
         restart.wait_until(
             node.cri_status,
             lambda s: s.runtime_ready and all(s.runtimes.get(h) == t for h, t in wanted.items()),
             timeout=timeout,
             what="containerd to report runtime(s) " + ", ".join(sorted(wanted)),
+            watch=watch,
         )
     except RestartError as err:
+        if watch.exits >= watch.limit:
+            raise RestartError(
+                f"containerd crash-loops with the new config ({err.message})",
+                hint="see the node's containerd log (journalctl -u containerd)",
+            ) from err
         try:
             current = node.cri_status()
         except KwasmError:
@@ -606,6 +613,7 @@ def _rollback(
                 lambda s: s.runtime_ready,
                 timeout=node.opts.verify_timeout,
                 what="containerd to run again with the previous config",
+                watch=restart.CrashWatch(lay.restart, pid=node.opts.pid),
             )
             notes.append("containerd runs again with the previous config")
     except KwasmError as second:
@@ -709,6 +717,7 @@ def uninstall(
                     ),
                     timeout=opts.verify_timeout,
                     what="containerd to run without runtime(s) " + ", ".join(sorted(gone)),
+                    watch=restart.CrashWatch(lay.restart, pid=opts.pid),
                 )
                 outcome.verified = True
         except KwasmError as err:
@@ -718,6 +727,14 @@ def uninstall(
                 if lay.restart.method is not RestartMethod.NONE:
                     try:
                         restart.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                        restart.wait_until(
+                            node.cri_status,
+                            lambda s: s.runtime_ready,
+                            timeout=opts.verify_timeout,
+                            what="containerd to run again with the previous config",
+                            watch=restart.CrashWatch(lay.restart, pid=opts.pid),
+                        )
+                        err.message += "; containerd runs again with the previous config"
                     except KwasmError as again:
                         err.message += f"; restart after that failed too: {again.message}"
             raise
