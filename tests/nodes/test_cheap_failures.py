@@ -1,0 +1,82 @@
+"""Failures cost little (issue 11 item 7), on real bookworm nodes under systemd.
+
+Debian's containerd.service sets no start limit, so systemd's default (5 starts in 10 s) applies:
+install/uninstall cycles back to back used to end in `failed (start-limit-hit)`. A restart that
+fails must leave containerd running on the old config; a noexec install directory is refused.
+"""
+
+from __future__ import annotations
+
+from nodekit import json_out
+from test_node_engine import install, uninstall
+
+
+def _active(node) -> str:
+    return node.run("systemctl", "is-active", "containerd").stdout.strip()
+
+
+def test_install_uninstall_rounds_back_to_back_all_succeed(bookworm_node, test_shim):
+    """Four install/uninstall rounds (8 restarts within seconds): each succeeds, containerd is
+    active after each, and the unit's start limit is systemd's default (the case that failed)."""
+    node, shim = bookworm_node, test_shim()
+    limits = node.run(
+        "systemctl", "show", "containerd", "-p", "StartLimitBurst", "-p", "StartLimitIntervalUSec"
+    )
+    assert "StartLimitBurst=5" in limits.stdout and "StartLimitIntervalUSec=10s" in limits.stdout, (
+        limits.stdout
+    )
+    node.wait_ready()
+    for round_ in range(1, 5):
+        i = install(node, shim)
+        assert i.returncode == 0, f"round {round_} install: {i.stdout}{i.stderr}"
+        assert json_out(i)["restarted"] is True
+        u = uninstall(node)
+        assert u.returncode == 0, f"round {round_} uninstall: {u.stdout}{u.stderr}"
+        assert json_out(u)["restarted"] is True
+        assert _active(node) == "active", f"round {round_}"
+    assert "spin" not in node.runtimes()
+    assert node.run("systemctl", "show", "containerd", "-p", "Result", "--value").stdout.strip() == "success"
+
+
+REFUSE = """[Service]
+ExecStartPre=/bin/sh -c '! grep -q containerd-shim-spin-v2 /etc/containerd/config.toml'
+"""
+
+
+def test_a_failed_restart_leaves_containerd_running_on_the_old_config(bookworm_node, test_shim):
+    """The unit refuses to start with our runtime in the file (an ExecStartPre check): the
+    install fails, the old config is back and containerd is active again before it reports."""
+    node, shim = bookworm_node, test_shim()
+    dropin = node.path("/etc/systemd/system/containerd.service.d/kwasm-test-refuse.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(REFUSE)
+    node.run("systemctl", "daemon-reload", check=True)
+    node.wait_ready()
+    before = node.snapshot(node.config)
+    r = install(node, shim)
+    assert r.returncode == 1, r.stdout + r.stderr
+    error = json_out(r)["error"]
+    assert error.startswith("restart:") and "rolled back" in error, error
+    assert "containerd runs again with the previous config" in error, error
+    assert _active(node) == "active"
+    assert node.snapshot(node.config) == before
+    assert "spin" not in node.runtimes()
+    assert not node.path("/opt/kwasm/kwasm-state.json").exists()
+
+
+def test_noexec_install_dir_seen_only_inside_the_node_is_refused(bookworm_node, test_shim):
+    """/opt/kwasm on a noexec tmpfs mounted inside the node's own mount namespace (invisible
+    under --host-root from here): found through the node's mountinfo, refused before anything
+    changes, containerd not restarted."""
+    node, shim = bookworm_node, test_shim()
+    node.run("mkdir", "-p", "/opt/kwasm", check=True)
+    node.run("mount", "-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs", "/opt/kwasm", check=True)
+    running = node.wait_ready()
+    before = node.snapshot(node.config)
+    r = install(node, shim)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = json_out(r)
+    assert "noexec" in out["error"] and "/proc/" in out["error"], out
+    assert "--install-dir" in out["hint"], out
+    assert node.snapshot(node.config) == before and node.containerd() == running
+    assert node.run("ls", "-A", "/opt/kwasm").stdout == ""
