@@ -7,8 +7,15 @@ fails must leave containerd running on the old config; a noexec install director
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from nodekit import json_out
 from test_node_engine import install, uninstall
+
+from kwasm_py.errors import RestartError
+from kwasm_py.model import RestartMethod, RestartSpec
+from kwasm_py.node import restart
 
 
 def _active(node) -> str:
@@ -80,3 +87,28 @@ def test_noexec_install_dir_seen_only_inside_the_node_is_refused(bookworm_node, 
     assert "--install-dir" in out["hint"], out
     assert node.snapshot(node.config) == before and node.containerd() == running
     assert node.run("ls", "-A", "/opt/kwasm").stdout == ""
+
+
+def test_crash_watch_reads_a_crash_looping_systemd_unit(bookworm_node):
+    """A real unit that exits a moment after every start (Restart=always, RestartSec=1): the
+    watch, built once the unit runs, reports the loop from systemd's NRestarts / auto-restart
+    within seconds; a healthy unit over the same time is not reported."""
+    node = bookworm_node
+    for unit, body in (("kwasm-test-crash", "sleep 0.3; exit 1"), ("kwasm-test-fine", "exec sleep 600")):
+        node.run(
+            "systemd-run", f"--unit={unit}", "-p", "Restart=always", "-p", "RestartSec=1",
+            "/bin/sh", "-c", body, check=True,
+        )  # fmt: skip
+    crash = restart.CrashWatch(RestartSpec(RestartMethod.SYSTEMD, "kwasm-test-crash"), pid=node.pid)
+    fine = restart.CrashWatch(RestartSpec(RestartMethod.SYSTEMD, "kwasm-test-fine"), pid=node.pid)
+    started = time.monotonic()
+    with pytest.raises(RestartError, match=r"unit kwasm-test-crash"):
+        while time.monotonic() - started < 30:  # bounded polling of the condition under test
+            crash.check()
+            fine.check()
+            time.sleep(0.05)
+    assert crash.exits >= 2 or "failed" in node.run("systemctl", "is-active", "kwasm-test-crash").stdout
+    assert time.monotonic() - started < 15
+    fine.check()
+    assert fine.exits == 0
+    node.run("systemctl", "stop", "kwasm-test-crash", "kwasm-test-fine")
