@@ -112,3 +112,53 @@ def test_crash_watch_reads_a_crash_looping_systemd_unit(bookworm_node):
     fine.check()
     assert fine.exits == 0
     node.run("systemctl", "stop", "kwasm-test-crash", "kwasm-test-fine")
+
+
+CRASH_LOOP_START = """#!/bin/sh
+# test: with our runtime in the file, containerd comes up on a copy of the old file (so the
+# runtime never shows) and is killed 2 s later, at every start
+if grep -q containerd-shim-spin-v2 /etc/containerd/config.toml; then
+  (sleep 2; kill -9 $$) &
+  exec /usr/bin/containerd --config /etc/containerd/kwasm-test-old.toml
+fi
+exec /usr/bin/containerd
+"""
+CRASH_LOOP = """[Service]
+# Debian's unit keeps Restart=always, RestartSec=5
+ExecStart=
+ExecStart=/usr/local/sbin/kwasm-test-containerd
+"""
+
+
+def test_a_crash_loop_under_systemd_rolls_back_long_before_the_timeout(bookworm_node, test_shim):
+    """containerd keeps dying after a restart that succeeded: the install stops waiting after two
+    exits (NRestarts / auto-restart), not after KWASM_VERIFY_TIMEOUT=120, and containerd is
+    active on the old config when it reports."""
+    node, shim = bookworm_node, test_shim()
+    node.path("/etc/containerd/kwasm-test-old.toml").write_bytes(node.path(node.config).read_bytes())
+    start = node.path("/usr/local/sbin/kwasm-test-containerd")
+    start.parent.mkdir(parents=True, exist_ok=True)
+    start.write_text(CRASH_LOOP_START)
+    start.chmod(0o755)
+    dropin = node.path("/etc/systemd/system/containerd.service.d/kwasm-test-crash.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(CRASH_LOOP)
+    node.run("systemctl", "daemon-reload", check=True)
+    node.run("systemctl", "restart", "containerd", check=True)
+    node.wait_ready()
+    before = node.snapshot(node.config)
+    started = time.monotonic()
+    # not install(): it passes --timeout 20; the DaemonSet's way is the environment variable
+    r = node.kwasm(
+        "node", "install", "--shim", str(shim), "--output", "json",
+        env={"KWASM_VERIFY_TIMEOUT": "120"}, timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert r.returncode == 1, r.stdout + r.stderr
+    error = json_out(r)["error"]
+    assert "crash-loops" in error and "unit containerd" in error, error
+    assert "containerd runs again with the previous config" in error, error
+    assert elapsed < 60, f"{elapsed:.0f} s: it waited for the timeout"
+    assert _active(node) == "active"
+    assert node.snapshot(node.config) == before
+    assert "spin" not in node.runtimes()
