@@ -238,9 +238,17 @@ class CrashWatch:
         self.exits = 0
         self.started = time.monotonic()
         self._next = 0.0
+        self._restarts: str | None = None
+        self._seen: set[Proc] | None = None  # None: no baseline yet (taken by the first check)
+
+    def _baseline(self) -> None:
+        """What runs now; taken at the first check, so a restart that needs no waiting pays
+        nothing (containerd usually answers at the first poll)."""
         unit = self._unit()
         self._restarts = unit.get("NRestarts") if unit.get("NRestarts", "").isdigit() else None
         self._seen = set() if unit else set(self._processes())
+        if unit.get("SubState") == "auto-restart":
+            self.exits = 1
 
     def _processes(self) -> list[Proc]:
         if self.spec.method is RestartMethod.NONE:
@@ -263,6 +271,9 @@ class CrashWatch:
         if now < self._next:
             return
         self._next = now + _WATCH_EVERY
+        if self._seen is None:
+            self._baseline()
+            return
         unit = self._unit()
         if unit:
             # systemd counts for us: automatic restarts since ours, plus one exit it is about
