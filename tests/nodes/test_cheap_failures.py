@@ -22,6 +22,11 @@ def _active(node) -> str:
     return node.run("systemctl", "is-active", "containerd").stdout.strip()
 
 
+def _journal(node) -> str:
+    """containerd's last log lines on the node, for a failure message."""
+    return node.run("journalctl", "-u", "containerd", "-n", "25", "-o", "cat", "--no-pager").stdout
+
+
 def test_install_uninstall_rounds_back_to_back_all_succeed(bookworm_node, test_shim):
     """Four install/uninstall rounds (8 restarts within seconds): each succeeds, containerd is
     active after each, and the unit's start limit is systemd's default (the case that failed)."""
@@ -35,10 +40,10 @@ def test_install_uninstall_rounds_back_to_back_all_succeed(bookworm_node, test_s
     node.wait_ready()
     for round_ in range(1, 5):
         i = install(node, shim)
-        assert i.returncode == 0, f"round {round_} install: {i.stdout}{i.stderr}"
+        assert i.returncode == 0, f"round {round_} install: {i.stdout}{i.stderr}{_journal(node)}"
         assert json_out(i)["restarted"] is True
         u = uninstall(node)
-        assert u.returncode == 0, f"round {round_} uninstall: {u.stdout}{u.stderr}"
+        assert u.returncode == 0, f"round {round_} uninstall: {u.stdout}{u.stderr}{_journal(node)}"
         assert json_out(u)["restarted"] is True
         assert _active(node) == "active", f"round {round_}"
     assert "spin" not in node.runtimes()
