@@ -220,7 +220,7 @@ def test_bad_shims_change_nothing(node: Path, tmp_path: Path, shim: Path, kwasm:
     cases = [
         (args(node, tmp_path / "containerd-shim-gone-v2"), 2, "does not exist"),
         (args(node, plain), 2, "is not executable"),
-        (args(node, misnamed), 2, "is not named containerd-shim-NAME-v2"),
+        (args(node, misnamed), 2, "is not named containerd-shim-NAME-vN"),
         (args(node, shim, "--sha256", "0" * 64), 1, "expected 0000"),
         (["--host-root", str(node), "--restart", "reboot", "--shim", str(shim)], 2, "unknown --restart"),
         (["--host-root", str(tmp_path / "nope"), "--shim", str(shim)], 2, "is not a directory"),

@@ -101,7 +101,8 @@ class ShimSpec:
     name: str  # e.g. "spin" from containerd-shim-spin-v2
     handler: str
     sha256: str | None = None
+    shim_version: str = "v2"  # the -vN suffix: containerd-shim-wasmtime-v1 -> "v1"
 
     @property
     def binary_name(self) -> str:
-        return f"containerd-shim-{self.name}-v2"
+        return f"containerd-shim-{self.name}-{self.shim_version}"

@@ -43,7 +43,7 @@ Shims = Annotated[
         "--shim",
         envvar="KWASM_SHIM",
         callback=_env_list,
-        help="Shim binary (containerd-shim-NAME-v2) to install; repeatable (KWASM_SHIM: comma-separated).",
+        help="Shim binary (containerd-shim-NAME-vN) to install; repeatable (KWASM_SHIM: comma-separated).",
     ),
 ]
 Handlers = Annotated[
@@ -79,7 +79,15 @@ SocketOpt = Annotated[
     typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
 ]
 Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        "--verify-timeout",
+        "--timeout",
+        envvar="KWASM_VERIFY_TIMEOUT",
+        help="Seconds to wait for containerd after a restart (a crash loop rolls back sooner).",
+    ),
+]
 LockTimeout = Annotated[
     float,
     typer.Option("--lock-timeout", envvar="KWASM_LOCK_TIMEOUT", help="Seconds to wait for the node lock."),
@@ -91,7 +99,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[ShimSpec, ...]:
-    from kwasm_py.node.plan import shim_name
+    from kwasm_py.node.plan import parse_shim_binary
 
     if handlers and len(handlers) != len(paths):
         raise UsageError("give one --handler per --shim (or none)")
@@ -99,13 +107,14 @@ def _shims(paths: list[str], handlers: list[str], sha256: list[str]) -> tuple[Sh
         raise UsageError("give one --sha256 per --shim (or none)")
     specs = []
     for i, path in enumerate(paths):
-        name = shim_name(path)
+        name, version = parse_shim_binary(path)
         specs.append(
             ShimSpec(
                 source=path,
                 name=name,
                 handler=handlers[i] if handlers else name,
                 sha256=sha256[i] if sha256 else None,
+                shim_version=version,
             )
         )
     return tuple(specs)

@@ -23,6 +23,7 @@ from kwasm_py.containerd import config as cc
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
+    HostIOError,
     KwasmError,
     RestartError,
     UsageError,
@@ -495,12 +496,26 @@ def install(
                 return outcome
             outcome.notes.append("files are in place but containerd does not report the runtime")
             node.state = replace(node.state, status=st.PENDING)  # converge: restart once
+        _require_exec(node)
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
         if the_plan.changes:
             node.require_pid()
         _apply(node, the_plan, outcome, log=log)
         return outcome
+
+
+def _require_exec(node: Node) -> None:
+    """Refuse, before anything changes, an install directory the node cannot execute from."""
+    bin_dir = node.install_dir / "bin"
+    blocked = nodeprobe.exec_blocker(
+        node.fs, bin_dir, pid=node.opts.pid if node.pid_ok else None, proc=node.proc
+    )
+    if blocked:
+        raise HostIOError(
+            f"the node cannot execute shims installed in {bin_dir}: {blocked}",
+            hint="pass --install-dir on a filesystem the node mounts without noexec (e.g. /var/lib/kwasm)",
+        )
 
 
 def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[str], None]) -> None:
@@ -635,14 +650,21 @@ def _registered(node: Node, the_plan: plan.Plan) -> bool:
 
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
     wanted = {e.handler: e.runtime_type for e in the_plan.entries}
+    watch = restart.CrashWatch(node.layout.restart, pid=node.opts.pid, proc=node.proc)
     try:
         restart.wait_until(
             node.cri_status,
             lambda s: s.runtime_ready and all(s.runtimes.get(h) == t for h, t in wanted.items()),
             timeout=timeout,
             what="containerd to report runtime(s) " + ", ".join(sorted(wanted)),
+            watch=watch,
         )
     except RestartError as err:
+        if watch.exits >= watch.limit:
+            raise RestartError(
+                f"containerd crash-loops with the new config ({err.message})",
+                hint="see the node's containerd log (journalctl -u containerd)",
+            ) from err
         try:
             current = node.cri_status()
         except KwasmError:
@@ -701,6 +723,7 @@ def _rollback(
                 lambda s: s.runtime_ready,
                 timeout=node.opts.verify_timeout,
                 what="containerd to run again with the previous config",
+                watch=restart.CrashWatch(lay.restart, pid=node.opts.pid, proc=node.proc),
             )
             notes.append("containerd runs again with the previous config")
     except KwasmError as second:
@@ -776,6 +799,7 @@ def uninstall(
                     ),
                     timeout=opts.verify_timeout,
                     what="containerd to run without runtime(s) " + ", ".join(sorted(gone)),
+                    watch=restart.CrashWatch(lay.restart, pid=opts.pid, proc=node.proc),
                 )
                 outcome.verified = True
         except KwasmError as err:
@@ -785,6 +809,14 @@ def uninstall(
                 if lay.restart.method is not RestartMethod.NONE:
                     try:
                         node.restarter.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
+                        restart.wait_until(
+                            node.cri_status,
+                            lambda s: s.runtime_ready,
+                            timeout=opts.verify_timeout,
+                            what="containerd to run again with the previous config",
+                            watch=restart.CrashWatch(lay.restart, pid=opts.pid, proc=node.proc),
+                        )
+                        err.message += "; containerd runs again with the previous config"
                     except KwasmError as again:
                         err.message += f"; restart after that failed too: {again.message}"
             raise

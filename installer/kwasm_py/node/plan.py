@@ -8,6 +8,7 @@ prints. No I/O here, so every branch is a unit test.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -78,15 +79,32 @@ class Plan:
         return "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=path))
 
 
-def shim_name(binary: str) -> str:
-    """`containerd-shim-spin-v2` -> `spin`."""
+_SHIM_BINARY = re.compile(r"containerd-shim-(?P<name>[A-Za-z0-9_][A-Za-z0-9_-]*?)-(?P<version>v[0-9]+)")
+
+
+def parse_shim_binary(binary: str) -> tuple[str, str]:
+    """`.../containerd-shim-spin-v2` -> ("spin", "v2"); `containerd-shim-wasmtime-v1` -> ("wasmtime", "v1").
+
+    containerd maps runtime_type `io.containerd.NAME.vN` to the binary `containerd-shim-NAME-vN`
+    (source: containerd runtime/v2/shim BinaryName, 1.6 and 2.x); the -vN is the shim's own
+    version, not containerd's task API (runwasi's -v1 shims speak the v2 shim API). kwasm-py
+    writes the installed binary's absolute path as runtime_type, which both generations exec
+    as is. Raises UsageError for any other file name.
+    """
     base = PurePosixPath(binary).name
-    if not (base.startswith("containerd-shim-") and base.endswith("-v2")) or base in ("containerd-shim--v2",):
+    found = _SHIM_BINARY.fullmatch(base)
+    if found is None:
         raise UsageError(
-            f"shim {binary!r} is not named containerd-shim-NAME-v2",
-            hint="containerd finds shims by that name; rename the file or pass --handler",
+            f"shim {binary!r} is not named containerd-shim-NAME-vN",
+            hint="containerd knows shims by that name (runtime_type io.containerd.NAME.vN): "
+            "rename the file, e.g. containerd-shim-spin-v2",
         )
-    return base[len("containerd-shim-") : -len("-v2")]
+    return found["name"], found["version"]
+
+
+def shim_name(binary: str) -> str:
+    """`containerd-shim-spin-v2` -> `spin` (see parse_shim_binary; raises UsageError)."""
+    return parse_shim_binary(binary)[0]
 
 
 def make_plan(

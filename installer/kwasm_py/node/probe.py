@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import tomllib
 from pathlib import PurePosixPath
 
+from kwasm_py.errors import KwasmError
 from kwasm_py.node import layout
 from kwasm_py.node.hostfs import HostFS
 from kwasm_py.node.procfs import HOST, ProcFS
@@ -54,3 +57,60 @@ def gather(fs: HostFS, *, pid: int | None, proc: ProcFS = HOST) -> layout.NodeFa
         k0s_managed=k0s_managed,
         rendered_versions=versions,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Can the node execute what we install? (a noexec /opt makes every pod fail with EACCES)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo (source: proc(5))."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mount_for(mountinfo: str, path: PurePosixPath) -> tuple[str, frozenset[str]] | None:
+    """The mount that holds node path `path`: (mount point, per-mount options), from the text
+    of a /proc/PID/mountinfo (proc(5): field 5 is the mount point, field 6 its options). The
+    longest mount point containing `path` wins, and of equal ones the last (it is on top).
+    None when no line parses. Pure."""
+    best: tuple[str, frozenset[str]] | None = None
+    text = str(path)
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        point = _unescape(fields[4])
+        inside = point in ("/", text) or text.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, frozenset(fields[5].split(",")))
+    return best
+
+
+def exec_blocker(fs: HostFS, directory: PurePosixPath, *, pid: int | None, proc: ProcFS = HOST) -> str | None:
+    """Why the node could not execute a file placed in node directory `directory`, or None.
+
+    Looks at the mount holding it as the node sees it (`/proc/PID/mountinfo` of a node process,
+    when `pid` is one) and as this machine sees it under the host root (statvfs ST_NOEXEC);
+    either one mounted `noexec` is a reason. Reads only; raises nothing.
+    """
+    try:
+        host = fs.resolve(directory)
+    except KwasmError:
+        host = fs.root / str(directory).lstrip("/")
+    node_path = directory
+    with contextlib.suppress(ValueError):
+        node_path = PurePosixPath("/") / host.relative_to(fs.root)
+    if pid is not None:
+        found = mount_for(proc.mountinfo(pid), node_path)
+        if found is not None and "noexec" in found[1]:
+            return f"{found[0]} (holding {node_path}) is mounted noexec on the node (/proc/{pid}/mountinfo)"
+    probe = host
+    while not probe.exists() and probe not in (fs.root, probe.parent):
+        probe = probe.parent
+    try:
+        flags = os.statvfs(probe).f_flag
+    except OSError:
+        return None
+    if flags & os.ST_NOEXEC:
+        return f"{probe} (holding {node_path}) is on a filesystem mounted noexec"
+    return None

@@ -65,6 +65,13 @@ class ProcFS:
         except OSError:
             return ""
 
+    def mountinfo(self, pid: int) -> str:
+        """The process's mount table (`/proc/PID/mountinfo`, see proc(5)), "" when it is gone."""
+        try:
+            return self._entry(pid, "mountinfo").read_text()
+        except OSError:
+            return ""
+
     def argv(self, pid: int) -> list[str] | None:
         """The process's argv (`/proc/PID/cmdline` split at NULs), None when it is gone."""
         try:

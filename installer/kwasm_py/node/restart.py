@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
-from kwasm_py.node.procfs import HOST, ProcFS
+from kwasm_py.node.procfs import HOST, Proc, ProcFS
 
 
 def in_node(pid: int, argv: Sequence[str]) -> list[str]:
@@ -45,13 +45,29 @@ def restart_command(spec: RestartSpec) -> list[str]:
     return []
 
 
+def reset_failed_command(spec: RestartSpec) -> list[str]:
+    """`systemctl reset-failed UNIT` for a systemd restart, else [].
+
+    Clears the unit's failed state and its start rate limit counter, so a restart is not
+    refused as `start-limit-hit` after a few install/uninstall cycles (systemd's default is 5
+    starts in 10 s, which Debian's containerd.service does not override). Source: systemctl(1),
+    `reset-failed` ("also resets ... the start rate limit counter"); Kubernetes' node e2e tests
+    run it before restarting the kubelet for the same reason.
+    """
+    if spec.method is RestartMethod.SYSTEMD:
+        return ["systemctl", "reset-failed", spec.target]
+    return []
+
+
 def describe(spec: RestartSpec, pid: int) -> str:
     """The restart as a user would type it (for `plan`): `spec` through node process `pid`."""
     if spec.method is RestartMethod.NONE:
         return "none (--restart none)"
     if spec.method is RestartMethod.SIGNAL:
         return f"SIGTERM the {spec.target} process of node PID {pid}; its parent restarts it"
-    return " ".join(in_node(pid, restart_command(spec)))
+    restart_line = " ".join(in_node(pid, restart_command(spec)))
+    reset = reset_failed_command(spec)
+    return f"{' '.join(in_node(pid, reset))}; {restart_line}" if reset else restart_line
 
 
 def restart(
@@ -90,6 +106,9 @@ def restart(
         return
     command = " ".join(restart_command(spec))
     argv = in_node(pid, restart_command(spec))
+    reset = reset_failed_command(spec)
+    if reset:
+        _run_quietly(in_node(pid, reset), timeout=min(timeout, 15.0))
     try:
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError as err:
@@ -105,8 +124,98 @@ def restart(
         detail = (stderr or stdout).strip().splitlines()
         raise RestartError(
             f"`{command}` failed in the node (exit {child.returncode})"
-            + (f": {detail[-1]}" if detail else ""),
+            + (f": {detail[0]}" if detail else ""),  # systemctl's first line names the cause
         )
+
+
+def _run_quietly(argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str] | None:
+    """Run a helper command in the node; None when it could not run (its failure is not ours)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+CRASH_LIMIT = 2  # containerd exits after our restart before we stop waiting and roll back
+_WATCH_EVERY = 0.2  # seconds between two looks at the node's containerd processes / unit
+
+
+class CrashWatch:
+    """Notices containerd exiting again and again after a restart (a crash loop).
+
+    Built right after the restart; `check()` is called while waiting for containerd and raises
+    RestartError once containerd has exited `limit` times since, or its systemd unit is `failed`
+    (it will not come back on its own). For a systemd unit, exits are the unit's `NRestarts`
+    (systemd's count of automatic restarts, source: org.freedesktop.systemd1(5)) plus one while
+    it waits in `auto-restart`; otherwise they are incarnations of the processes called
+    `containerd` below `pid` (the restarting parent) seen and then gone, sampled every 0.2 s.
+    """
+
+    def __init__(self, spec: RestartSpec, *, pid: int, limit: int = CRASH_LIMIT, proc: ProcFS = HOST) -> None:
+        self.spec, self.pid, self.limit, self.proc = spec, pid, limit, proc
+        self.name = spec.target if spec.method is RestartMethod.SIGNAL else "containerd"
+        self.exits = 0
+        self.started = time.monotonic()
+        self._next = 0.0
+        self._restarts: str | None = None
+        self._seen: set[Proc] | None = None  # None: no baseline yet (taken by the first check)
+
+    def _baseline(self) -> None:
+        """What runs now; taken at the first check, so a restart that needs no waiting pays
+        nothing (containerd usually answers at the first poll)."""
+        unit = self._unit()
+        self._restarts = unit.get("NRestarts") if unit.get("NRestarts", "").isdigit() else None
+        self._seen = set() if unit else set(self._processes())
+        if unit.get("SubState") == "auto-restart":
+            self.exits = 1
+
+    def _processes(self) -> list[Proc]:
+        if self.spec.method is RestartMethod.NONE:
+            return []
+        # only processes below `pid`: a namespace-wide search would count other daemons' exits
+        return [p for p in self.proc.descendants(self.pid, self.name) if self.proc.alive(p)]
+
+    def _unit(self) -> dict[str, str]:
+        if self.spec.method is not RestartMethod.SYSTEMD:
+            return {}
+        argv = ["systemctl", "show", "--property=ActiveState,SubState,NRestarts", self.spec.target]
+        done = _run_quietly(in_node(self.pid, argv), timeout=5.0)
+        if done is None or done.returncode != 0:
+            return {}
+        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+
+    def check(self) -> None:
+        """Raise RestartError when containerd is crash-looping; cheap to call in a poll loop."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + _WATCH_EVERY
+        if self._seen is None:
+            self._baseline()
+            return
+        unit = self._unit()
+        if unit:
+            # systemd counts for us: automatic restarts since ours, plus one exit it is about
+            # to restart from (RestartSec) or that ended the unit.
+            restarts = unit.get("NRestarts", "")
+            done = int(restarts) - int(self._restarts or 0) if restarts.isdigit() and self._restarts else 0
+            pending = unit.get("SubState") == "auto-restart" or unit.get("ActiveState") == "failed"
+            self.exits = max(self.exits, done + int(pending))
+        else:
+            current = set(self._processes())
+            self.exits += len(self._seen - current)
+            self._seen = current
+        where = f"unit {self.spec.target}" if unit else f"node PID {self.pid}"
+        if unit.get("ActiveState") == "failed":
+            raise RestartError(
+                f"{where} is failed ({unit.get('SubState', '?')}) after the restart: containerd "
+                f"exited {self.exits} time(s) and will not be started again"
+            )
+        if self.exits >= self.limit:
+            raise RestartError(
+                f"containerd exited {self.exits} times within {now - self.started:.1f} s of the "
+                f"restart ({where})"
+            )
 
 
 T = TypeVar("T")
@@ -118,11 +227,14 @@ def wait_until(
     *,
     timeout: float,
     what: str,
+    watch: CrashWatch | None = None,
 ) -> T:
     """Poll `check` (containerd's CRI status) until `ready` holds of its answer; return that answer.
 
     A RestartError from `check` (containerd not answering) counts as "not yet". Raises
-    RestartError after `timeout` seconds, naming `what` and the last reason.
+    RestartError after `timeout` seconds, naming `what` and the last reason, or as soon as
+    `watch` sees containerd crash-looping (then the message says so, and the caller need not
+    wait any longer).
     """
     deadline = time.monotonic() + timeout
     last_error = ""
@@ -134,6 +246,11 @@ def wait_until(
             last_error = f"containerd answered, but {what} was not true yet"
         except RestartError as err:
             last_error = err.message
+        if watch is not None:
+            try:
+                watch.check()
+            except RestartError as err:
+                raise RestartError(f"stopped waiting for {what}: {err.message}") from err
         if time.monotonic() > deadline:
             raise RestartError(f"gave up after {timeout:.0f} s waiting for {what}: {last_error}")
         time.sleep(0.02)
