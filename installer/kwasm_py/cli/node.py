@@ -216,6 +216,7 @@ def plan(
         ],
         "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
         "changes": the_plan.changes,
+        "preflight": the_plan.preflight,
     }
     if output == "json":
         _emit_json(data)
@@ -232,6 +233,7 @@ def plan(
         action = "write" if b.write else "unchanged"
         lines.append(f"shim:       {b.shim.source} -> {b.dest} ({action}, sha256 {b.sha256[:16]}…)")
     lines.append(f"restart:    {data['restart']}")
+    lines.append(f"preflight:  {the_plan.preflight}")
     if not the_plan.changes:
         lines.append("nothing to change")
     print("\n".join(lines))

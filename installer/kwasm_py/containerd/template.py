@@ -199,14 +199,17 @@ def check_base(
     ours_prefix: str,
     source: str,
     rendered_source: str,
+    wanted: dict[str, str] | None = None,
+    digests: dict[str, str | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runtimes of `handlers` that the base render defines, outside the template's own tail.
 
     k3s adds a runtime to its base render for every `containerd-shim-NAME-v2` it finds on its
     PATH (k3s `pkg/agent/containerd/runtimes.go`, k3s-io/k3s#9650), so a `spin` table in the
     template too would be defined twice and containerd refuses the render. A table whose
-    runtime_type or options.BinaryName lies under `ours_prefix` (our install directory) is
-    ours already and is returned, by handler, to be adopted.
+    runtime_type or options.BinaryName lies under `ours_prefix` (our install directory), or
+    names a node file whose sha256 (`digests`: node path -> sha256) is the one `wanted` for
+    that handler (the very shim asked for), is returned by handler, to be adopted.
 
     Raises ConflictError for any other such table.
     """
@@ -227,6 +230,10 @@ def check_base(
         if any(isinstance(p, str) and p.startswith(ours_prefix.rstrip("/") + "/") for p in paths):
             adopted[handler] = table
             continue
+        digest = (wanted or {}).get(handler)
+        if digest is not None and any((digests or {}).get(p) == digest for p in paths if isinstance(p, str)):
+            adopted[handler] = table
+            continue
         binary = _lookup(table, ("options", "BinaryName"))
         found = f" (k3s found {binary} on its PATH)" if isinstance(binary, str) else ""
         raise ConflictError(
@@ -237,3 +244,20 @@ def check_base(
             "remove that binary from the node's PATH and restart k3s/rke2, or pick another --handler",
         )
     return adopted
+
+
+def base_binaries(rendered: str, handlers: list[str], runtimes_paths: list[tuple[str, ...]]) -> list[str]:
+    """Absolute paths the render's runtimes of `handlers` run (runtime_type, options.BinaryName)."""
+    try:
+        data = tomllib.loads(rendered)
+    except tomllib.TOMLDecodeError:
+        return []
+    out = []
+    for path in runtimes_paths:
+        for handler in handlers:
+            table = _lookup(data, (*path, handler))
+            if isinstance(table, dict):
+                for value in (table.get("runtime_type"), _lookup(table, ("options", "BinaryName"))):
+                    if isinstance(value, str) and value.startswith("/"):
+                        out.append(value)
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import template
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
@@ -41,7 +42,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, restart
+from kwasm_py.node import cri, layout, plan, preflight, restart
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -307,7 +308,14 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         node.install_dir / "bin" / s.binary_name: fs.sha256(node.install_dir / "bin" / s.binary_name)
         for s, _ in shims
     }
+    base_digests = None
+    if reference is not None and lay.kind is ConfigKind.TEMPLATE:
+        found = template.base_binaries(
+            reference, [s.handler for s, _ in shims], [c.runtimes_path() for c in CriSchema]
+        )
+        base_digests = {p: fs.sha256(PurePosixPath(p)) for p in found}
     return plan.make_plan(
+        base_digests=base_digests,
         layout=lay,
         own_text=own,
         reference_text=reference,
@@ -328,7 +336,31 @@ def plan_only(opts: NodeOptions) -> tuple[Node, plan.Plan]:
     node = open_node(opts)
     if not opts.shims:
         raise UsageError("no --shim given")
-    return node, make_plan(node, _shim_digests(opts))
+    the_plan = make_plan(node, _shim_digests(opts))
+    try:
+        verdict = _preflight(node, the_plan)
+    except preflight.PreflightError as err:
+        return node, replace(the_plan, preflight=f"REFUSED: {err.message}")
+    return node, replace(the_plan, preflight=verdict)
+
+
+def _preflight(node: Node, the_plan: plan.Plan) -> str:
+    """Run the node's containerd on what it would load; the verdict (raises PreflightError)."""
+    if not the_plan.config_changed:
+        return "not needed: the config does not change"
+    if the_plan.effective is None:
+        return f"skipped: what containerd loads from {node.layout.name}'s files cannot be predicted"
+    reads = node.layout.rendered_path or node.layout.config_path
+    verdict = preflight.check(
+        node.fs,
+        effective=reads,
+        before_text=node.fs.read_text(reads),
+        after_text=the_plan.effective,
+        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
+        source=str(node.layout.config_path),
+    )
+    return verdict.message
 
 
 def _runtime_dicts(
@@ -391,6 +423,7 @@ def install(opts: NodeOptions, *, log: Callable[[str], None] = lambda _m: None) 
             node.state = replace(node.state, status=st.PENDING)  # converge: restart once
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
+        outcome.notes.append(f"pre-flight {_preflight(node, the_plan)}")  # raises: nothing written
         if the_plan.changes:
             node.require_pid()
         _apply(node, the_plan, outcome, log=log)

@@ -50,6 +50,7 @@ class Plan:
     version_added: bool = False
     companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
     effective: str | None = None  # the text containerd will read after the change (None: unknown)
+    preflight: str = ""  # the pre-flight verdict, for `node plan`
 
     @property
     def config_changed(self) -> bool:
@@ -93,11 +94,14 @@ def make_plan(
     install_dir: PurePosixPath,
     state: State | None,
     force: bool = False,
+    base_digests: dict[str, str | None] | None = None,
 ) -> Plan:
     """Decide the binaries to write and the config text to have, from what is there now.
 
     `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
-    of what is there (None when absent).
+    of what is there (None when absent); `base_digests` maps the node paths that a template's
+    base render runs for our handlers to their sha256 (a runtime k3s found running the very
+    shim we install is adopted, not duplicated).
     """
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None
@@ -161,9 +165,14 @@ def make_plan(
             ours_prefix=str(bin_dir),
             source=source,
             rendered_source=str(layout.rendered_path),
+            wanted={shim.handler: digest for shim, digest in shims},
+            digests=base_digests,
         )
         for handler, table in adopted.items():
-            notes.append(f"runtime {handler} is already rendered from the base template, pointing at our shim: adopting it")
+            notes.append(
+                f"runtime {handler} is already in the base render and runs this very shim "
+                f"({table.get('runtime_type')}): adopting it, adding no table"
+            )
         entries = [
             cc.RuntimeEntry(e.handler, str(adopted[e.handler].get("runtime_type")))
             if e.handler in adopted
