@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path, PurePosixPath
 
 import pytest
 
+from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import template as tmpl
 from kwasm_py.errors import KwasmError, PreflightError
-from kwasm_py.model import RestartMethod, RestartSpec, ShimSpec
+from kwasm_py.model import CriSchema, RestartMethod, RestartSpec, ShimSpec
 from kwasm_py.node import engine, preflight, restart
 from kwasm_py.node.hostfs import HostFS
 from tests.conftest import tree_hash
@@ -191,3 +194,50 @@ def test_real_containerd_sees_an_import_override(tmp_path: Path) -> None:
     with pytest.raises(PreflightError):
         engine.install(_opts(root, _shim(tmp_path / "again")))
     assert tree_hash(root) == before
+
+
+@pytest.mark.root
+@pytest.mark.containerd
+@pytest.mark.parametrize("generation", ["1.6", "2.x"])
+def test_stock_microk8s_template_installs_and_its_render_loads(tmp_path: Path, generation: str) -> None:
+    """The stock microk8s template (placeholders and all) installs; the snap's containerd at
+    /snap/microk8s/current/bin reads its render (placeholders substituted) with spin in it."""
+    if why := available(generation):
+        pytest.skip(why)
+    root = _node_root(tmp_path, generation)
+    snap_bin = root / "snap/microk8s/current/bin"
+    snap_bin.mkdir(parents=True)
+    (root / "usr/bin/containerd").rename(snap_bin / "containerd")
+    args = root / "var/snap/microk8s/current/args"
+    args.mkdir(parents=True)
+    stock = (Path(__file__).parent / "data/templates/microk8s-containerd-template.toml").read_text()
+    (args / "containerd-template.toml").write_text(stock)
+    values = {"RUNTIME": "runc", "RUNTIME_TYPE": "io.containerd.runc.v2", "SNAPSHOTTER": "overlayfs"}
+    values["SNAP_DATA"] = "/var/snap/microk8s/7000"
+    (args / "containerd.toml").write_text(tmpl.substitute_text(stock, values))
+    opts = engine.NodeOptions(
+        host_root=root,
+        shims=(ShimSpec(source=str(_shim(tmp_path)), name="spin", handler="spin"),),
+        restart=RestartSpec(RestartMethod.NONE, ""),
+    )
+    _node, the_plan = engine.plan_only(opts)
+    assert the_plan.layout.name == "microk8s"
+    assert the_plan.preflight.startswith(
+        "ok: /snap/microk8s/current/bin/containerd on the node loads it: spin="
+    )
+    engine.install(opts)
+    written = (args / "containerd-template.toml").read_text()
+    assert written.count("${") == stock.count("${")
+    doc = cc.load(written, source="t")
+    assert cc.remove_runtime(doc, "spin", schema=CriSchema.V2).text == stock  # only our block added
+    render = tmp_path / "render.toml"
+    render.write_text(tmpl.substitute_text(written, values))
+    proc = subprocess.run(
+        [str(snap_bin / "containerd"), "--config", str(render), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runtimes, default = preflight.cri_view(tomllib.loads(proc.stdout))
+    assert default == "runc" and runtimes["spin"]["runtime_type"] == "/opt/kwasm/bin/containerd-shim-spin-v2"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kwasm_py.containerd import template as tmpl
-from kwasm_py.errors import ConflictError
+from kwasm_py.errors import ConfigError, ConflictError
 from kwasm_py.model import (
     ConfigKind,
     ContainerdVersion,
@@ -87,6 +87,13 @@ def test_go_template_keeps_its_bytes_and_predicts_the_render(name: str) -> None:
     # apply twice: once rendered by rke2, and before rke2 restarted (render still the old one)
     assert not make(rancher(), p.new_text, p.effective).config_changed
     assert not make(rancher(), p.new_text, rendered).config_changed
+
+
+def test_go_template_without_a_render_is_refused_with_the_cause() -> None:
+    """Without today's render the next one cannot be predicted: refused, saying to start rke2."""
+    with pytest.raises(ConfigError, match="does not exist yet") as info:
+        make(rancher(), (DATA / "rke2-stock-copy.toml.tmpl").read_text(), None)
+    assert "start rke2 once" in info.value.hint
 
 
 def test_frozen_render_is_edited_as_plain_toml() -> None:

@@ -349,7 +349,9 @@ def _preflight(node: Node, the_plan: plan.Plan) -> str:
     if not the_plan.config_changed:
         return "not needed: the config does not change"
     if the_plan.effective is None:
-        return f"skipped: what containerd loads from {node.layout.name}'s files cannot be predicted"
+        if node.layout.kind is ConfigKind.TEMPLATE:
+            return f"skipped: {node.layout.rendered_path} is not rendered yet, so the next render is unknown"
+        return f"skipped: {node.layout.name} merges {node.layout.config_path} itself; not predicted here"
     reads = node.layout.rendered_path or node.layout.config_path
     verdict = preflight.check(
         node.fs,

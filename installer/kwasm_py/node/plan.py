@@ -118,6 +118,12 @@ def make_plan(
     if reference_text is not None and layout.kind is not ConfigKind.CONFIG:
         rendered = str(layout.rendered_path)
         reference = cc.load(reference_text, source=rendered).data
+    if doc.prelude and reference is None and tmpl.kind(doc.prelude) is tmpl.TemplateKind.GO:
+        raise ConfigError(
+            f"{source} is a Go template, and {layout.rendered_path or 'its render'} does not exist "
+            "yet, so what containerd will read cannot be predicted",
+            hint=f"start {layout.name} once so it renders the template, then run kwasm-py again",
+        )
     values: dict[str, str] = {}
     if layout.name == "microk8s":  # ${RUNTIME} & co: decide on what the snap will substitute
         values, resolved = tmpl.resolve_placeholders(doc.data, reference)
