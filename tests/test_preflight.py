@@ -63,6 +63,38 @@ def _opts(root: Path, shim: Path) -> engine.NodeOptions:
     )
 
 
+def test_binary_is_the_one_that_says_the_running_version(tmp_path: Path) -> None:
+    """With the running containerd's version known, a candidate saying another version is not
+    used: pre-flight with the wrong generation would judge the wrong parser."""
+    root = tmp_path / "root"
+    for rel in ("usr/bin/containerd", "usr/local/bin/containerd"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("")
+        (root / rel).chmod(0o755)
+    says = {
+        "/usr/bin/containerd": "containerd x 1.6.20~ds1 y\n",
+        "/usr/local/bin/containerd": "containerd x v2.1.9 y\n",
+    }
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, says[argv[2]], "")
+
+    fs = HostFS(root)
+    pick = preflight.choose_binary
+    assert pick(fs, pid=None, config=CFG, version=(2, 1, 9), runner=runner) == (
+        PurePosixPath("/usr/local/bin/containerd"),
+        "",
+    )
+    assert pick(fs, pid=None, config=CFG, version=(1, 6, 20), runner=runner)[0] == PurePosixPath(
+        "/usr/bin/containerd"
+    )
+    assert pick(fs, pid=None, config=CFG, version=None, runner=runner)[0] == PurePosixPath(
+        "/usr/bin/containerd"
+    )
+    none, why = pick(fs, pid=None, config=CFG, version=(1, 7, 0), runner=runner)
+    assert none is None and "version 1.7.0" in why
+
+
 def test_skipped_without_a_containerd_binary(tmp_path: Path) -> None:
     """A root without containerd: plan says pre-flight was skipped and why."""
     root = tmp_path / "root"
@@ -100,6 +132,7 @@ def test_refusal_by_containerd_names_file_and_message(tmp_path: Path) -> None:
             after_text="version = 2\n# spin\n",
             wanted={"spin": "/s"},
             source="/x/config.toml.tmpl",
+            binary=PurePosixPath("/usr/bin/containerd"),
             runner=runner,
         )
     assert seen == ["version = 2\n", "version = 2\n# spin\n"]

@@ -353,8 +353,18 @@ def _preflight(node: Node, the_plan: plan.Plan) -> str:
             return f"skipped: {node.layout.rendered_path} is not rendered yet, so the next render is unknown"
         return f"skipped: {node.layout.name} merges {node.layout.config_path} itself; not predicted here"
     reads = node.layout.rendered_path or node.layout.config_path
+    running = node.containerd_version()
+    binary, why = preflight.choose_binary(
+        node.fs,
+        pid=node.opts.pid if node.pid_ok else None,
+        config=reads,
+        version=(running.major, running.minor, running.patch) if running else None,
+    )
+    if binary is None:
+        return f"skipped: {why}"
     verdict = preflight.check(
         node.fs,
+        binary=binary,
         effective=reads,
         before_text=node.fs.read_text(reads),
         after_text=the_plan.effective,

@@ -11,16 +11,18 @@ Where the root has no containerd binary (or it cannot be run), pre-flight is ski
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.errors import PreflightError
 
-__all__ = ["PreflightError", "Verdict", "check", "compare", "cri_view", "find_binary"]
+__all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view"]
+from kwasm_py.node import restart
 from kwasm_py.node.hostfs import HostFS
 
 # Where distributions put containerd (k3s: its multi-call binary answers to this name).
@@ -55,13 +57,77 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
-def find_binary(fs: HostFS) -> PurePosixPath | None:
-    """The first containerd binary of `CANDIDATES` that exists on the node root, or None."""
-    for path in CANDIDATES:
-        host = fs.resolve(path)
-        if host.is_file() and os.access(host, os.X_OK):
-            return path
-    return None
+def _config_arg(args: list[str]) -> PurePosixPath:
+    path = "/etc/containerd/config.toml"
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return PurePosixPath(path)
+
+
+def _running(fs: HostFS, pid: int) -> list[tuple[PurePosixPath, PurePosixPath]]:
+    """(--config, binary) of each containerd in the PID namespace of `pid` whose binary is on
+    the node root: argv[0] when absolute (k3s's `.../bin/containerd` link to its multi-call
+    binary), else the file /proc/PID/exe names."""
+    out = []
+    for proc in restart.find_processes(pid, "containerd"):
+        try:
+            raw = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            exe = os.readlink(f"/proc/{proc.pid}/exe")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in raw if a]
+        for candidate in (args[0] if args else "", exe):
+            path = PurePosixPath(candidate)
+            if path.is_absolute() and path.name.startswith("containerd"):
+                host = fs.resolve(path)
+                if host.is_file() and os.access(host, os.X_OK):
+                    out.append((_config_arg(args), path))
+                    break
+    return out
+
+
+def choose_binary(
+    fs: HostFS,
+    *,
+    pid: int | None,
+    config: PurePosixPath,
+    version: tuple[int, int, int] | None,
+    runner: Runner = _run,
+) -> tuple[PurePosixPath | None, str]:
+    """The node's containerd binary to run pre-flight with, or (None, why not).
+
+    The binary of the containerd running with `config` (processes in the PID namespace of
+    `pid`); else, when the running containerd's `version` is known (from CRI), the first
+    running binary or `CANDIDATES` entry whose `--version` says that version; else the first
+    candidate on the root.
+    """
+    running = _running(fs, pid) if pid is not None else []
+    for cfg, path in running:
+        if cfg == config:
+            return path, ""
+    candidates = list(dict.fromkeys([p for _c, p in running] + [c for c in CANDIDATES if _executable(fs, c)]))
+    if not candidates:
+        looked = ", ".join(str(p) for p in CANDIDATES[:3])
+        return None, f"no containerd binary on the node root (looked in {looked}, ...)"
+    if version is None:
+        return candidates[0], ""
+    wanted = ".".join(str(v) for v in version)
+    for path in candidates:
+        try:
+            proc = runner(["chroot", str(fs.root), str(path), "--version"])
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if proc.returncode == 0 and re.search(rf"[ v]{re.escape(wanted)}\b", proc.stdout):
+            return path, ""
+    return None, f"no containerd binary on the node root says version {wanted}, which the node runs"
+
+
+def _executable(fs: HostFS, path: PurePosixPath) -> bool:
+    host = fs.resolve(path)
+    return host.is_file() and os.access(host, os.X_OK)
 
 
 def cri_view(dump: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -144,20 +210,18 @@ def check(
     wanted: Mapping[str, str],
     ours: frozenset[str] = frozenset(),
     source: str,
+    binary: PurePosixPath | None,
     runner: Runner = _run,
 ) -> Verdict:
     """Have the node's containerd read `after_text` (what it will load from `effective`).
 
     `before_text` is what it loads today (None: no file, containerd's defaults); `source` is
-    the file we edit, named in the error. Returns a Verdict (skipped when no binary can run);
+    the file we edit, named in the error; `binary` the node's containerd (`choose_binary`).
+    Returns a Verdict (skipped when no binary can run);
     raises PreflightError when containerd refuses `after_text` or its dump disagrees.
     """
-    binary = find_binary(fs)
     if binary is None:
-        looked = ", ".join(str(p) for p in CANDIDATES[:3])
-        return Verdict(
-            False, True, f"skipped: no containerd binary on the node root (looked in {looked}, ...)"
-        )
+        return Verdict(False, True, "skipped: no containerd binary on the node root")
     before_note = ""
     before, err, _f = _dump(fs, binary, before_text or "", near=effective, runner=runner)
     if before is None and err.startswith("cannot run"):
