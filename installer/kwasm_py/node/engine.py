@@ -332,6 +332,12 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
 # install
 
 
+def _preflight(node: Node, the_plan: plan.Plan) -> str:
+    """The node's own containerd on what it would load (raises PreflightError)."""
+    pid = node.opts.pid if node.pid_ok else None
+    return preflight.run(node.fs, the_plan=the_plan, pid=pid, containerd=node.containerd_version())
+
+
 def plan_only(opts: NodeOptions) -> tuple[Node, plan.Plan]:
     node = open_node(opts)
     if not opts.shims:
@@ -342,37 +348,6 @@ def plan_only(opts: NodeOptions) -> tuple[Node, plan.Plan]:
     except preflight.PreflightError as err:
         return node, replace(the_plan, preflight=f"REFUSED: {err.message}")
     return node, replace(the_plan, preflight=verdict)
-
-
-def _preflight(node: Node, the_plan: plan.Plan) -> str:
-    """Run the node's containerd on what it would load; the verdict (raises PreflightError)."""
-    if not the_plan.config_changed:
-        return "not needed: the config does not change"
-    if the_plan.effective is None:
-        if node.layout.kind is ConfigKind.TEMPLATE:
-            return f"skipped: {node.layout.rendered_path} is not rendered yet, so the next render is unknown"
-        return f"skipped: {node.layout.name} merges {node.layout.config_path} itself; not predicted here"
-    reads = node.layout.rendered_path or node.layout.config_path
-    running = node.containerd_version()
-    binary, why = preflight.choose_binary(
-        node.fs,
-        pid=node.opts.pid if node.pid_ok else None,
-        config=reads,
-        version=(running.major, running.minor, running.patch) if running else None,
-    )
-    if binary is None:
-        return f"skipped: {why}"
-    verdict = preflight.check(
-        node.fs,
-        binary=binary,
-        effective=reads,
-        before_text=node.fs.read_text(reads),
-        after_text=the_plan.effective,
-        wanted={e.handler: e.runtime_type for e in the_plan.entries},
-        ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
-        source=str(node.layout.config_path),
-    )
-    return verdict.message
 
 
 def _runtime_dicts(

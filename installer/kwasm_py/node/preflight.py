@@ -21,8 +21,9 @@ from typing import Any
 
 from kwasm_py.errors import PreflightError
 
-__all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view"]
-from kwasm_py.node import restart
+__all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view", "run"]
+from kwasm_py.model import ConfigKind, ContainerdVersion
+from kwasm_py.node import plan, restart
 from kwasm_py.node.hostfs import HostFS
 
 # Where distributions put containerd (k3s: its multi-call binary answers to this name).
@@ -181,7 +182,9 @@ def _dump(
         directory = PurePosixPath("/tmp")  # noqa: S108 - the node's /tmp, written through its root
         if not fs.resolve(directory).is_dir():
             return None, f"cannot run {binary}: neither {near.parent} nor /tmp exists on the node root", None
-    node_file = directory / f".kwasm-preflight-{os.getpid()}.toml"
+    # Beside the real file, so relative imports resolve the same; not `*.toml`, so an import
+    # glob of that directory (`/etc/containerd/*.toml`) cannot pick the scratch file up.
+    node_file = directory / f".kwasm-preflight-{os.getpid()}.tmp"
     host_file = fs.resolve(node_file)
     try:
         host_file.write_text(text)
@@ -250,3 +253,34 @@ def check(
     return Verdict(
         True, True, f"ok: {binary} on the node loads it: {listed}; default runtime {default}{before_note}"
     )
+
+
+def run(fs: HostFS, *, the_plan: plan.Plan, pid: int | None, containerd: ContainerdVersion | None) -> str:
+    """Pre-flight for `the_plan` on the node at `fs`: the verdict line `node plan` prints.
+
+    `pid` is a process of the node (None: not known), `containerd` the version the running
+    containerd reported over CRI. Raises PreflightError when containerd refuses or misreads.
+    """
+    lay = the_plan.layout
+    if not the_plan.config_changed:
+        return "not needed: the config does not change"
+    if the_plan.effective is None:
+        if lay.kind is ConfigKind.TEMPLATE:
+            return f"skipped: {lay.rendered_path} is not rendered yet, so the next render is unknown"
+        return f"skipped: {lay.name} merges {lay.config_path} itself; not predicted here"
+    reads = lay.rendered_path or lay.config_path
+    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
+    binary, why = choose_binary(fs, pid=pid, config=reads, version=version)
+    if binary is None:
+        return f"skipped: {why}"
+    verdict = check(
+        fs,
+        binary=binary,
+        effective=reads,
+        before_text=fs.read_text(reads),
+        after_text=the_plan.effective,
+        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
+        source=str(lay.config_path),
+    )
+    return verdict.message
