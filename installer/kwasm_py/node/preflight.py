@@ -10,6 +10,7 @@ Where the root has no containerd binary (or it cannot be run), pre-flight is ski
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -174,7 +175,7 @@ def compare(
 
 
 def _dump(
-    fs: HostFS, binary: PurePosixPath, text: str, *, near: PurePosixPath, runner: Runner
+    fs: HostFS, binary: PurePosixPath, text: str, *, near: PurePosixPath, runner: Runner, tag: str
 ) -> tuple[dict[str, Any] | None, str, PurePosixPath | None]:
     """containerd's dump of `text` written beside `near` on the node: (dump or None, error, file)."""
     directory = near.parent
@@ -184,7 +185,7 @@ def _dump(
             return None, f"cannot run {binary}: neither {near.parent} nor /tmp exists on the node root", None
     # Beside the real file, so relative imports resolve the same; not `*.toml`, so an import
     # glob of that directory (`/etc/containerd/*.toml`) cannot pick the scratch file up.
-    node_file = directory / f".kwasm-preflight-{os.getpid()}.tmp"
+    node_file = directory / f".kwasm-preflight-{os.getpid()}-{tag}.tmp"
     host_file = fs.resolve(node_file)
     try:
         host_file.write_text(text)
@@ -226,12 +227,15 @@ def check(
     if binary is None:
         return Verdict(False, True, "skipped: no containerd binary on the node root")
     before_note = ""
-    before, err, _f = _dump(fs, binary, before_text or "", near=effective, runner=runner)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two dumps at once
+        today = pool.submit(_dump, fs, binary, before_text or "", near=effective, runner=runner, tag="now")
+        after, after_err, _f = _dump(fs, binary, after_text, near=effective, runner=runner, tag="next")
+        before, err, _f = today.result()
     if before is None and err.startswith("cannot run"):
         return Verdict(False, True, f"skipped: {err}")
     if before is None:
         before_note = f" (today's config does not load either: {err})"
-    after, err, _f = _dump(fs, binary, after_text, near=effective, runner=runner)
+    err = after_err
     if after is None and err.startswith("cannot run"):
         return Verdict(False, True, f"skipped: {err}")
     if after is None:
