@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 
@@ -16,7 +18,7 @@ from kwasm_py.model import CriSchema, RestartMethod, RestartSpec, ShimSpec
 from kwasm_py.node import engine, preflight, restart
 from kwasm_py.node.hostfs import HostFS
 from tests.conftest import tree_hash
-from tests.containerd_node import BINARIES, available
+from tests.containerd_node import BINARIES, REPO, available
 
 CFG = PurePosixPath("/etc/containerd/config.toml")
 V2, V3 = "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime"
@@ -224,6 +226,13 @@ def test_real_containerd_sees_an_import_override(tmp_path: Path) -> None:
         assert "10-registry.toml" in err.message
         return
     assert the_plan.preflight.startswith("REFUSED") and "spin has runtime_type None" in the_plan.preflight
+    cli = subprocess.run(
+        [sys.executable, "-m", "kwasm_py", "node", "plan", "--host-root", str(root), "--restart", "none",
+         "--shim", str(_shim(tmp_path / "cli"))],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO / "installer")},
+    )  # fmt: skip
+    assert cli.returncode == 1 and "preflight:  REFUSED" in cli.stdout, cli.stdout + cli.stderr
     with pytest.raises(PreflightError):
         engine.install(_opts(root, _shim(tmp_path / "again")))
     assert tree_hash(root) == before

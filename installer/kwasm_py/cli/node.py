@@ -220,6 +220,8 @@ def plan(
     }
     if output == "json":
         _emit_json(data)
+        if the_plan.preflight.startswith("REFUSED"):
+            raise typer.Exit(1)  # install would refuse: the plan is not accepted either
         return
     lines = [
         f"layout:     {data['layout']}",
@@ -239,6 +241,8 @@ def plan(
     print("\n".join(lines))
     if the_plan.config_changed:
         print(the_plan.diff(), end="")
+    if the_plan.preflight.startswith("REFUSED"):
+        raise typer.Exit(1)  # install would refuse: the plan is not accepted either
 
 
 @app.command()
