@@ -219,12 +219,20 @@ def test_owned_runtime_is_updated_in_place() -> None:
 
 
 def test_templates() -> None:
-    """A k3s template keeps its `{{ template "base" . }}` line; other directives are refused."""
+    """A k3s template keeps every byte up to its last Go action; the runtime goes after it."""
     edit, _ = add((DATA / "k3s-base.toml.tmpl").read_text())
     assert edit.text.startswith('{{ template "base" . }}\n')
+    directives = (DATA / "k3s-directives.toml.tmpl").read_text()
+    doc = cc.load(directives, source="config.toml.tmpl")
+    assert doc.prelude == directives and doc.data == {}
+    added = cc.add_runtime(doc, cc.RuntimeEntry("spin", SHIM), schema=CriSchema.V2)
+    assert added.text.startswith(directives)
+    assert tomllib.loads(added.text[len(directives) :]) == {
+        "plugins": {CriSchema.V2.value: {"containerd": {"runtimes": {"spin": {"runtime_type": SHIM}}}}}
+    }
     with pytest.raises(ConfigError, match="not valid TOML") as info:
-        cc.load((DATA / "k3s-directives.toml.tmpl").read_text(), source="config.toml.tmpl")
-    assert "Go template" in info.value.hint
+        cc.load(directives + "runtime = [\n", source="config.toml.tmpl")
+    assert "after the template's last" in info.value.hint
     bare = cc.load('{{ template "base" . }}\n', source="t")
     assert bare.data == {}
     added = cc.add_runtime(bare, cc.RuntimeEntry("spin", SHIM), schema=CriSchema.V2)

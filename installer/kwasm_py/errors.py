@@ -31,6 +31,10 @@ class ConfigError(KwasmError):
     """A containerd config (or template) cannot be parsed or edited safely."""
 
 
+class PreflightError(ConfigError):
+    """The node's own containerd refuses (or misreads) the config we would make it load."""
+
+
 class LayoutError(KwasmError):
     """The node's containerd layout could not be determined."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from nodekit import SPIN_RUNTIME_TYPE, json_out, sha256
+from nodekit import KINDS, REPO, SPIN_RUNTIME_TYPE, json_out, sha256
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
@@ -186,3 +186,42 @@ def test_full_cycle_on_containerd_16_with_its_default_config(bookworm_node, test
     node.wait_ready()
     assert node.snapshot(node.config, INSTALLED_SHIM) == original
     assert "spin" not in node.runtimes()
+
+
+def test_k3s_stock_template_copy_installs_after_its_last_action(make_node, test_shim):
+    """A whole copy of the stock template on a k3s node (containerd 1.6): install keeps every
+    template byte, pre-flight passes on the node's own containerd, k3s's next render has spin."""
+    node, shim = make_node(*KINDS["k3s-agent"]), test_shim()
+    stock = (REPO / "tests/data/templates/rke2-stock-copy.toml.tmpl").read_text()
+    template = node.path(node.edited_config)
+    assert template.name == "config.toml.tmpl"
+    template.write_text(stock)
+    node.run("systemctl", "restart", "k3s-agent", check=True)
+    node.wait_ready()
+    proc = install(node, shim)
+    assert proc.returncode == 0, proc.stderr
+    out = json_out(proc)
+    assert any(n.startswith("pre-flight ok: /usr/bin/containerd") for n in out["notes"]), out["notes"]
+    assert template.read_text().startswith(stock)
+    assert_installed(node, out, shim)
+
+
+def test_k3s_own_spin_is_refused_before_writing(make_node, test_shim):
+    """k3s renders its own `spin` (a different shim on its PATH): install refuses before
+    writing anything, naming the binary k3s found, and containerd keeps running untouched."""
+    node, shim = make_node(*KINDS["k3s"]), test_shim()
+    other = node.path("/usr/local/bin/containerd-shim-spin-v2")
+    other.write_text("#!/bin/sh\nexit 2\n")
+    other.chmod(0o755)
+    node.run("systemctl", "restart", "k3s", check=True)
+    before_pid, _ = node.wait_ready()
+    assert node.runtimes().get("spin") == "io.containerd.spin.v2"
+    files = {p: node.path(p).read_bytes() if node.path(p).exists() else None for p in watched_files(node)}
+    proc = install(node, shim)
+    assert proc.returncode == 1
+    assert "/usr/local/bin/containerd-shim-spin-v2" in proc.stderr and "PATH" in proc.stderr
+    assert {
+        p: node.path(p).read_bytes() if node.path(p).exists() else None for p in watched_files(node)
+    } == files
+    assert not node.path(INSTALLED_SHIM).exists()
+    assert node.wait_ready()[0] == before_pid

@@ -112,7 +112,7 @@ def test_k3s_standin_renders_the_template_like_k3s(make_node, kind, template, fr
     old, _ = node.wait_ready()
     node.run("systemctl", "restart", sandbox.flavor(node.flavor).unit, check=True)
     _wait_new_containerd(node, old)
-    assert rendered.read_text() == base + fragment
+    assert rendered.read_text() == base + "\n" + fragment  # Go keeps the newline after the action
     assert node.runtimes()["spin"] == SPIN_RUNTIME_TYPE
 
 
@@ -121,11 +121,29 @@ def test_k3s_standin_refuses_template_actions_it_does_not_know(make_node):
     node = make_node("sid", "k3s")
     before = node.path(node.config).read_bytes()
     tmpl = node.path(f"{sandbox.K3S_CONFIG_DIR}/config-v3.toml.tmpl")
-    tmpl.write_text('{{ template "base" . }}\n{{ if .NodeConfig }}x{{ end }}\n')
+    tmpl.write_text('{{ template "base" . }}\n{{ printf "%d" 1 }}\n')
     node.run("systemctl", "restart", "k3s", check=False)
     journal = node.run("journalctl", "-u", "k3s", "--no-pager", check=True).stdout
     assert "unsupported template action" in journal
     assert node.path(node.config).read_bytes() == before
+
+
+def test_k3s_standin_renders_a_stock_template_copy_and_finds_spin_on_path(make_node):
+    """A whole copy of the stock template (Go actions, range over .ExtraRuntimes) renders, and
+    a containerd-shim-spin-v2 on the PATH adds k3s's own `spin` runtime, as k3s does."""
+    node = make_node(*KINDS["k3s-agent"])
+    stock = (REPO / "tests/data/templates/rke2-stock-copy.toml.tmpl").read_text()
+    node.path(f"{sandbox.K3S_CONFIG_DIR}/config.toml.tmpl").write_text(stock)
+    shim = node.path("/usr/local/bin/containerd-shim-spin-v2")
+    shim.write_text("#!/bin/sh\nexit 1\n")
+    shim.chmod(0o755)
+    old, _ = node.wait_ready()
+    node.run("systemctl", "restart", sandbox.flavor(node.flavor).unit, check=True)
+    _wait_new_containerd(node, old)
+    rendered = node.path(node.config).read_text()
+    assert "{{" not in rendered and 'snapshotter = "overlayfs"' in rendered
+    assert rendered.count('runtimes."spin"]') == 1  # from the template's range over .ExtraRuntimes
+    assert node.runtimes()["spin"] == "io.containerd.spin.v2"
 
 
 def test_k3d_like_node_restarts_containerd_when_signalled(make_node):

@@ -277,9 +277,12 @@ def plan(
         ],
         "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
         "changes": the_plan.changes,
+        "preflight": the_plan.preflight,
     }
     if output is OutputFormat.JSON:
         _emit_json(data)
+        if the_plan.preflight.startswith("REFUSED"):
+            raise typer.Exit(1)  # install would refuse: the plan is not accepted either
         return
     lines = [
         f"layout:     {data['layout']}",
@@ -293,11 +296,14 @@ def plan(
         action = "write" if b.write else "unchanged"
         lines.append(f"shim:       {b.shim.source} -> {b.dest} ({action}, sha256 {b.sha256[:16]}…)")
     lines.append(f"restart:    {data['restart']}")
+    lines.append(f"preflight:  {the_plan.preflight}")
     if not the_plan.changes:
         lines.append("nothing to change")
     print("\n".join(lines))
     if the_plan.config_changed:
         print(the_plan.diff(), end="")
+    if the_plan.preflight.startswith("REFUSED"):
+        raise typer.Exit(1)  # install would refuse: the plan is not accepted either
 
 
 def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from kwasm_py.containerd import tomlscan
+from kwasm_py.containerd import template, tomlscan
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
 
 MARKER_COMMENT = "# added by kwasm-py; `kwasm-py node uninstall` removes this runtime"
 CRI_PLUGIN_NAMES = frozenset({"cri", CriSchema.V2.value, CriSchema.V3.value})
-_PRELUDE_LINE = re.compile(r"^\s*\{\{.*\}\}\s*$")
 
 
 @dataclass(frozen=True)
@@ -80,21 +78,8 @@ class Edit:
 
 
 def split_prelude(text: str) -> tuple[str, str]:
-    """Separate leading template directives (k3s `{{ template "base" . }}`) from the TOML body."""
-    prelude_end = 0
-    pos = 0
-    for line in text.splitlines(keepends=True):
-        stripped = line.strip()
-        if _PRELUDE_LINE.match(line):
-            pos += len(line)
-            prelude_end = pos
-        elif not stripped and prelude_end:
-            break
-        elif not stripped:
-            pos += len(line)
-        else:
-            break
-    return text[:prelude_end], text[prelude_end:]
+    """Separate a template's text up to its last Go action from the TOML after it."""
+    return template.split(text)
 
 
 def load(text: str, *, source: str) -> ConfigDoc:
@@ -106,11 +91,8 @@ def load(text: str, *, source: str) -> ConfigDoc:
         data = tomllib.loads(body)
     except tomllib.TOMLDecodeError as err:
         hint = "fix the file (containerd would refuse it too), or point --config at another file"
-        if "{{" in body:
-            hint = (
-                "this looks like a Go template with directives beyond a leading "
-                '{{ template "base" . }} line; kwasm-py only edits plain TOML templates'
-            )
+        if prelude:
+            hint = "the text after the template's last {{ ... }} action is not TOML; fix it there"
         raise ConfigError(f"{source} is not valid TOML: {err}", hint=hint) from err
     return ConfigDoc(text=text, prelude=prelude, body=body, data=data)
 

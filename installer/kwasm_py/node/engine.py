@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import template
 from kwasm_py.errors import (
     ChecksumError,
     ConflictError,
@@ -41,7 +42,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, restart, uninstall_plan
+from kwasm_py.node import cri, layout, plan, preflight, restart, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -355,7 +356,14 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         node.install_dir / "bin" / s.binary_name: fs.sha256(node.install_dir / "bin" / s.binary_name)
         for s, _ in shims
     }
+    base_digests = None
+    if reference is not None and lay.kind is ConfigKind.TEMPLATE:
+        found = template.base_binaries(
+            reference, [s.handler for s, _ in shims], [c.runtimes_path() for c in CriSchema]
+        )
+        base_digests = {p: fs.sha256(PurePosixPath(p)) for p in found}
     return plan.make_plan(
+        base_digests=base_digests,
         layout=lay,
         own_text=own,
         reference_text=reference,
@@ -372,6 +380,14 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
 # install
 
 
+def _preflight(node: Node, the_plan: plan.Plan) -> str:
+    """The node's own containerd on what it would load (raises PreflightError)."""
+    pid = node.opts.pid if node.pid_ok else None
+    return preflight.run(
+        node.fs, the_plan=the_plan, pid=pid, containerd=node.containerd_version(), proc=node.proc
+    )
+
+
 def plan_only(
     opts: NodeOptions, *, cri_client: cri.CriClient | None = None, proc: ProcFS | None = None
 ) -> tuple[Node, plan.Plan]:
@@ -383,7 +399,12 @@ def plan_only(
     node = open_node(opts, cri_client=cri_client, proc=proc)
     if not opts.shims:
         raise UsageError("no --shim given")
-    return node, make_plan(node, _shim_digests(opts))
+    the_plan = make_plan(node, _shim_digests(opts))
+    try:
+        verdict = _preflight(node, the_plan)
+    except preflight.PreflightError as err:
+        return node, replace(the_plan, preflight=f"REFUSED: {err.message}")
+    return node, replace(the_plan, preflight=verdict)
 
 
 def plan_uninstall(
@@ -499,6 +520,7 @@ def install(
         _require_exec(node)
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
+        outcome.notes.append(f"pre-flight {_preflight(node, the_plan)}")  # raises: nothing written
         if the_plan.changes:
             node.require_pid()
         _apply(node, the_plan, outcome, log=log)

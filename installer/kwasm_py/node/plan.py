@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import template as tmpl
 from kwasm_py.errors import ConfigError, UsageError
 from kwasm_py.model import (
     BIN_DIR_NAME,
@@ -54,6 +55,8 @@ class Plan:
     replaced: dict[str, str | None] = field(default_factory=dict)
     version_added: bool = False
     companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
+    effective: str | None = None  # the text containerd will read after the change (None: unknown)
+    preflight: str = ""  # the pre-flight verdict, for `node plan`
 
     @property
     def config_changed(self) -> bool:
@@ -118,12 +121,16 @@ def make_plan(
     install_dir: PurePosixPath,
     state: State | None,
     force: bool = False,
+    base_digests: dict[str, str | None] | None = None,
 ) -> Plan:
     """Decide the binaries to write and the config text to have, from what is there now.
 
     `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
-    of what is there (None when absent). Returns the Plan; raises UsageError for two shims on
-    one handler, ConfigError / ConflictError for a config it refuses (see `containerd.config`).
+    of what is there (None when absent); `base_digests` maps the node paths that a template's
+    base render runs for our handlers to their sha256 (a runtime k3s found running the very
+    shim we install is adopted, not duplicated). Returns the Plan; raises UsageError for two
+    shims on one handler, ConfigError / ConflictError for a config it refuses (see
+    `containerd.config` and `containerd.template`).
     """
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None
@@ -140,8 +147,21 @@ def make_plan(
     if reference_text is not None and layout.kind is not ConfigKind.CONFIG:
         rendered = str(layout.rendered_path)
         reference = cc.load(reference_text, source=rendered).data
+    if doc.prelude and reference is None and tmpl.kind(doc.prelude) is tmpl.TemplateKind.GO:
+        raise ConfigError(
+            f"{source} is a Go template, and {layout.rendered_path or 'its render'} does not exist "
+            "yet, so what containerd will read cannot be predicted",
+            hint=f"start {layout.name} once so it renders the template, then run kwasm-py again",
+        )
+    values: dict[str, str] = {}
+    if layout.name == "microk8s":  # ${RUNTIME} & co: decide on what the snap will substitute
+        values, resolved = tmpl.resolve_placeholders(doc.data, reference)
+        reference = tmpl.substitute(reference if reference is not None else doc.data, values)
+        notes_pre: tuple[str, ...] = resolved
+    else:
+        notes_pre = ()
     choice = cc.choose_schema(doc.data, reference=reference, containerd=containerd, source=source)
-    notes = list(choice.notes)
+    notes = list(notes_pre) + list(choice.notes)
     if not doc.data and not doc.prelude:
         if layout.kind is ConfigKind.DROP_IN and reference is not None:
             version_line = cc.config_version(reference)
@@ -170,6 +190,30 @@ def make_plan(
         dest = bin_dir / shim.binary_name
         steps.append(BinaryStep(shim, dest, digest, write=installed.get(dest) != digest))
         entries.append(cc.RuntimeEntry(shim.handler, str(dest), systemd_cgroup=systemd))
+    adopted: dict[str, dict[str, Any]] = {}
+    if reference_text is not None and layout.kind is ConfigKind.TEMPLATE and doc.prelude:
+        adopted = tmpl.check_base(
+            doc.text,
+            reference_text,
+            [e.handler for e in entries],
+            runtimes_path=choice.schema.runtimes_path(),
+            ours_prefix=str(bin_dir),
+            source=source,
+            rendered_source=str(layout.rendered_path),
+            wanted={shim.handler: digest for shim, digest in shims},
+            digests=base_digests,
+        )
+        for handler, table in adopted.items():
+            notes.append(
+                f"runtime {handler} is already in the base render and runs this very shim "
+                f"({table.get('runtime_type')}): adopting it, adding no table"
+            )
+        entries = [
+            cc.RuntimeEntry(e.handler, str(adopted[e.handler].get("runtime_type")))
+            if e.handler in adopted
+            else e
+            for e in entries
+        ]
     text = doc.text
     replaced: dict[str, str | None] = {}
     version_added = bool(own_state and own_state.config.version_added)
@@ -188,6 +232,8 @@ def make_plan(
                 "lose its default runtime"
             )
     for entry in entries:
+        if entry.handler in adopted:
+            continue
         current = cc.load(text, source=source)
         record = own_state.runtime(entry.handler) if own_state else None
         edit = cc.add_runtime(
@@ -208,6 +254,7 @@ def make_plan(
         text = base_text
     if state is not None and state.status != INSTALLED:
         notes.append("a previous run was interrupted: finishing it")
+    effective = _effective(layout, cc.load(text, source=source), reference_text, values)
     return Plan(
         layout=layout,
         containerd=containerd,
@@ -220,4 +267,20 @@ def make_plan(
         replaced=replaced,
         version_added=version_added,
         companion=companion,
+        effective=effective,
     )
+
+
+def _effective(layout: Layout, doc: cc.ConfigDoc, rendered: str | None, values: dict[str, str]) -> str | None:
+    """The config containerd reads once `doc` is in place (a template's predicted render)."""
+    if layout.kind is ConfigKind.CONFIG:
+        return doc.text
+    if layout.kind is not ConfigKind.TEMPLATE:
+        return None  # drop-ins are merged by their distribution
+    if layout.name == "microk8s":
+        return tmpl.substitute_text(doc.text, values)
+    if not doc.prelude:
+        return doc.text  # a frozen render: rendered verbatim
+    if rendered is None:
+        return None
+    return tmpl.predict_render(doc.text, rendered)[0]

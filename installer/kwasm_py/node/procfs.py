@@ -72,6 +72,13 @@ class ProcFS:
         except OSError:
             return ""
 
+    def exe(self, pid: int) -> str | None:
+        """The path `/proc/PID/exe` names (the binary the process runs), None when unreadable."""
+        try:
+            return os.readlink(self._entry(pid, "exe"))
+        except OSError:
+            return None
+
     def argv(self, pid: int) -> list[str] | None:
         """The process's argv (`/proc/PID/cmdline` split at NULs), None when it is gone."""
         try:

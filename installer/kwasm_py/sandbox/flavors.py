@@ -3,8 +3,9 @@
 - ``containerd``: the Debian ``containerd.service`` (bookworm: containerd 1.6, sid: 2.x).
 - ``k3s`` / ``k3s-agent``: a ``k3s.service`` / ``k3s-agent.service`` running a *stand-in* for
   k3s (``data/sandbox-k3s-standin.sh``): it renders containerd's config from
-  ``config.toml.tmpl`` / ``config-v3.toml.tmpl`` the way k3s does (only the
-  ``{{ template "base" . }}`` action) and runs containerd with k3s's paths. It is not k3s.
+  ``config.toml.tmpl`` / ``config-v3.toml.tmpl`` the way k3s does (``{{ template "base" . }}``
+  and the other actions k3s's templates use, with the stand-in's values; a spin shim on its PATH
+  adds a ``spin`` runtime, as k3s does) and runs containerd with k3s's paths. It is not k3s.
 - ``k3d``: no systemd. PID 1 is a small init (``data/sandbox-k3d-init.sh``) that runs the same
   k3s stand-in and starts it again when it exits: restart with ``signal:containerd``.
 """
@@ -116,6 +117,7 @@ def prepare_flavor(root: Path, name: str, fl: Flavor) -> None:
     _write(root / "usr/local/bin/k3s", _data("sandbox-k3s-standin.sh"), 0o755)
     _write(share / "k3s-base-v2.toml", _data("sandbox-k3s-base-v2.toml"))
     _write(share / "k3s-base-v3.toml", _data("sandbox-k3s-base-v3.toml"))
+    _write(share / "k3s-render.awk", _data("sandbox-k3s-render.awk"))
     (root / K3S_CONFIG_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
     if fl.unit is None:
         _write(root / "usr/local/sbin/k3d-init", _data("sandbox-k3d-init.sh"), 0o755)

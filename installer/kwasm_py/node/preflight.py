@@ -1,0 +1,286 @@
+"""Pre-flight: the node's own containerd reads the config we are about to make it load.
+
+Before any restart, the containerd binary found on the node root runs chrooted into that root
+(`chroot ROOT containerd --config FILE config dump`), so `imports` and relative paths resolve as
+they do on the node, once on what containerd reads today and once on what it will read after
+the change (for a template, its predicted render). The second dump must list every handler we
+add with our runtime_type, every runtime of the first unchanged, and the same default runtime.
+Where the root has no containerd binary (or it cannot be run), pre-flight is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from kwasm_py.errors import PreflightError
+
+__all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view", "run"]
+from kwasm_py.model import ConfigKind, ContainerdVersion
+from kwasm_py.node import plan
+from kwasm_py.node.hostfs import HostFS
+from kwasm_py.node.procfs import HOST, ProcFS, config_from_argv
+
+# Where distributions put containerd (k3s: its multi-call binary answers to this name).
+CANDIDATES = (
+    PurePosixPath("/usr/bin/containerd"),
+    PurePosixPath("/usr/local/bin/containerd"),
+    PurePosixPath("/bin/containerd"),
+    PurePosixPath("/var/lib/rancher/rke2/bin/containerd"),
+    PurePosixPath("/var/lib/rancher/k3s/data/current/bin/containerd"),
+    PurePosixPath("/snap/microk8s/current/bin/containerd"),
+)
+CRI_RUNTIMES = (
+    ("plugins", "io.containerd.cri.v1.runtime", "containerd"),  # containerd 2.x dumps this
+    ("plugins", "io.containerd.grpc.v1.cri", "containerd"),
+    ("plugins", "cri", "containerd"),
+)
+TIMEOUT = 20.0
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What pre-flight found: `ran` False when it was skipped (`message` says why)."""
+
+    ran: bool
+    ok: bool
+    message: str
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+def _running(fs: HostFS, pid: int, proc: ProcFS) -> list[tuple[PurePosixPath, PurePosixPath]]:
+    """(--config, binary) of each containerd in the PID namespace of `pid` whose binary is on
+    the node root: argv[0] when absolute (k3s's `.../bin/containerd` link to its multi-call
+    binary), else the file /proc/PID/exe names."""
+    out = []
+    for found in proc.find(pid, "containerd"):
+        args, exe = proc.argv(found.pid), proc.exe(found.pid)
+        if args is None or exe is None:
+            continue
+        for candidate in (args[0] if args else "", exe):
+            path = PurePosixPath(candidate)
+            if path.is_absolute() and path.name.startswith("containerd"):
+                host = fs.resolve(path)
+                if host.is_file() and os.access(host, os.X_OK):
+                    out.append((config_from_argv(args[1:]), path))
+                    break
+    return out
+
+
+def choose_binary(
+    fs: HostFS,
+    *,
+    pid: int | None,
+    config: PurePosixPath,
+    version: tuple[int, int, int] | None,
+    runner: Runner = _run,
+    proc: ProcFS = HOST,
+) -> tuple[PurePosixPath | None, str]:
+    """The node's containerd binary to run pre-flight with, or (None, why not).
+
+    The binary of the containerd running with `config` (processes in the PID namespace of
+    `pid`); else, when the running containerd's `version` is known (from CRI), the first
+    running binary or `CANDIDATES` entry whose `--version` says that version; else the first
+    candidate on the root.
+    """
+    running = _running(fs, pid, proc) if pid is not None else []
+    for cfg, path in running:
+        if cfg == config:
+            return path, ""
+    candidates = list(dict.fromkeys([p for _c, p in running] + [c for c in CANDIDATES if _executable(fs, c)]))
+    if not candidates:
+        looked = ", ".join(str(p) for p in CANDIDATES[:3])
+        return None, f"no containerd binary on the node root (looked in {looked}, ...)"
+    if version is None:
+        return candidates[0], ""
+    wanted = ".".join(str(v) for v in version)
+    for path in candidates:
+        try:
+            said = runner(["chroot", str(fs.root), str(path), "--version"])
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if said.returncode == 0 and re.search(rf"[ v]{re.escape(wanted)}\b", said.stdout):
+            return path, ""
+    return None, f"no containerd binary on the node root says version {wanted}, which the node runs"
+
+
+def _executable(fs: HostFS, path: PurePosixPath) -> bool:
+    host = fs.resolve(path)
+    return host.is_file() and os.access(host, os.X_OK)
+
+
+def cri_view(dump: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(runtimes by handler, default runtime name) of a `config dump`."""
+    for path in CRI_RUNTIMES:
+        node: Any = dump
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("runtimes"), dict):
+            default = node.get("default_runtime_name")
+            return node["runtimes"], default if isinstance(default, str) else None
+    return {}, None
+
+
+def compare(
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+    *,
+    wanted: Mapping[str, str],
+    ours: frozenset[str] = frozenset(),
+) -> list[str]:
+    """What the dump `after` gets wrong: problems as sentences, empty when it is right.
+
+    `wanted` maps each handler we install to its runtime_type; `ours` are other handlers we
+    may change (a companion runtime); `before` is the dump of today's config (None: unknown).
+    """
+    problems = []
+    runtimes, default = cri_view(after)
+    for handler, runtime_type in wanted.items():
+        got = (runtimes.get(handler) or {}).get("runtime_type")
+        if got != runtime_type:
+            problems.append(f"runtime {handler} has runtime_type {got!r}, not {runtime_type!r}")
+    if before is not None:
+        old, old_default = cri_view(before)
+        for handler, table in old.items():
+            if handler in wanted or handler in ours:
+                continue
+            if runtimes.get(handler) != table:
+                problems.append(f"runtime {handler} would change or vanish")
+        if old_default != default:
+            problems.append(f"default runtime would change from {old_default!r} to {default!r}")
+    return problems
+
+
+def _dump(
+    fs: HostFS, binary: PurePosixPath, text: str, *, near: PurePosixPath, runner: Runner, tag: str
+) -> tuple[dict[str, Any] | None, str, PurePosixPath | None]:
+    """containerd's dump of `text` written beside `near` on the node: (dump or None, error, file)."""
+    directory = near.parent
+    if not fs.resolve(directory).is_dir():
+        directory = PurePosixPath("/tmp")  # noqa: S108 - the node's /tmp, written through its root
+        if not fs.resolve(directory).is_dir():
+            return None, f"cannot run {binary}: neither {near.parent} nor /tmp exists on the node root", None
+    # Beside the real file, so relative imports resolve the same; not `*.toml`, so an import
+    # glob of that directory (`/etc/containerd/*.toml`) cannot pick the scratch file up.
+    node_file = directory / f".kwasm-preflight-{os.getpid()}-{tag}.tmp"
+    host_file = fs.resolve(node_file)
+    try:
+        host_file.write_text(text)
+        proc = runner(["chroot", str(fs.root), str(binary), "--config", str(node_file), "config", "dump"])
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"cannot run {binary} on the node root: {err}", None
+    finally:
+        host_file.unlink(missing_ok=True)
+    if proc.returncode in (125, 126, 127):  # chroot itself could not run the binary
+        return None, f"cannot run {binary} on the node root: {proc.stderr.strip()[-200:]}", None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return None, (lines[-1] if lines else f"exit code {proc.returncode}"), node_file
+    try:
+        return tomllib.loads(proc.stdout), "", node_file
+    except tomllib.TOMLDecodeError as err:
+        return None, f"its config dump is not TOML ({err})", None
+
+
+def check(
+    fs: HostFS,
+    *,
+    effective: PurePosixPath,
+    before_text: str | None,
+    after_text: str,
+    wanted: Mapping[str, str],
+    ours: frozenset[str] = frozenset(),
+    source: str,
+    binary: PurePosixPath | None,
+    runner: Runner = _run,
+) -> Verdict:
+    """Have the node's containerd read `after_text` (what it will load from `effective`).
+
+    `before_text` is what it loads today (None: no file, containerd's defaults); `source` is
+    the file we edit, named in the error; `binary` the node's containerd (`choose_binary`).
+    Returns a Verdict (skipped when no binary can run);
+    raises PreflightError when containerd refuses `after_text` or its dump disagrees.
+    """
+    if binary is None:
+        return Verdict(False, True, "skipped: no containerd binary on the node root")
+    before_note = ""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two dumps at once
+        today = pool.submit(_dump, fs, binary, before_text or "", near=effective, runner=runner, tag="now")
+        after, after_err, _f = _dump(fs, binary, after_text, near=effective, runner=runner, tag="next")
+        before, err, _f = today.result()
+    if before is None and err.startswith("cannot run"):
+        return Verdict(False, True, f"skipped: {err}")
+    if before is None:
+        before_note = f" (today's config does not load either: {err})"
+    err = after_err
+    if after is None and err.startswith("cannot run"):
+        return Verdict(False, True, f"skipped: {err}")
+    if after is None:
+        raise PreflightError(
+            f"the node's containerd ({binary}) refuses the config {source} would give ({effective}): {err}",
+            hint="nothing was written and containerd was not restarted; the file as it would be "
+            "is shown by `kwasm-py node plan`" + before_note,
+        )
+    problems = compare(before, after, wanted=wanted, ours=ours)
+    if problems:
+        raise PreflightError(
+            f"the node's containerd ({binary}) reads the config {source} would give "
+            f"({effective}) differently: {'; '.join(problems)}",
+            hint="nothing was written and containerd was not restarted; another file "
+            "(an import or the template's base) decides these runtimes" + before_note,
+        )
+    runtimes, default = cri_view(after)
+    listed = ", ".join(f"{h}={runtimes[h].get('runtime_type')}" for h in wanted)
+    return Verdict(
+        True, True, f"ok: {binary} on the node loads it: {listed}; default runtime {default}{before_note}"
+    )
+
+
+def run(
+    fs: HostFS,
+    *,
+    the_plan: plan.Plan,
+    pid: int | None,
+    containerd: ContainerdVersion | None,
+    proc: ProcFS = HOST,
+) -> str:
+    """Pre-flight for `the_plan` on the node at `fs`: the verdict line `node plan` prints.
+
+    `pid` is a process of the node (None: not known), `containerd` the version the running
+    containerd reported over CRI. Raises PreflightError when containerd refuses or misreads.
+    """
+    lay = the_plan.layout
+    if not the_plan.config_changed:
+        return "not needed: the config does not change"
+    if the_plan.effective is None:
+        if lay.kind is ConfigKind.TEMPLATE:
+            return f"skipped: {lay.rendered_path} is not rendered yet, so the next render is unknown"
+        return f"skipped: {lay.name} merges {lay.config_path} itself; not predicted here"
+    reads = lay.rendered_path or lay.config_path
+    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
+    binary, why = choose_binary(fs, pid=pid, config=reads, version=version, proc=proc)
+    if binary is None:
+        return f"skipped: {why}"
+    verdict = check(
+        fs,
+        binary=binary,
+        effective=reads,
+        before_text=fs.read_text(reads),
+        after_text=the_plan.effective,
+        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
+        source=str(lay.config_path),
+    )
+    return verdict.message
