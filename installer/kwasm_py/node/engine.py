@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import effective
 from kwasm_py.errors import (
     ChecksumError,
-    ConflictError,
     HostIOError,
     KwasmError,
     RestartError,
@@ -263,43 +263,42 @@ def _shim_digests(opts: NodeOptions, state: st.State | None = None) -> list[tupl
     return out
 
 
-def _check_imports(node: Node, own: str | None, handlers: list[str]) -> None:
-    """A runtime of the same handler in an imported file would fight with ours."""
-    if own is None:
-        return
+def _effective(node: Node, own: str | None, reference: str | None) -> effective.Effective | None:
+    """What containerd loads from the file it reads (imports globbed on the node root)."""
+    lay = node.layout
+    main_path, text = lay.config_path, own
+    if lay.kind is ConfigKind.TEMPLATE and lay.rendered_path is not None and reference is not None:
+        main_path, text = lay.rendered_path, reference  # the next render: today's + our block
+    if text is None:
+        return None
     try:
-        data = cc.load(own, source=str(node.layout.config_path)).data
+        main = cc.load(text, source=str(main_path)).data
     except KwasmError:
-        return
-    for pattern in data.get("imports") or []:
-        if not isinstance(pattern, str) or not pattern.startswith("/"):
-            continue
-        for host_path in sorted(glob.glob(str(node.fs.root) + pattern)):
-            node_path = "/" + os.path.relpath(host_path, node.fs.root)
-            if PurePosixPath(node_path) == node.layout.config_path:
-                continue
-            text = node.fs.read_text(PurePosixPath(node_path))
-            if text is None:
-                continue
-            try:
-                imported = cc.load(text, source=node_path).data
-            except KwasmError:
-                continue
-            for schema in CriSchema:
-                for handler in handlers:
-                    if cc.find_runtime(imported, schema, handler) is not None:
-                        raise ConflictError(
-                            f"{node_path} (imported by {node.layout.config_path}) already defines "
-                            f"runtime `{handler}`",
-                            hint="remove it there, or pick another --handler",
-                        )
+        return None  # the plan reports the parse error itself
+    containerd = node.containerd_version()
+    major = containerd.major if containerd else (2 if main.get("version", 1) in (3, 4) else 1)
+
+    def expand(pattern: str) -> list[str]:
+        root = str(node.fs.root)
+        return ["/" + os.path.relpath(p, root) for p in sorted(glob.glob(root + pattern))]
+
+    def load(path: str) -> dict[str, Any] | None:
+        found = node.fs.read_text(PurePosixPath(path))
+        try:
+            return None if found is None else cc.load(found, source=path).data
+        except KwasmError:
+            return None
+
+    return effective.resolve(str(main_path), main, major=major, expand=expand, load=load)
 
 
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     fs, lay = node.fs, node.layout
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
-    _check_imports(node, own, [s.handler for s, _ in shims])
+    eff = _effective(node, own, reference)
+    if eff is not None:
+        effective.check_handlers(eff, [s.handler for s, _ in shims], edited=str(lay.config_path))
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
         containerd = cri.parse_version(node.state.containerd)
@@ -307,7 +306,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         node.install_dir / "bin" / s.binary_name: fs.sha256(node.install_dir / "bin" / s.binary_name)
         for s, _ in shims
     }
-    return plan.make_plan(
+    the_plan = plan.make_plan(
         layout=lay,
         own_text=own,
         reference_text=reference,
@@ -318,6 +317,14 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         state=node.state,
         force=node.opts.force,
     )
+    if eff is None:
+        return the_plan
+    if lay.kind is not ConfigKind.DROP_IN:  # k0s merges its drop-ins itself
+        effective.check_takes_effect(eff, the_plan.schema, edited=str(eff.main))
+    notes = [eff.describe(the_plan.schema.plugin_id)]
+    if eff.imports:
+        notes.insert(0, "containerd loads " + ", ".join(s.path for s in eff.sources))
+    return replace(the_plan, notes=(*the_plan.notes, *notes))
 
 
 # ---------------------------------------------------------------------------------------------
