@@ -1,0 +1,221 @@
+"""Ownership that survives other tools: our keys, today's files, fresh pre-images (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Kwasm, run_kwasm
+from tests.containerd_node import PrivateContainerd, fake_shim
+from tests.test_layout import SYSTEMD, UNIT, V2, tree
+
+CONFIG = "etc/containerd/config.toml"
+SPIN = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]'
+EKS_TEMPLATE = (
+    "version = 2\n"
+    'root = "/var/lib/containerd"\n'
+    '[plugins."io.containerd.grpc.v1.cri"]\n'
+    'sandbox_image = "PAUSE"\n'
+    '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+    'default_runtime_name = "runc"\n'
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+    'runtime_type = "io.containerd.runc.v2"\n'
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n'
+    "SystemdCgroup = true\n"
+)
+
+
+def full_tree_hash(root: Path) -> dict[str, tuple[str, int]]:
+    """Content and mode of every file and directory under root, /opt, /run and /var/lib included."""
+    out: dict[str, tuple[str, int]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_socket():
+            continue
+        if path.is_symlink():
+            out[rel] = ("link:" + os.readlink(path), 0)
+        elif path.is_file():
+            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
+        elif path.is_dir():
+            out[rel] = ("dir", path.stat().st_mode)
+    return out
+
+
+def eks_node(tmp_path: Path, pause: str) -> Path:
+    return tree(
+        tmp_path / "root",
+        {
+            **SYSTEMD,
+            "/" + CONFIG: EKS_TEMPLATE.replace("PAUSE", pause),
+            "/lib/systemd/system/containerd.service": UNIT,
+            "/var/lib/containerd/": "",
+            "/run/containerd/": "",
+            "/opt/": "",  # every Debian root has it; ours is /opt/kwasm
+        },
+    )
+
+
+def node_args(root: Path, *extra: str) -> list[str]:
+    return ["--host-root", str(root), "--restart", "none", *extra]
+
+
+def test_uninstall_after_regeneration_leaves_todays_file(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """Install, the bootstrap regenerates the config, re-install, uninstall: the regenerated file
+    comes back byte for byte (not the stale first backup), and nothing of ours stays anywhere."""
+    root = eks_node(tmp_path, "pause:3.5")
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    regenerated = EKS_TEMPLATE.replace("PAUSE", "pause:3.10")
+    (root / CONFIG).write_text(regenerated)  # the node's bootstrap, at the next boot
+    after_boot = full_tree_hash(root)
+    r = kwasm("node", "install", *node_args(root, "--shim", str(shim)), "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["changed"] is True, r.stderr
+    assert SPIN in (root / CONFIG).read_text()
+    backup = json.loads((root / "opt/kwasm/kwasm-state.json").read_text())["config"]["backup"]
+    assert (root / backup.lstrip("/")).read_text() == regenerated, "a fresh pre-image for the new file"
+    r = kwasm("node", "uninstall", *node_args(root))
+    assert r.returncode == 0, r.stderr
+    assert (root / CONFIG).read_text() == regenerated
+    after = full_tree_hash(root)
+    assert not [p for p in after if p.startswith("opt/")], "nothing of ours under the install dir"
+    assert after == {k: v for k, v in after_boot.items() if not k.startswith("opt/")}
+
+
+def test_edit_after_regeneration_is_removed_by_key(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """Regenerated, re-installed, then someone edits another key: uninstall removes only our
+    table from today's file and keeps their edit."""
+    root = eks_node(tmp_path, "pause:3.5")
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    regenerated = EKS_TEMPLATE.replace("PAUSE", "pause:3.10")
+    (root / CONFIG).write_text(regenerated)
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    edited = (root / CONFIG).read_text().replace('root = "/var/lib/containerd"', 'root = "/data/containerd"')
+    (root / CONFIG).write_text(edited)
+    assert kwasm("node", "uninstall", *node_args(root)).returncode == 0
+    assert (root / CONFIG).read_text() == regenerated.replace("/var/lib/containerd", "/data/containerd")
+
+
+def dumped(text: str, runtime_type: str) -> str:
+    """What writing `containerd config dump` back does to our table: every default key added."""
+    return text.replace(
+        f'runtime_type = "{runtime_type}"',
+        f'runtime_type = "{runtime_type}"\n  runtime_path = ""\n  pod_annotations = []\n'
+        '  privileged_without_host_devices = false\n  base_runtime_spec = ""',
+    )
+
+
+def test_our_runtime_is_ours_after_a_dump_rewrite(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """A table with our runtime_type and extra default keys is still ours: re-install writes
+    nothing, uninstall removes it and keeps the rest of the rewritten file."""
+    root = tree(tmp_path / "root", {**SYSTEMD, "/" + CONFIG: V2})
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    ours = "/opt/kwasm/bin/containerd-shim-spin-v2"
+    rewritten = dumped((root / CONFIG).read_text(), ours).replace("version = 2", "version = 2\noom_score = 0")
+    (root / CONFIG).write_text(rewritten)
+    mtime = (root / CONFIG).stat().st_mtime_ns
+    r = kwasm("node", "install", *node_args(root, "--shim", str(shim)), "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["changed"] is False and (root / CONFIG).stat().st_mtime_ns == mtime
+    status = kwasm("node", "status", "--host-root", str(root), "-o", "json")
+    assert json.loads(status.stdout)["drift"] == []
+    assert kwasm("node", "uninstall", *node_args(root)).returncode == 0
+    left = (root / CONFIG).read_text()
+    assert "spin" not in left and "oom_score = 0" in left and "runtimes.runc" in left
+    assert not (root / "opt").exists() or not any((root / "opt").rglob("*"))
+
+
+def test_a_table_someone_else_rewrote_is_left_in_place(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """Another tool points `spin` at its own shim after us: uninstall keeps their table and says so."""
+    root = tree(tmp_path / "root", {**SYSTEMD, "/" + CONFIG: V2})
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    ours = "/opt/kwasm/bin/containerd-shim-spin-v2"
+    theirs = (root / CONFIG).read_text().replace(ours, "io.containerd.spin.v2")
+    (root / CONFIG).write_text(theirs)
+    r = kwasm("node", "uninstall", *node_args(root))
+    assert r.returncode == 0, r.stderr
+    assert "no longer the one kwasm-py added" in r.stdout + r.stderr
+    assert (root / CONFIG).read_text() == theirs
+    assert not (root / "opt/kwasm").exists()
+
+
+def test_force_gives_back_the_foreign_table_in_todays_file(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """--force records their table; after a later edit elsewhere, uninstall puts theirs back and
+    keeps the edit (no runtime or default runtime of theirs lost)."""
+    foreign = f'{SPIN}\n  runtime_type = "io.containerd.spin.v2"\n'
+    root = tree(tmp_path / "root", {**SYSTEMD, "/" + CONFIG: V2 + foreign})
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim), "--force")).returncode == 0
+    text = (root / CONFIG).read_text()
+    assert "io.containerd.spin.v2" not in text
+    (root / CONFIG).write_text("# edited later\n" + text)
+    assert kwasm("node", "uninstall", *node_args(root)).returncode == 0
+    final = (root / CONFIG).read_text()
+    assert final.startswith("# edited later\n") and 'runtime_type = "io.containerd.spin.v2"' in final
+    assert "runtimes.runc]" in final and "/opt/kwasm" not in final
+
+
+def test_1x_import_that_hides_the_cri_table_is_refused(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """Field case 02's kind: an imported registry file replaces the CRI plugin on containerd 1.x;
+    plan and install refuse naming it, and no byte under the root changes (/opt, /run included)."""
+    main = 'version = 2\nimports = ["/etc/containerd/config.d/*.toml"]\n' + V2.split("\n", 1)[1]
+    registry = '[plugins."io.containerd.grpc.v1.cri".registry.mirrors."r.example"]\nendpoint = ["http://r"]\n'
+    root = tree(
+        tmp_path / "root",
+        {**SYSTEMD, "/" + CONFIG: main, "/etc/containerd/config.d/registries.toml": registry, "/run/x/": ""},
+    )
+    before = full_tree_hash(root)
+    for command in ("plan", "install"):
+        r = kwasm("node", command, *node_args(root, "--shim", str(shim)))
+        assert r.returncode == 1, r.stdout
+        imported = "/etc/containerd/config.d/registries.toml (imported by /etc/containerd/config.toml)"
+        assert imported in r.stderr
+        assert "--config" not in r.stderr
+    assert full_tree_hash(root) == before
+
+
+def test_plan_names_the_files_that_set_the_cri_plugin(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """With imports that do not touch the CRI plugin, plan lists what containerd loads and the winner."""
+    main = 'version = 2\nimports = ["/etc/containerd/config.d/*.toml"]\n' + V2.split("\n", 1)[1]
+    other = '[plugins."io.containerd.internal.v1.opt"]\npath = "/opt/containerd"\n'
+    files = {**SYSTEMD, "/" + CONFIG: main, "/etc/containerd/config.d/opt.toml": other}
+    root = tree(tmp_path / "root", files)
+    r = kwasm("node", "plan", *node_args(root, "--shim", str(shim)), "-o", "json")
+    assert r.returncode == 0, r.stderr
+    notes = json.loads(r.stdout)["notes"]
+    assert "containerd loads /etc/containerd/config.toml, /etc/containerd/config.d/opt.toml" in notes
+    winner = "plugin io.containerd.grpc.v1.cri from /etc/containerd/config.toml"
+    assert any(n.startswith(winner) for n in notes)
+
+
+# -- against real containerd -------------------------------------------------------------------
+
+
+def _install(ctd: PrivateContainerd, shim: Path, *extra: str) -> dict[str, object]:
+    r = run_kwasm("node", "install", *ctd.node_args(), "--shim", str(shim), "-o", "json", *extra)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, object] = json.loads(r.stdout)
+    return out
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+def test_real_dump_rewrite_keeps_ownership(ctd: PrivateContainerd) -> None:
+    """The config replaced by containerd's own `config dump`: re-install changes nothing and does
+    not restart; uninstall removes only our table from the dumped file and containerd drops it."""
+    shim = fake_shim(ctd.dir / "src")
+    _install(ctd, shim)
+    dump = ctd.config_dump()
+    assert dump.returncode == 0, dump.stderr
+    ctd.config.write_text(dump.stdout)
+    running = ctd.daemon()
+    out = _install(ctd, shim)
+    assert (out["changed"], out["restarted"]) == (False, False) and ctd.daemon() == running
+    args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
+    r = run_kwasm("node", "uninstall", *args, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    left = ctd.config.read_text()
+    assert "runtimes.spin" not in left.replace("'", '"') and len(left) > len(dump.stdout) / 2
+    assert "spin" not in ctd.cri_status().runtimes and ctd.cri_status().runtime_ready
+    assert not (ctd.dir / "kwasm").exists()
