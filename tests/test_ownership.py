@@ -219,3 +219,65 @@ def test_real_dump_rewrite_keeps_ownership(ctd: PrivateContainerd) -> None:
     assert "runtimes.spin" not in left.replace("'", '"') and len(left) > len(dump.stdout) / 2
     assert "spin" not in ctd.cri_status().runtimes and ctd.cri_status().runtime_ready
     assert not (ctd.dir / "kwasm").exists()
+
+
+# -- the installed set follows the request (issue 11, item 5) -----------------------------------
+
+
+def test_smaller_shim_set_removes_the_rest(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """spin + wasmtime, then spin alone: wasmtime's table, binary and state entry go; then
+    uninstall leaves the node as it was, /opt, /run and /var/lib included."""
+    root = eks_node(tmp_path, "pause:3.5")
+    before = full_tree_hash(root)
+    wasmtime = fake_shim(tmp_path / "shims", "wasmtime")
+    both = ("--shim", str(shim), "--shim", str(wasmtime))
+    assert kwasm("node", "install", *node_args(root, *both)).returncode == 0
+    assert (root / "opt/kwasm/bin/containerd-shim-wasmtime-v2").exists()
+    with_both = (root / CONFIG).read_text()
+    assert "runtimes.wasmtime]" in with_both
+    r = kwasm("node", "plan", *node_args(root, "--shim", str(shim)))
+    assert (
+        r.returncode == 0
+        and '-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wasmtime]' in r.stdout
+    )
+    assert "removing runtime wasmtime" in r.stdout
+    r = kwasm("node", "install", *node_args(root, "--shim", str(shim)), "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["changed"] is True
+    config = (root / CONFIG).read_text()
+    assert "wasmtime" not in config and "runtimes.spin]" in config
+    assert not (root / "opt/kwasm/bin/containerd-shim-wasmtime-v2").exists()
+    assert (root / "opt/kwasm/bin/containerd-shim-spin-v2").exists()
+    state = json.loads((root / "opt/kwasm/kwasm-state.json").read_text())
+    assert [r["handler"] for r in state["runtimes"]] == ["spin"] and state["status"] == "installed"
+    r = kwasm("node", "install", *node_args(root, "--shim", str(shim)), "-o", "json")
+    assert json.loads(r.stdout)["changed"] is False
+    assert kwasm("node", "uninstall", *node_args(root)).returncode == 0
+    assert full_tree_hash(root) == before
+
+
+def _boots(ctd: PrivateContainerd) -> int:
+    return ctd.log.read_text().count("containerd successfully booted")
+
+
+@pytest.mark.containerd
+@pytest.mark.root
+def test_real_smaller_shim_set_one_restart(ctd: PrivateContainerd) -> None:
+    """On real containerd: dropping wasmtime from the request restarts containerd once, after
+    which it lists spin and not wasmtime; uninstall leaves nothing under the install dir."""
+    spin, wasmtime = fake_shim(ctd.dir / "src"), fake_shim(ctd.dir / "src", "wasmtime")
+    original = ctd.config.read_bytes()
+    _install(ctd, spin, "--shim", str(wasmtime))
+    status = ctd.cri_status().runtimes
+    assert "spin" in status and "wasmtime" in status
+    boots = _boots(ctd)
+    out = _install(ctd, spin)
+    assert out["restarted"] is True and _boots(ctd) == boots + 1
+    status = ctd.cri_status().runtimes
+    assert (
+        status.get("spin") == str(ctd.dir / "kwasm/bin/containerd-shim-spin-v2") and "wasmtime" not in status
+    )
+    assert sorted(p.name for p in (ctd.dir / "kwasm/bin").iterdir()) == ["containerd-shim-spin-v2"]
+    args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
+    assert run_kwasm("node", "uninstall", *args).returncode == 0
+    assert ctd.config.read_bytes() == original and not (ctd.dir / "kwasm").exists()

@@ -316,6 +316,14 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         state=ownership.rebase(node.state, str(lay.config_path), fs.sha256(lay.config_path)),
         force=node.opts.force,
     )
+    text, dropped, notes = ownership.drop_unrequested(
+        the_plan.new_text,
+        node.state,
+        path=str(lay.config_path),
+        handlers={s.handler for s, _ in shims},
+        install_dir=node.install_dir,
+    )
+    the_plan = replace(the_plan, new_text=text, dropped=dropped, notes=(*the_plan.notes, *notes))
     if eff is None:
         return the_plan
     if lay.kind is not ConfigKind.DROP_IN:  # k0s merges its drop-ins itself
@@ -457,7 +465,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
             schema=the_plan.schema.value,
             version_added=the_plan.version_added,
         ),
-        runtimes=records,
+        runtimes=records + the_plan.dropped,  # still ours until their binaries are gone
         containerd=str(containerd) if containerd else "",
         restart=str(lay.restart),
         socket=str(lay.socket),
@@ -511,7 +519,11 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
     except KwasmError as err:
         _rollback(node, err, old_info, previous_bins, prev_state, the_plan, outcome)
         raise
-    # 7. done
+    # 7. done: binaries of runtimes no longer asked for go, then the state forgets them
+    kept = {r.shim for r in records}
+    for record in the_plan.dropped:
+        if record.shim not in kept and fs.remove(PurePosixPath(record.shim)):
+            log(f"step=binary action=remove path={record.shim}")
     _kill_point("state")
     node.step = "state"
     final = replace(
@@ -557,10 +569,15 @@ def _registered(node: Node, the_plan: plan.Plan) -> bool:
 
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
     wanted = {e.handler: e.runtime_type for e in the_plan.entries}
+    gone = {r.handler: r.runtime_type for r in the_plan.dropped}
     try:
         restart.wait_until(
             node.cri_status,
-            lambda s: s.runtime_ready and all(s.runtimes.get(h) == t for h, t in wanted.items()),
+            lambda s: (
+                s.runtime_ready
+                and all(s.runtimes.get(h) == t for h, t in wanted.items())
+                and not any(s.runtimes.get(h) == t for h, t in gone.items())
+            ),
             timeout=timeout,
             what="containerd to report runtime(s) " + ", ".join(sorted(wanted)),
         )
@@ -573,6 +590,13 @@ def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None
                 hint="see the node's containerd log (journalctl -u containerd)",
             ) from err
         missing = {h: current.runtimes.get(h) for h, t in wanted.items() if current.runtimes.get(h) != t}
+        if not missing and current.runtime_ready:
+            raise VerifyError(
+                "containerd still reports runtime(s) no longer asked for: "
+                + ", ".join(h for h, t in gone.items() if current.runtimes.get(h) == t)
+                + f" (it reads {node.layout.rendered_path or node.layout.config_path})",
+                hint="another file containerd loads may define them; see `kwasm-py node plan`",
+            ) from err
         raise VerifyError(
             "containerd runs but does not report the runtime as configured: "
             + ", ".join(f"{h} -> {v!r}" for h, v in missing.items())

@@ -62,3 +62,38 @@ def holds_ours(
 ) -> bool:
     """Whether the parsed config `data` has any of `records`' runtimes (so it cannot be a pre-image)."""
     return any(is_ours(cc.find_runtime(data, schema, r.handler), r, install_dir=install_dir) for r in records)
+
+
+def drop_unrequested(
+    text: str,
+    state: State | None,
+    *,
+    path: str,
+    handlers: set[str],
+    install_dir: PurePosixPath,
+) -> tuple[str, tuple[RuntimeRecord, ...], tuple[str, ...]]:
+    """Remove from `text` (the planned config at `path`) our runtimes that are no longer asked for.
+
+    `handlers` are the handlers of this request; every runtime the state recorded for `path`
+    outside them goes: its table when it still is ours (a table --force took over is given back),
+    and the caller removes its binary. Returns the new text, the dropped records and notes.
+    Raises ConfigError when the text cannot be parsed.
+    """
+    if state is None or state.config.path != path:
+        return text, (), ()
+    dropped = tuple(r for r in state.runtimes if r.handler not in handlers)
+    if not dropped:
+        return text, (), ()
+    schema = CriSchema(state.config.schema)
+    notes = []
+    for record in dropped:
+        doc = cc.load(text, source=path)
+        table = cc.find_runtime(doc.data, schema, record.handler)
+        if is_ours(table, record, install_dir=install_dir):
+            text = cc.remove_runtime(
+                doc, record.handler, schema=schema, restore=record.replaced, source=path
+            ).text
+            notes.append(f"removing runtime {record.handler} and {record.shim}: no longer asked for")
+        else:
+            notes.append(f"removing {record.shim}: runtime {record.handler} is no longer asked for")
+    return text, dropped, tuple(notes)

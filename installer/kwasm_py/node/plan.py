@@ -22,7 +22,7 @@ from kwasm_py.model import (
     Layout,
     ShimSpec,
 )
-from kwasm_py.node.state import INSTALLED, State
+from kwasm_py.node.state import INSTALLED, RuntimeRecord, State
 
 BASE_TEMPLATE = '{{ template "base" . }}\n'
 
@@ -48,6 +48,7 @@ class Plan:
     replaced: dict[str, str | None] = field(default_factory=dict)
     version_added: bool = False
     companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
+    dropped: tuple[RuntimeRecord, ...] = ()  # our runtimes no longer asked for: tables and binaries go
 
     @property
     def config_changed(self) -> bool:
@@ -59,7 +60,7 @@ class Plan:
 
     @property
     def changes(self) -> bool:
-        return self.config_changed or bool(self.writes)
+        return self.config_changed or bool(self.writes) or bool(self.dropped)
 
     def diff(self) -> str:
         path = str(self.layout.config_path)
