@@ -13,7 +13,9 @@ import pytest
 from kwasm_py.containerd import effective
 from kwasm_py.errors import ConflictError
 from kwasm_py.model import CriSchema
+from tests.conftest import Kwasm
 from tests.containerd_node import BINARIES, available
+from tests.test_layout import SYSTEMD, tree
 
 V2_CRI = 'plugins."io.containerd.grpc.v1.cri"'
 V3_CRI = 'plugins."io.containerd.cri.v1.runtime"'
@@ -187,3 +189,23 @@ def test_each_file_is_loaded_once() -> None:
 
     eff = effective.resolve("/m.toml", {"imports": ["/a.toml"]}, major=2, expand=lambda p: [p], load=load)
     assert loads == ["/a.toml"] and [s.path for s in eff.sources] == ["/m.toml", "/a.toml"]
+
+
+def test_2x_decisions_read_the_imports(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """containerd 2.x merges an imported runc cgroup setting (as GPU toolkits write it), so our
+    runtime follows it; the main file is the only one edited."""
+    main = (
+        'version = 3\nimports = ["/etc/containerd/conf.d/*.toml"]\n'
+        f'[{V3_CRI}.containerd.runtimes.runc]\n  runtime_type = "io.containerd.runc.v2"\n'
+    )
+    dropin = f"version = 3\n[{V3_CRI}.containerd.runtimes.runc.options]\n  SystemdCgroup = true\n"
+    root = tree(
+        tmp_path / "root",
+        {**SYSTEMD, "/etc/containerd/config.toml": main, "/etc/containerd/conf.d/99-gpu.toml": dropin},
+    )
+    r = kwasm("node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none")
+    assert r.returncode == 0, r.stderr
+    data = tomllib.loads((root / "etc/containerd/config.toml").read_text())
+    spin = data["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["spin"]
+    assert spin["options"] == {"SystemdCgroup": True}
+    assert (root / "etc/containerd/conf.d/99-gpu.toml").read_text() == dropin

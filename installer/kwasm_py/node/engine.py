@@ -266,8 +266,8 @@ def _effective(node: Node, own: str | None, reference: str | None) -> effective.
     """What containerd loads from the file it reads (imports globbed on the node root)."""
     lay = node.layout
     main_path, text = lay.config_path, own
-    if lay.kind is ConfigKind.TEMPLATE and lay.rendered_path is not None and reference is not None:
-        main_path, text = lay.rendered_path, reference  # the next render: today's + our block
+    if lay.kind is not ConfigKind.CONFIG and lay.rendered_path is not None and reference is not None:
+        main_path, text = lay.rendered_path, reference  # a template's next render: today's + our block
     if text is None:
         return None
     try:
@@ -289,6 +289,17 @@ def _effective(node: Node, own: str | None, reference: str | None) -> effective.
             return None
 
     return effective.resolve(str(main_path), main, major=major, expand=expand, load=load)
+
+
+def _decisions(eff: effective.Effective | None, lay: Layout) -> dict[str, Any] | None:
+    """The merged config the plan decides from, or None to decide from the files themselves:
+    without imports they are the same, and on 1.x an import that replaces a CRI table is refused
+    after planning (check_takes_effect) rather than planned around."""
+    if eff is None or not eff.imports or lay.kind is ConfigKind.DROP_IN:
+        return None
+    if eff.major < 2 and any(eff.overriding_import(s.plugin_id) for s in CriSchema):
+        return None
+    return eff.data
 
 
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
@@ -315,6 +326,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         install_dir=node.install_dir,
         state=ownership.rebase(node.state, str(lay.config_path), fs.sha256(lay.config_path)),
         force=node.opts.force,
+        effective=_decisions(eff, lay),
     )
     text, dropped, notes = ownership.drop_unrequested(
         the_plan.new_text,

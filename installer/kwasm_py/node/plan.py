@@ -92,11 +92,14 @@ def make_plan(
     install_dir: PurePosixPath,
     state: State | None,
     force: bool = False,
+    effective: dict[str, Any] | None = None,
 ) -> Plan:
     """Decide the binaries to write and the config text to have, from what is there now.
 
     `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
-    of what is there (None when absent).
+    of what is there (None when absent). `effective` is what containerd loads in all (the read
+    file merged with its imports, see containerd/effective.py); when given, the runc cgroup
+    driver and the default runtime are read from it.
     """
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None
@@ -129,6 +132,8 @@ def make_plan(
                 "(containerd 1.x) or `version = 3` (2.x) into the file",
             )
     reference_data = reference if reference is not None else doc.data
+    if effective is not None:
+        reference_data = effective
     systemd = cc.runc_systemd_cgroup(reference_data, choice.schema) or cc.runc_systemd_cgroup(
         doc.data, choice.schema
     )
