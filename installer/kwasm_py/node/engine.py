@@ -10,7 +10,6 @@ are put back, containerd is restarted again, and the run fails saying so.
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
 import os
 import signal
@@ -40,7 +39,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, ownership, plan, restart
+from kwasm_py.node import cri, layout, ownership, plan, restart, sources
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -262,51 +261,11 @@ def _shim_digests(opts: NodeOptions, state: st.State | None = None) -> list[tupl
     return out
 
 
-def _effective(node: Node, own: str | None, reference: str | None) -> effective.Effective | None:
-    """What containerd loads from the file it reads (imports globbed on the node root)."""
-    lay = node.layout
-    main_path, text = lay.config_path, own
-    if lay.kind is not ConfigKind.CONFIG and lay.rendered_path is not None and reference is not None:
-        main_path, text = lay.rendered_path, reference  # a template's next render: today's + our block
-    if text is None:
-        return None
-    try:
-        main = cc.load(text, source=str(main_path)).data
-    except KwasmError:
-        return None  # the plan reports the parse error itself
-    containerd = node.containerd_version()
-    major = containerd.major if containerd else (2 if main.get("version", 1) in (3, 4) else 1)
-
-    def expand(pattern: str) -> list[str]:
-        root = str(node.fs.root)
-        return ["/" + os.path.relpath(p, root) for p in sorted(glob.glob(root + pattern))]
-
-    def load(path: str) -> dict[str, Any] | None:
-        found = node.fs.read_text(PurePosixPath(path))
-        try:
-            return None if found is None else cc.load(found, source=path).data
-        except KwasmError:
-            return None
-
-    return effective.resolve(str(main_path), main, major=major, expand=expand, load=load)
-
-
-def _decisions(eff: effective.Effective | None, lay: Layout) -> dict[str, Any] | None:
-    """The merged config the plan decides from, or None to decide from the files themselves:
-    without imports they are the same, and on 1.x an import that replaces a CRI table is refused
-    after planning (check_takes_effect) rather than planned around."""
-    if eff is None or not eff.imports or lay.kind is ConfigKind.DROP_IN:
-        return None
-    if eff.major < 2 and any(eff.overriding_import(s.plugin_id) for s in CriSchema):
-        return None
-    return eff.data
-
-
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     fs, lay = node.fs, node.layout
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
-    eff = _effective(node, own, reference)
+    eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
     if eff is not None:
         effective.check_handlers(eff, [s.handler for s, _ in shims], edited=str(lay.config_path))
     containerd = node.containerd_version()
@@ -326,7 +285,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         install_dir=node.install_dir,
         state=ownership.rebase(node.state, str(lay.config_path), fs.sha256(lay.config_path)),
         force=node.opts.force,
-        effective=_decisions(eff, lay),
+        effective=sources.decision_data(eff, lay),
     )
     text, dropped, notes = ownership.drop_unrequested(
         the_plan.new_text,
@@ -441,7 +400,9 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         created = old_info is None
         original_sha = old_sha
         backup = None
-        if old_info is not None and not _holds_ours(node, old_info.data, own_prev):
+        if old_info is not None and not ownership.holds_ours_bytes(
+            old_info.data, own_prev, install_dir=node.install_dir
+        ):
             backup_path = node.backup_dir / (cfg_path.name + ".orig")
             node.step = "backup"
             fs.makedirs(node.backup_dir)
@@ -553,17 +514,6 @@ def _preimage(node: Node, state: st.State) -> bytes | None:
     """The stored pre-image of our last write, None when there is none (then keys are removed)."""
     found = node.fs.read(PurePosixPath(state.config.backup)) if state.config.backup else None
     return None if found is None else found.data
-
-
-def _holds_ours(node: Node, data: bytes, state: st.State | None) -> bool:
-    if state is None:
-        return False
-    try:
-        parsed = cc.load(data.decode(), source=state.config.path).data
-    except (KwasmError, UnicodeDecodeError):
-        return False
-    schema = CriSchema(state.config.schema)
-    return ownership.holds_ours(parsed, schema, state.runtimes, install_dir=node.install_dir)
 
 
 def _reports(node: Node, wanted: dict[str, str]) -> bool:
@@ -706,40 +656,10 @@ def uninstall(
             # Nothing else changed since we wrote it: give back the pre-image of that write.
             new_data = None if state.config.created else preimage
         else:
-            schema = CriSchema(state.config.schema)
-            doc = cc.load(old.data.decode(), source=str(cfg_path))
-            # A `version` line we added is ours only in the file we wrote, not in a regenerated one.
-            unchanged = hashlib.sha256(old.data).hexdigest() == state.config.written_sha256
-            for record in chosen:
-                table = cc.find_runtime(doc.data, schema, record.handler)
-                if not ownership.is_ours(table, record, install_dir=node.install_dir):
-                    if table is not None:
-                        outcome.notes.append(
-                            f"runtime {record.handler} in {cfg_path} is no longer the one kwasm-py added "
-                            f"(runtime_type {table.get('runtime_type')!r}): left in place"
-                        )
-                    continue
-                edit = cc.remove_runtime(
-                    doc,
-                    record.handler,
-                    schema=schema,
-                    restore=record.replaced,
-                    version_added=state.config.version_added
-                    and unchanged
-                    and not keep
-                    and record is chosen[-1],
-                    source=str(cfg_path),
-                )
-                doc = cc.load(edit.text, source=str(cfg_path))
-            extra = state.companion
-            if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
-                doc = cc.load(
-                    cc.remove_runtime(doc, extra["handler"], schema=schema, source=str(cfg_path)).text,
-                    source=str(cfg_path),
-                )
-            new_data = doc.text.encode()
-            if state.config.created and not keep and not doc.data and not doc.body.strip():
-                new_data = None
+            new_data, notes = ownership.remove_ours(
+                old.data, state, chosen, keep=bool(keep), install_dir=node.install_dir
+            )
+            outcome.notes.extend(notes)
         changed = (old.data if old else None) != new_data
         if changed:
             node.require_pid()

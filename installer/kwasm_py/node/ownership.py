@@ -11,16 +11,18 @@ some tools write `containerd config dump` back, which adds every default key to 
   our last write, the current file becomes the new pre-image (and a pre-image that still holds
   our tables is no pre-image at all).
 
-Pure: plain values in, plain values out.
+Pure: plain values in, plain values out (bytes and parsed tables, no files).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.errors import KwasmError
 from kwasm_py.model import CriSchema
 from kwasm_py.node.state import RuntimeRecord, State
 
@@ -57,11 +59,70 @@ def rebase(state: State | None, path: str, current_sha256: str | None) -> State 
     return replace(state, config=replace(state.config, version_added=False), companion=None)
 
 
-def holds_ours(
-    data: dict[str, Any], schema: CriSchema, records: tuple[RuntimeRecord, ...], *, install_dir: PurePosixPath
-) -> bool:
-    """Whether the parsed config `data` has any of `records`' runtimes (so it cannot be a pre-image)."""
-    return any(is_ours(cc.find_runtime(data, schema, r.handler), r, install_dir=install_dir) for r in records)
+def holds_ours_bytes(data: bytes, state: State | None, *, install_dir: PurePosixPath) -> bool:
+    """Whether the config `data` has any runtime `state` recorded (so it cannot be a pre-image).
+
+    False when there is no state or `data` is not a readable config.
+    """
+    if state is None:
+        return False
+    try:
+        parsed = cc.load(data.decode(), source=state.config.path).data
+    except (KwasmError, UnicodeDecodeError):
+        return False
+    schema = CriSchema(state.config.schema)
+    return any(
+        is_ours(cc.find_runtime(parsed, schema, r.handler), r, install_dir=install_dir)
+        for r in state.runtimes
+    )
+
+
+def remove_ours(
+    data: bytes,
+    state: State,
+    chosen: list[RuntimeRecord],
+    *,
+    keep: bool,
+    install_dir: PurePosixPath,
+) -> tuple[bytes | None, tuple[str, ...]]:
+    """Today's config `data` without the `chosen` runtimes of `state`, keeping every other change.
+
+    A table goes only while it is ours (`is_ours`); a table --force took over is given back. When
+    nothing is kept (`keep` False) the default-runtime companion goes if it is still as we wrote
+    it, the `version` line we added goes if the file is still our last write, and a file we
+    created that is left empty is deleted (None). Returns the new bytes and notes; raises
+    ConfigError when `data` is not a config.
+    """
+    path = state.config.path
+    schema = CriSchema(state.config.schema)
+    doc = cc.load(data.decode(), source=path)
+    # A `version` line we added is ours only in the file we wrote, not in a regenerated one.
+    unchanged = hashlib.sha256(data).hexdigest() == state.config.written_sha256
+    notes = []
+    for record in chosen:
+        table = cc.find_runtime(doc.data, schema, record.handler)
+        if not is_ours(table, record, install_dir=install_dir):
+            if table is not None:
+                notes.append(
+                    f"runtime {record.handler} in {path} is no longer the one kwasm-py added "
+                    f"(runtime_type {table.get('runtime_type')!r}): left in place"
+                )
+            continue
+        edit = cc.remove_runtime(
+            doc,
+            record.handler,
+            schema=schema,
+            restore=record.replaced,
+            version_added=state.config.version_added and unchanged and not keep and record is chosen[-1],
+            source=path,
+        )
+        doc = cc.load(edit.text, source=path)
+    extra = state.companion
+    if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
+        doc = cc.load(cc.remove_runtime(doc, extra["handler"], schema=schema, source=path).text, source=path)
+    if state.config.created and not keep and not doc.data and not doc.body.strip():
+        return None, tuple(notes)
+    return doc.text.encode(), tuple(notes)
 
 
 def drop_unrequested(
