@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
 
 import pytest
 
+from kwasm_py.node import ownership
+from kwasm_py.node.state import ConfigRecord, RuntimeRecord, State
 from tests.conftest import Kwasm, run_kwasm
 from tests.containerd_node import PrivateContainerd, fake_shim
 from tests.test_layout import SYSTEMD, UNIT, V2, tree
@@ -281,3 +284,123 @@ def test_real_smaller_shim_set_one_restart(ctd: PrivateContainerd) -> None:
     args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
     assert run_kwasm("node", "uninstall", *args).returncode == 0
     assert ctd.config.read_bytes() == original and not (ctd.dir / "kwasm").exists()
+
+
+# -- the pure rules -------------------------------------------------------------------------------
+
+
+def _record(
+    handler: str = "spin", runtime_type: str = "/opt/kwasm/bin/containerd-shim-spin-v2"
+) -> RuntimeRecord:
+    return RuntimeRecord(
+        handler=handler,
+        name=handler,
+        runtime_type=runtime_type,
+        shim=runtime_type,
+        sha256="0" * 64,
+        table={"runtime_type": runtime_type},
+    )
+
+
+def _state(text: str, *records: RuntimeRecord) -> State:
+    config = ConfigRecord(
+        path="/etc/containerd/config.toml",
+        kind="config",
+        created=False,
+        original_sha256=None,
+        written_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        backup=None,
+        schema="io.containerd.grpc.v1.cri",
+    )
+    return State(status="installed", layout="containerd", config=config, runtimes=records)
+
+
+def test_is_ours_needs_our_runtime_type_under_the_install_dir() -> None:
+    """Extra keys do not matter; another runtime_type, or one outside the install dir, is not ours."""
+    install = PurePosixPath("/opt/kwasm")
+    ours = _record()
+    assert ownership.is_ours(
+        {"runtime_type": ours.runtime_type, "runtime_path": ""}, ours, install_dir=install
+    )
+    assert not ownership.is_ours({"runtime_type": "io.containerd.spin.v2"}, ours, install_dir=install)
+    assert not ownership.is_ours(None, ours, install_dir=install)
+    outside = _record(runtime_type="/usr/bin/containerd-shim-spin-v2")
+    assert not ownership.is_ours({"runtime_type": outside.runtime_type}, outside, install_dir=install)
+
+
+def test_rebase_forgets_file_facts_of_a_regenerated_file() -> None:
+    """A changed file keeps our runtimes but not the version line or companion we added to the old one."""
+    state = replace(_state(V2, _record()), companion={"handler": "runc", "table": {}})
+    state = replace(state, config=replace(state.config, version_added=True))
+    same = ownership.rebase(state, state.config.path, state.config.written_sha256)
+    assert same is state
+    other = ownership.rebase(state, state.config.path, "f" * 64)
+    assert other is not None and other.companion is None and not other.config.version_added
+    assert other.runtimes == state.runtimes
+
+
+def test_remove_ours_keeps_foreign_tables_and_their_edits() -> None:
+    """Only the tables still ours go; a rewritten one stays with a note; other edits stay."""
+    spin, wasm = _record(), _record("wasmtime", "/opt/kwasm/bin/containerd-shim-wasmtime-v2")
+    text = (
+        V2
+        + f'{SPIN}\n  runtime_type = "{spin.runtime_type}"\n  runtime_path = ""\n'
+        + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wasmtime]\n'
+        + '  runtime_type = "io.containerd.wasmtime.v1"\n'
+    )
+    state = _state("not this text", spin, wasm)
+    new, notes = ownership.remove_ours(
+        ("# theirs\n" + text).encode(),
+        state,
+        [spin, wasm],
+        keep=False,
+        install_dir=PurePosixPath("/opt/kwasm"),
+    )
+    assert new is not None
+    left = new.decode()
+    assert left.startswith("# theirs\n") and "runtimes.spin]" not in left
+    assert 'runtime_type = "io.containerd.wasmtime.v1"' in left
+    assert len(notes) == 1 and "wasmtime" in notes[0]
+
+
+def test_drop_unrequested_removes_only_what_is_not_asked_for() -> None:
+    """Asked for spin alone: wasmtime's table goes, spin's stays, the dropped record is returned."""
+    spin, wasm = _record(), _record("wasmtime", "/opt/kwasm/bin/containerd-shim-wasmtime-v2")
+    text = (
+        V2
+        + f'{SPIN}\n  runtime_type = "{spin.runtime_type}"\n'
+        + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wasmtime]\n'
+        + f'  runtime_type = "{wasm.runtime_type}"\n'
+    )
+    state = _state(text, spin, wasm)
+    new, dropped, notes = ownership.drop_unrequested(
+        text, state, path=state.config.path, handlers={"spin"}, install_dir=PurePosixPath("/opt/kwasm")
+    )
+    assert dropped == (wasm,) and "wasmtime" not in new and "runtimes.spin]" in new
+    assert notes == (f"removing runtime wasmtime and {wasm.shim}: no longer asked for",)
+    same = ownership.drop_unrequested(
+        text, state, path=state.config.path, handlers={"spin", "wasmtime"}, install_dir=PurePosixPath("/opt")
+    )
+    assert same == (text, (), ())
+
+
+@pytest.mark.parametrize("step", ["state", "binary", "config"])
+def test_smaller_set_killed_midway_converges(tmp_path: Path, shim: Path, kwasm: Kwasm, step: str) -> None:
+    """SIGKILL while dropping wasmtime: the next run finishes it (no wasmtime table, binary or
+    state entry), and uninstall leaves the node as it was."""
+    root = eks_node(tmp_path, "pause:3.5")
+    before = full_tree_hash(root)
+    wasmtime = fake_shim(tmp_path / "shims", "wasmtime")
+    assert (
+        kwasm("node", "install", *node_args(root, "--shim", str(shim), "--shim", str(wasmtime))).returncode
+        == 0
+    )
+    r = kwasm("node", "install", *node_args(root, "--shim", str(shim)), env={"KWASM_TEST_KILL_AT": step})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    assert kwasm("node", "install", *node_args(root, "--shim", str(shim))).returncode == 0
+    state = json.loads((root / "opt/kwasm/kwasm-state.json").read_text())
+    assert [x["handler"] for x in state["runtimes"]] == ["spin"]
+    assert "wasmtime" not in (root / CONFIG).read_text()
+    assert not (root / "opt/kwasm/bin/containerd-shim-wasmtime-v2").exists()
+    assert kwasm("node", "uninstall", *node_args(root)).returncode == 0
+    assert full_tree_hash(root) == before
