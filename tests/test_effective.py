@@ -209,3 +209,29 @@ def test_2x_decisions_read_the_imports(tmp_path: Path, shim: Path, kwasm: Kwasm)
     spin = data["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["spin"]
     assert spin["options"] == {"SystemdCgroup": True}
     assert (root / "etc/containerd/conf.d/99-gpu.toml").read_text() == dropin
+
+
+def test_k0s_generated_copy_of_our_drop_in_is_not_a_conflict(
+    tmp_path: Path, shim: Path, kwasm: Kwasm
+) -> None:
+    """k0s merges CRI drop-ins into the /run/k0s/containerd-cri.toml it generates and imports:
+    our own table there (our runtime_type) is no conflict on a re-run; a foreign one still is."""
+    main = '# k0s_managed=true\nimports = ["/run/k0s/containerd-cri.toml"]\nversion = 2\n'
+    unit = "[Service]\nExecStart=/usr/bin/k0s worker\n"
+    files = {**SYSTEMD, "/etc/k0s/containerd.toml": main, "/etc/systemd/system/k0sworker.service": unit}
+    root = tree(tmp_path / "root", files)
+    base = ["node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none"]
+    assert kwasm(*base).returncode == 0
+    generated = root / "run/k0s/containerd-cri.toml"
+    generated.parent.mkdir(parents=True)
+    ours = (root / "etc/k0s/containerd.d/kwasm-py.toml").read_text()
+    generated.write_text(ours)  # what k0s renders from the drop-ins
+    plan = ["node", "plan", *base[2:]]  # plan always reads every file (install may see a no-op first)
+    r = kwasm(*plan)
+    assert r.returncode == 0, r.stderr
+    generated.write_text(ours.replace("/opt/kwasm/bin/containerd-shim-spin-v2", "io.containerd.spin.v2"))
+    r = kwasm(*plan)
+    assert (
+        r.returncode == 1
+        and "/run/k0s/containerd-cri.toml (imported by /etc/k0s/containerd.toml)" in r.stderr
+    )

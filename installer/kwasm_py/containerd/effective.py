@@ -183,14 +183,27 @@ def _lookup(data: Any, path: tuple[str, ...]) -> Any:
     return data
 
 
-def check_handlers(eff: Effective, handlers: list[str], *, edited: str) -> None:
+def check_handlers(
+    eff: Effective, handlers: list[str], *, edited: str, merged_ours: dict[str, str] | None = None
+) -> None:
     """Refuse handlers that a file other than `edited` (the one we write) already defines.
 
-    Raises ConflictError naming that file and the file that imports it.
+    `merged_ours` maps handlers to our runtime_type where the distribution copies our file into
+    one it generates (k0s merges CRI drop-ins into /run/k0s/containerd-cri.toml): a table there
+    with our runtime_type is ours, not a conflict. Raises ConflictError naming the file and the
+    file that imports it.
     """
     for handler in handlers:
-        for path, _schema in eff.handler_sources(handler):
+        for path, schema in eff.handler_sources(handler):
             if path == edited:
+                continue
+            src_data = next(s.data for s in eff.sources if s.path == path)
+            table = _lookup(src_data, (*schema.runtimes_path(), handler))
+            if (
+                merged_ours
+                and isinstance(table, dict)
+                and table.get("runtime_type") == merged_ours.get(handler)
+            ):
                 continue
             src = next(s for s in eff.sources if s.path == path)
             by = f" (imported by {src.imported_by})" if src.imported_by else ""

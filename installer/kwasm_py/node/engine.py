@@ -267,7 +267,9 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
     eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
     if eff is not None:
-        effective.check_handlers(eff, [s.handler for s, _ in shims], edited=str(lay.config_path))
+        ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
+        merged = ours if lay.kind is ConfigKind.DROP_IN else None  # k0s copies our drop-in
+        effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
         containerd = cri.parse_version(node.state.containerd)
