@@ -235,3 +235,28 @@ def test_k0s_generated_copy_of_our_drop_in_is_not_a_conflict(
         r.returncode == 1
         and "/run/k0s/containerd-cri.toml (imported by /etc/k0s/containerd.toml)" in r.stderr
     )
+
+
+K3S_RENDERED_PATH = "/var/lib/rancher/k3s/agent/etc/containerd/config.toml"
+K3S_RENDER = (
+    'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+    '  runtime_type = "io.containerd.runc.v2"\n'
+)
+
+
+def test_k3s_render_carrying_our_table_is_ours(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """After k3s rendered our template block into config.toml, a re-plan sees our own table there
+    (no conflict); a `spin` table k3s added itself (a shim on its PATH) is refused naming the file."""
+    unit = "[Service]\nExecStart=/usr/local/bin/k3s server\n"
+    files = {**SYSTEMD, K3S_RENDERED_PATH: K3S_RENDER, "/etc/systemd/system/k3s.service": unit}
+    root = tree(tmp_path / "root", files)
+    base = ["--host-root", str(root), "--shim", str(shim), "--restart", "none"]
+    assert kwasm("node", "install", *base).returncode == 0
+    rendered = root / K3S_RENDERED_PATH.lstrip("/")
+    ours = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]\n'
+    rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/opt/kwasm/bin/containerd-shim-spin-v2"\n')
+    r = kwasm("node", "plan", *base)
+    assert r.returncode == 0, r.stderr
+    rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/usr/bin/containerd-shim-spin-v2"\n')
+    r = kwasm("node", "plan", *base)
+    assert r.returncode == 1 and f"{K3S_RENDERED_PATH} already defines runtime `spin`" in r.stderr

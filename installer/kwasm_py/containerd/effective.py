@@ -188,9 +188,10 @@ def check_handlers(
 ) -> None:
     """Refuse handlers that a file other than `edited` (the one we write) already defines.
 
-    `merged_ours` maps handlers to our runtime_type where the distribution copies our file into
-    one it generates (k0s merges CRI drop-ins into /run/k0s/containerd-cri.toml): a table there
-    with our runtime_type is ours, not a conflict. Raises ConflictError naming the file and the
+    `merged_ours` maps handlers to our runtime_type where the distribution copies what we write
+    into a file it generates (k3s/rke2 render the template into config.toml; k0s merges CRI
+    drop-ins into /run/k0s/containerd-cri.toml): a table there with our runtime_type is ours,
+    not a conflict. Raises ConflictError naming the file and the
     file that imports it.
     """
     for handler in handlers:

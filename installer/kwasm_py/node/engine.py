@@ -268,7 +268,8 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
     if eff is not None:
         ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
-        merged = ours if lay.kind is ConfigKind.DROP_IN else None  # k0s copies our drop-in
+        # A template's render and k0s's generated CRI file carry a copy of our table.
+        merged = None if lay.kind is ConfigKind.CONFIG else ours
         effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
