@@ -7,7 +7,6 @@ effects.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from kwasm_py.node import plan, probe, restart
 from tests.harness.cli import Kwasm, run_kwasm
 from tests.harness.containerd import PrivateContainerd, fake_shim
 from tests.harness.cri_client import run_pod
-from tests.harness.noderoot import tree
+from tests.harness.noderoot import tree, tree_hash
 from tests.harness.ocitar import busybox_oci
 from tests.test_engine import DEFAULT_NODE, args
 
@@ -102,20 +101,6 @@ def node(tmp_path: Path) -> Path:
     return tree(tmp_path / "root", DEFAULT_NODE)
 
 
-def full_tree_hash(root: Path) -> dict[str, tuple[str, int]]:
-    """Every file, directory and link under root, /opt /run /var/lib included."""
-    out: dict[str, tuple[str, int]] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = ("link:" + os.readlink(path), 0)
-        elif path.is_file():
-            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
-        else:
-            out[rel] = ("dir", path.stat().st_mode)
-    return out
-
-
 @pytest.mark.root
 def test_noexec_install_dir_is_refused_before_anything_changes(node: Path, shim: Path, kwasm: Kwasm) -> None:
     """/opt on a real noexec tmpfs: refused with the reason and an --install-dir hint, the whole
@@ -125,13 +110,13 @@ def test_noexec_install_dir_is_refused_before_anything_changes(node: Path, shim:
     (node / "opt").mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs", str(node / "opt")], check=True)
     try:
-        before = full_tree_hash(node)
+        before = tree_hash(node)
         r = kwasm("node", "install", *args(node, shim), "-o", "json")
         assert r.returncode == 1, r.stdout + r.stderr
         out = json.loads(r.stdout)
         assert "noexec" in out["error"] and "/opt/kwasm/bin" in out["error"], out
         assert "--install-dir" in out["hint"], out
-        assert full_tree_hash(node) == before
+        assert tree_hash(node) == before
         ok = kwasm("node", "install", *args(node, shim, "--install-dir", "/var/lib/kwasm"))
         assert ok.returncode == 0, ok.stderr
         assert (node / "var/lib/kwasm/bin/containerd-shim-spin-v2").is_file()

@@ -7,13 +7,14 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from kwasm_py.errors import HostIOError, UsageError
+from kwasm_py.errors import UsageError
 from kwasm_py.model import ContainerdVersion
 from kwasm_py.node import plan, uninstall_plan
 from kwasm_py.node.state import ConfigRecord, RuntimeRecord, State
 from tests.test_plan import DEBIAN, LAYOUT, SHIM
 
-STATE_PATH = PurePosixPath("/opt/kwasm/kwasm-state.json")
+INSTALL_DIR = PurePosixPath("/opt/kwasm")
+STATE_PATH = INSTALL_DIR / "kwasm-state.json"
 BACKUP = "/opt/kwasm/backup/config.toml.orig"
 C16, C21 = ContainerdVersion(1, 6, 20), ContainerdVersion(2, 1, 9)
 
@@ -66,7 +67,12 @@ def test_untouched_config_is_restored_from_the_backup() -> None:
     the binary, the backup and the state file."""
     state, written = installed(DEBIAN, C16)
     p = uninstall_plan.make_plan(
-        state=state, state_path=STATE_PATH, handlers=[], old_data=written, backup_data=DEBIAN.encode()
+        state=state,
+        state_path=STATE_PATH,
+        handlers=[],
+        old_data=written,
+        backup_data=DEBIAN.encode(),
+        install_dir=INSTALL_DIR,
     )
     assert p.changed and p.restores_original and p.new_data == DEBIAN.encode()
     assert p.removes == (
@@ -88,7 +94,12 @@ def test_a_config_others_edited_loses_only_our_tables() -> None:
     state, written = installed(DEBIAN, C16)
     edited = written.decode().replace('bin_dir = "/usr/lib/cni"', 'bin_dir = "/opt/cni/bin"').encode()
     p = uninstall_plan.make_plan(
-        state=state, state_path=STATE_PATH, handlers=[], old_data=edited, backup_data=None
+        state=state,
+        state_path=STATE_PATH,
+        handlers=[],
+        old_data=edited,
+        backup_data=None,
+        install_dir=INSTALL_DIR,
     )
     assert p.changed and not p.restores_original and p.new_data is not None
     after = p.new_data.decode()
@@ -100,7 +111,12 @@ def test_a_config_we_created_is_removed() -> None:
     """A file kwasm-py created (containerd 2.x, no config before) goes entirely."""
     state, written = installed(None, C21)
     p = uninstall_plan.make_plan(
-        state=state, state_path=STATE_PATH, handlers=[], old_data=written, backup_data=None
+        state=state,
+        state_path=STATE_PATH,
+        handlers=[],
+        old_data=written,
+        backup_data=None,
+        install_dir=INSTALL_DIR,
     )
     assert p.changed and p.new_data is None
     assert p.diff().splitlines()[:2] == ["--- /etc/containerd/config.toml", "+++ /dev/null"]
@@ -111,19 +127,36 @@ def test_a_config_that_is_gone_needs_no_restart() -> None:
     """The config is already gone: no config change (so no restart), the files still go."""
     state, _ = installed(DEBIAN, C16)
     p = uninstall_plan.make_plan(
-        state=state, state_path=STATE_PATH, handlers=["spin"], old_data=None, backup_data=None
+        state=state,
+        state_path=STATE_PATH,
+        handlers=["spin"],
+        old_data=None,
+        backup_data=None,
+        install_dir=INSTALL_DIR,
     )
     assert not p.changed and p.diff() == "" and STATE_PATH in p.removes
 
 
 def test_refusals() -> None:
-    """A handler kwasm-py did not install, and a missing backup of the original, are refused."""
+    """A handler kwasm-py did not install is refused; a missing pre-image only means our keys
+    are removed from today's file instead of restoring bytes (issue 11: ownership by keys)."""
     state, written = installed(DEBIAN, C16)
     with pytest.raises(UsageError, match="did not install handler"):
         uninstall_plan.make_plan(
-            state=state, state_path=STATE_PATH, handlers=["nope"], old_data=written, backup_data=None
+            state=state,
+            state_path=STATE_PATH,
+            handlers=["nope"],
+            old_data=written,
+            backup_data=None,
+            install_dir=INSTALL_DIR,
         )
-    with pytest.raises(HostIOError, match=r"backup of /etc/containerd/config\.toml is missing"):
-        uninstall_plan.make_plan(
-            state=state, state_path=STATE_PATH, handlers=[], old_data=written, backup_data=None
-        )
+    p = uninstall_plan.make_plan(
+        state=state,
+        state_path=STATE_PATH,
+        handlers=[],
+        old_data=written,
+        backup_data=None,
+        install_dir=INSTALL_DIR,
+    )
+    assert not p.restores_original and p.new_data is not None
+    assert b"spin" not in p.new_data and p.new_data.decode() == DEBIAN

@@ -280,6 +280,18 @@ def default_runtime_companion(
     return RuntimeEntry("runc", "io.containerd.runc.v2")
 
 
+def covers(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Every key of `wanted` (recursively) has the same value in `existing`."""
+    for key, value in wanted.items():
+        have = existing.get(key)
+        if isinstance(value, dict):
+            if not isinstance(have, dict) or not covers(have, value):
+                return False
+        elif have != value:
+            return False
+    return True
+
+
 def find_runtime(data: dict[str, Any], schema: CriSchema, handler: str) -> dict[str, Any] | None:
     found = lookup(data, (*schema.runtimes_path(), handler))
     return found if isinstance(found, dict) else None
@@ -301,19 +313,25 @@ def add_runtime(
 ) -> Edit:
     """Return `doc` with `entry` configured under `schema`.
 
-    `owned` is the table kwasm-py wrote last time (from its state file): a table equal to it is
-    ours to replace. Any other table of the same handler is refused unless `force`.
+    `owned` is the table kwasm-py wrote last time (from its state file): a table with its
+    runtime_type is ours (left alone when it still says everything `entry` wants, else
+    replaced). Any other table of the same handler is refused unless `force`.
     `version_line`, for a config that has no settings at all, writes `version = N` first.
     """
     path = (*schema.runtimes_path(), entry.handler)
     wanted = entry.as_table()
     existing = find_runtime(doc.data, schema, entry.handler)
-    if existing == wanted:
+    # Ours by key: the runtime_type we recorded, whatever defaults a `config dump` rewrite added.
+    ours = (
+        existing is not None
+        and owned is not None
+        and existing.get("runtime_type") == owned.get("runtime_type")
+    )
+    if existing == wanted or (ours and existing is not None and covers(existing, wanted)):
         return Edit(text=doc.text, changed=False, schema=schema)
     replaced: str | None = None
     current = doc
     if existing is not None:
-        ours = owned is not None and existing == owned
         if not ours and not force:
             raise ConflictError(
                 f"{source} already has a runtime `{entry.handler}` that kwasm-py did not add "

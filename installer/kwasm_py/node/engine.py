@@ -10,7 +10,6 @@ are put back, containerd is restarted again, and the run fails saying so.
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
 import os
 import signal
@@ -20,10 +19,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
-from kwasm_py.containerd import template
+from kwasm_py.containerd import effective, template
 from kwasm_py.errors import (
     ChecksumError,
-    ConflictError,
     HostIOError,
     KwasmError,
     RestartError,
@@ -42,7 +40,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, preflight, restart, uninstall_plan
+from kwasm_py.node import cri, layout, ownership, plan, preflight, restart, sources, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -306,38 +304,6 @@ def _shim_digests(opts: NodeOptions, state: st.State | None = None) -> list[tupl
     return out
 
 
-def _check_imports(node: Node, own: str | None, handlers: list[str]) -> None:
-    """A runtime of the same handler in an imported file would fight with ours."""
-    if own is None:
-        return
-    try:
-        data = cc.load(own, source=str(node.layout.config_path)).data
-    except KwasmError:
-        return
-    for pattern in data.get("imports") or []:
-        if not isinstance(pattern, str) or not pattern.startswith("/"):
-            continue
-        for host_path in sorted(glob.glob(str(node.fs.root) + pattern)):
-            node_path = "/" + os.path.relpath(host_path, node.fs.root)
-            if PurePosixPath(node_path) == node.layout.config_path:
-                continue
-            text = node.fs.read_text(PurePosixPath(node_path))
-            if text is None:
-                continue
-            try:
-                imported = cc.load(text, source=node_path).data
-            except KwasmError:
-                continue
-            for schema in CriSchema:
-                for handler in handlers:
-                    if cc.find_runtime(imported, schema, handler) is not None:
-                        raise ConflictError(
-                            f"{node_path} (imported by {node.layout.config_path}) already defines "
-                            f"runtime `{handler}`",
-                            hint="remove it there, or pick another --handler",
-                        )
-
-
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     """The install plan for `node` and the shims with their sha256 (see `plan.make_plan`).
 
@@ -348,7 +314,12 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     fs, lay = node.fs, node.layout
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
-    _check_imports(node, own, [s.handler for s, _ in shims])
+    eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
+    if eff is not None:
+        ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
+        # A template's render and k0s's generated CRI file carry a copy of our table.
+        merged = None if lay.kind is ConfigKind.CONFIG else ours
+        effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
         containerd = cri.parse_version(node.state.containerd)
@@ -362,7 +333,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
             reference, [s.handler for s, _ in shims], [c.runtimes_path() for c in CriSchema]
         )
         base_digests = {p: fs.sha256(PurePosixPath(p)) for p in found}
-    return plan.make_plan(
+    the_plan = plan.make_plan(
         base_digests=base_digests,
         layout=lay,
         own_text=own,
@@ -371,9 +342,26 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         shims=shims,
         installed=installed,
         install_dir=node.install_dir,
-        state=node.state,
+        state=ownership.rebase(node.state, str(lay.config_path), fs.sha256(lay.config_path)),
         force=node.opts.force,
+        effective=sources.decision_data(eff, lay),
     )
+    text, dropped, notes = ownership.drop_unrequested(
+        the_plan.new_text,
+        node.state,
+        path=str(lay.config_path),
+        handlers={s.handler for s, _ in shims},
+        install_dir=node.install_dir,
+    )
+    the_plan = replace(the_plan, new_text=text, dropped=dropped, notes=(*the_plan.notes, *notes))
+    if eff is None:
+        return the_plan
+    if lay.kind is not ConfigKind.DROP_IN:  # k0s merges its drop-ins itself
+        effective.check_takes_effect(eff, the_plan.schema, edited=str(eff.main))
+    if not eff.imports:
+        return the_plan
+    loads = "containerd loads " + ", ".join(s.path for s in eff.sources)
+    return replace(the_plan, notes=(*the_plan.notes, loads, eff.describe(the_plan.schema.plugin_id)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +428,7 @@ def _uninstall_plan(node: Node, handlers: list[str]) -> uninstall_plan.Uninstall
         handlers=handlers,
         old_data=old.data if old else None,
         backup_data=backup.data if backup else None,
+        install_dir=node.install_dir,
     )
 
 
@@ -547,15 +536,20 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
     old_info = fs.read(cfg_path)
     # 1. back up the original once (the first time kwasm-py touches this file)
     own_prev = prev_state if prev_state is not None and prev_state.config.path == str(cfg_path) else None
-    if own_prev is not None:
+    old_sha = hashlib.sha256(old_info.data).hexdigest() if old_info else None
+    if own_prev is not None and not ownership.changed_since_our_write(own_prev, str(cfg_path), old_sha):
         backup = own_prev.config.backup
         original_sha = own_prev.config.original_sha256
         created = own_prev.config.created
     else:
+        # First write, or the file changed since our last write (regenerated by its owner):
+        # today's file is the pre-image, unless it still holds our tables (then there is none).
         created = old_info is None
-        original_sha = hashlib.sha256(old_info.data).hexdigest() if old_info else None
+        original_sha = old_sha
         backup = None
-        if old_info is not None:
+        if old_info is not None and not ownership.holds_ours_bytes(
+            old_info.data, own_prev, install_dir=node.install_dir
+        ):
             backup_path = node.backup_dir / (cfg_path.name + ".orig")
             node.step = "backup"
             fs.makedirs(node.backup_dir)
@@ -591,7 +585,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
             schema=the_plan.schema.value,
             version_added=the_plan.version_added,
         ),
-        runtimes=records,
+        runtimes=records + the_plan.dropped,  # still ours until their binaries are gone
         containerd=str(containerd) if containerd else "",
         restart=str(lay.restart),
         socket=str(lay.socket),
@@ -602,6 +596,8 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
     node.step = "state"
     fs.makedirs(node.install_dir)
     fs.atomic_write(node.state_path, new_state.to_json(), mode=0o600, keep_metadata=False)
+    if own_prev is not None and own_prev.config.backup and own_prev.config.backup != backup:
+        fs.remove(PurePosixPath(own_prev.config.backup))  # the pre-image of a file that is gone
     # 3. binaries (keep what was there for rollback)
     previous_bins: dict[PurePosixPath, bytes | None] = {}
     try:
@@ -643,7 +639,11 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
     except KwasmError as err:
         _rollback(node, err, old_info, previous_bins, prev_state, the_plan, outcome)
         raise
-    # 7. done
+    # 7. done: binaries of runtimes no longer asked for go, then the state forgets them
+    kept = {r.shim for r in records}
+    for record in the_plan.dropped:
+        if record.shim not in kept and fs.remove(PurePosixPath(record.shim)):
+            log(f"step=binary action=remove path={record.shim}")
     _kill_point("state")
     node.step = "state"
     final = replace(
@@ -673,10 +673,15 @@ def _registered(node: Node, the_plan: plan.Plan) -> bool:
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
     wanted = {e.handler: e.runtime_type for e in the_plan.entries}
     watch = restart.CrashWatch(node.layout.restart, pid=node.opts.pid, proc=node.proc)
+    gone = {r.handler: r.runtime_type for r in the_plan.dropped}
     try:
         restart.wait_until(
             node.cri_status,
-            lambda s: s.runtime_ready and all(s.runtimes.get(h) == t for h, t in wanted.items()),
+            lambda s: (
+                s.runtime_ready
+                and all(s.runtimes.get(h) == t for h, t in wanted.items())
+                and not any(s.runtimes.get(h) == t for h, t in gone.items())
+            ),
             timeout=timeout,
             what="containerd to report runtime(s) " + ", ".join(sorted(wanted)),
             watch=watch,
@@ -695,6 +700,13 @@ def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None
                 hint="see the node's containerd log (journalctl -u containerd)",
             ) from err
         missing = {h: current.runtimes.get(h) for h, t in wanted.items() if current.runtimes.get(h) != t}
+        if not missing and current.runtime_ready:
+            raise VerifyError(
+                "containerd still reports runtime(s) no longer asked for: "
+                + ", ".join(h for h, t in gone.items() if current.runtimes.get(h) == t)
+                + f" (it reads {node.layout.rendered_path or node.layout.config_path})",
+                hint="another file containerd loads may define them; see `kwasm-py node plan`",
+            ) from err
         raise VerifyError(
             "containerd runs but does not report the runtime as configured: "
             + ", ".join(f"{h} -> {v!r}" for h, v in missing.items())
@@ -791,6 +803,7 @@ def uninstall(
         outcome = Outcome(layout=state.layout, config=str(cfg_path))
         chosen, keep = list(the_plan.chosen), list(the_plan.keep)
         old = fs.read(cfg_path)
+        outcome.notes.extend(the_plan.notes)
         new_data = the_plan.new_data
         changed = the_plan.changed
         if changed:
@@ -910,7 +923,8 @@ def status(
             report.drift.append(err.message)
     schema = CriSchema(state.config.schema)
     for record in state.runtimes:
-        if text is not None and cc.find_runtime(data, schema, record.handler) != record.table:
+        table = cc.find_runtime(data, schema, record.handler)
+        if text is not None and not ownership.is_ours(table, record, install_dir=node.install_dir):
             report.drift.append(
                 f"config {state.config.path} no longer has runtime {record.handler} as installed"
             )

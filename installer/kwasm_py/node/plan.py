@@ -24,7 +24,7 @@ from kwasm_py.model import (
     Layout,
     ShimSpec,
 )
-from kwasm_py.node.state import INSTALLED, State
+from kwasm_py.node.state import INSTALLED, RuntimeRecord, State
 
 BASE_TEMPLATE = '{{ template "base" . }}\n'
 
@@ -57,6 +57,7 @@ class Plan:
     companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
     effective: str | None = None  # the text containerd will read after the change (None: unknown)
     preflight: str = ""  # the pre-flight verdict, for `node plan`
+    dropped: tuple[RuntimeRecord, ...] = ()  # our runtimes no longer asked for: tables and binaries go
 
     @property
     def config_changed(self) -> bool:
@@ -70,8 +71,8 @@ class Plan:
 
     @property
     def changes(self) -> bool:
-        """Whether anything on the node changes (config or binaries)."""
-        return self.config_changed or bool(self.writes)
+        """Whether anything on the node changes (config, binaries, or runtimes to drop)."""
+        return self.config_changed or bool(self.writes) or bool(self.dropped)
 
     def diff(self) -> str:
         """The config change as a unified diff ("" when unchanged; /dev/null for a new file)."""
@@ -122,15 +123,18 @@ def make_plan(
     state: State | None,
     force: bool = False,
     base_digests: dict[str, str | None] | None = None,
+    effective: dict[str, Any] | None = None,
 ) -> Plan:
     """Decide the binaries to write and the config text to have, from what is there now.
 
     `shims` pairs each shim with its sha256; `installed` maps destination paths to the sha256
     of what is there (None when absent); `base_digests` maps the node paths that a template's
     base render runs for our handlers to their sha256 (a runtime k3s found running the very
-    shim we install is adopted, not duplicated). Returns the Plan; raises UsageError for two
-    shims on one handler, ConfigError / ConflictError for a config it refuses (see
-    `containerd.config` and `containerd.template`).
+    shim we install is adopted, not duplicated). `effective` is what containerd loads in all
+    (the read file merged with its imports, see containerd/effective.py); when given, the runc
+    cgroup driver and the default runtime are read from it. Returns the Plan; raises
+    UsageError for two shims on one handler, ConfigError / ConflictError for a config it
+    refuses (see `containerd.config` and `containerd.template`).
     """
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None
@@ -176,6 +180,8 @@ def make_plan(
                 "(containerd 1.x) or `version = 3` (2.x) into the file",
             )
     reference_data = reference if reference is not None else doc.data
+    if effective is not None:
+        reference_data = effective
     systemd = cc.runc_systemd_cgroup(reference_data, choice.schema) or cc.runc_systemd_cgroup(
         doc.data, choice.schema
     )
@@ -254,7 +260,7 @@ def make_plan(
         text = base_text
     if state is not None and state.status != INSTALLED:
         notes.append("a previous run was interrupted: finishing it")
-    effective = _effective(layout, cc.load(text, source=source), reference_text, values)
+    after = _effective(layout, cc.load(text, source=source), reference_text, values)
     return Plan(
         layout=layout,
         containerd=containerd,
@@ -267,7 +273,7 @@ def make_plan(
         replaced=replaced,
         version_added=version_added,
         companion=companion,
-        effective=effective,
+        effective=after,
     )
 
 

@@ -13,9 +13,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from kwasm_py.containerd import config as cc
-from kwasm_py.errors import HostIOError, UsageError
-from kwasm_py.model import CriSchema
+from kwasm_py.errors import UsageError
+from kwasm_py.node import ownership
 from kwasm_py.node.state import RuntimeRecord, State
 
 
@@ -29,8 +28,9 @@ class UninstallPlan:
     keep: tuple[RuntimeRecord, ...]  # the runtimes kwasm-py keeps managing
     old_data: bytes | None  # the config now (None: it is gone)
     new_data: bytes | None  # the config afterwards (None: removed)
-    restores_original: bool  # new_data is the backup of the original, byte for byte
+    restores_original: bool  # new_data is the pre-image of our last write, byte for byte
     state_path: PurePosixPath  # where the state file is
+    notes: tuple[str, ...] = ()  # tables left in place because they are no longer ours
 
     @property
     def changed(self) -> bool:
@@ -85,14 +85,15 @@ def make_plan(
     handlers: list[str],
     old_data: bytes | None,
     backup_data: bytes | None,
+    install_dir: PurePosixPath,
 ) -> UninstallPlan:
     """Decide what removing `handlers` (all when empty) does to the config the state file names.
 
     Takes the state file and its node path, the handlers, the config's bytes now (None: absent)
-    and the bytes of the original's backup (None: absent or none recorded). Returns the
-    UninstallPlan. Raises
-    UsageError for a handler kwasm-py did not install, HostIOError when the original has to be
-    restored but its backup is missing, ConfigError when the config no longer parses.
+    and the bytes of the stored pre-image of our last write (None: absent or none recorded),
+    and the install directory (tables whose runtime_type points under it are ours, see
+    `ownership.is_ours`). Returns the UninstallPlan. Raises UsageError for a handler kwasm-py
+    did not install, ConfigError when the config no longer parses.
     """
     cfg_path = PurePosixPath(state.config.path)
     chosen = [r for r in state.runtimes if not handlers or r.handler in handlers]
@@ -102,42 +103,23 @@ def make_plan(
     keep = [r for r in state.runtimes if r not in chosen]
     new_data: bytes | None
     restores = False
+    notes: tuple[str, ...] = ()
     if old_data is None:
         new_data = None
-    elif not keep and hashlib.sha256(old_data).hexdigest() == state.config.written_sha256:
-        # Nothing else changed since we wrote it: give back the original, byte for byte.
-        if state.config.created:
-            new_data = None
-        else:
-            if backup_data is None:
-                raise HostIOError(
-                    f"the backup of {cfg_path} is missing ({state.config.backup})",
-                    hint="the runtime table can still be removed by hand",
-                )
-            new_data = backup_data
-            restores = True
+    elif (
+        not keep
+        and hashlib.sha256(old_data).hexdigest() == state.config.written_sha256
+        and (state.config.created or backup_data is not None)
+    ):
+        # Nothing else changed since our last write, and the pre-image of that very write is
+        # stored: give it back byte for byte (a file we created goes).
+        new_data = None if state.config.created else backup_data
+        restores = not state.config.created
     else:
-        schema = CriSchema(state.config.schema)
-        doc = cc.load(old_data.decode(), source=str(cfg_path))
-        for record in chosen:
-            edit = cc.remove_runtime(
-                doc,
-                record.handler,
-                schema=schema,
-                restore=record.replaced,
-                version_added=state.config.version_added and not keep and record is chosen[-1],
-                source=str(cfg_path),
-            )
-            doc = cc.load(edit.text, source=str(cfg_path))
-        extra = state.companion
-        if not keep and extra and cc.find_runtime(doc.data, schema, extra["handler"]) == extra["table"]:
-            doc = cc.load(
-                cc.remove_runtime(doc, extra["handler"], schema=schema, source=str(cfg_path)).text,
-                source=str(cfg_path),
-            )
-        new_data = doc.text.encode()
-        if state.config.created and not keep and not doc.data and not doc.body.strip():
-            new_data = None
+        # Someone changed the file since (or no pre-image): remove exactly our keys from today's.
+        new_data, notes = ownership.remove_ours(
+            old_data, state, chosen, keep=bool(keep), install_dir=install_dir
+        )
     return UninstallPlan(
         state=state,
         config_path=cfg_path,
@@ -147,4 +129,5 @@ def make_plan(
         new_data=new_data,
         restores_original=restores,
         state_path=state_path,
+        notes=notes,
     )
