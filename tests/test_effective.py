@@ -259,4 +259,6 @@ def test_k3s_render_carrying_our_table_is_ours(tmp_path: Path, shim: Path, kwasm
     assert r.returncode == 0, r.stderr
     rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/usr/bin/containerd-shim-spin-v2"\n')
     r = kwasm("node", "plan", *base)
-    assert r.returncode == 1 and f"{K3S_RENDERED_PATH} already defines runtime `spin`" in r.stderr
+    # the base-render check names the cause: k3s found that binary on its PATH
+    assert r.returncode == 1 and f"{K3S_RENDERED_PATH} already has runtime `spin`" in r.stderr
+    assert "/usr/bin/containerd-shim-spin-v2" in r.stderr and "PATH" in r.stderr

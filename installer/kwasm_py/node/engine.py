@@ -315,10 +315,10 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
     eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
-    if eff is not None:
-        ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
-        # A template's render and k0s's generated CRI file carry a copy of our table.
-        merged = None if lay.kind is ConfigKind.CONFIG else ours
+    ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
+    # A template's render and k0s's generated CRI file carry a copy of our table.
+    merged = None if lay.kind is ConfigKind.CONFIG else ours
+    if eff is not None and lay.kind is not ConfigKind.TEMPLATE:
         effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
@@ -356,6 +356,8 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     the_plan = replace(the_plan, new_text=text, dropped=dropped, notes=(*the_plan.notes, *notes))
     if eff is None:
         return the_plan
+    if lay.kind is ConfigKind.TEMPLATE:  # after the plan: its base-render check names the cause
+        effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
     if lay.kind is not ConfigKind.DROP_IN:  # k0s merges its drop-ins itself
         effective.check_takes_effect(eff, the_plan.schema, edited=str(eff.main))
     if not eff.imports:
