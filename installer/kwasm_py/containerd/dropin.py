@@ -253,7 +253,8 @@ def remove_import(text: str, entry: str, *, source: str) -> str:
     rest_of = {k: v for k, v in data.items() if k != "imports"}
     got = _loads(new) if new is not None else None
     if (
-        got is None
+        new is None
+        or got is None
         or got.get("imports", []) != remaining
         or {k: v for k, v in got.items() if k != "imports"} != rest_of
     ):
