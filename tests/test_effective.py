@@ -203,12 +203,23 @@ def test_2x_decisions_read_the_imports(tmp_path: Path, shim: Path, kwasm: Kwasm)
         tmp_path / "root",
         {**SYSTEMD, "/etc/containerd/config.toml": main, "/etc/containerd/conf.d/99-gpu.toml": dropin},
     )
-    r = kwasm("node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none")
+    args = ["node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none"]
+    r = kwasm(*args, "--mode", "edit")
     assert r.returncode == 0, r.stderr
     data = tomllib.loads((root / "etc/containerd/config.toml").read_text())
     spin = data["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["spin"]
     assert spin["options"] == {"SystemdCgroup": True}
     assert (root / "etc/containerd/conf.d/99-gpu.toml").read_text() == dropin
+    assert kwasm("node", "uninstall", "--host-root", str(root), "--restart", "none").returncode == 0
+    # auto: containerd 2.x reads conf.d and merges it deeply, so our runtime goes into a drop-in
+    # of our own (still following the imported cgroup setting) and the main file stays as it is
+    r = kwasm(*args)
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/containerd/config.toml").read_text() == main
+    ours = tomllib.loads((root / "etc/containerd/conf.d/kwasm-py.toml").read_text())
+    assert ours["version"] == 3
+    spin = ours["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["spin"]
+    assert spin["options"] == {"SystemdCgroup": True}
 
 
 def test_k0s_generated_copy_of_our_drop_in_is_not_a_conflict(

@@ -22,11 +22,6 @@ DEFAULT_NODE = {
 }
 #: Product bugs the whole-root tree hash exposed (tests/harness/noderoot.py); strict, so a fix
 #: turns these tests red until the marker is removed.
-LEAVES_OPT = pytest.mark.xfail(
-    strict=True,
-    reason="kwasm-py bug: install creates the missing parents of the install dir (/opt on this "
-    "root) and uninstall removes only the install dir, so an empty /opt is left behind",
-)
 K3S_RENDERED = (
     V2 + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n'
 )
@@ -42,9 +37,7 @@ def args(root: Path, shim: Path, *extra: str) -> list[str]:
     return ["--host-root", str(root), "--shim", str(shim), "--restart", "none", *extra]
 
 
-@pytest.mark.parametrize(
-    "has_opt", [pytest.param(False, marks=LEAVES_OPT, id="no-opt"), pytest.param(True, id="with-opt")]
-)
+@pytest.mark.parametrize("has_opt", [pytest.param(False, id="no-opt"), pytest.param(True, id="with-opt")])
 def test_install_uninstall_roundtrip(node: Path, shim: Path, kwasm: Kwasm, has_opt: bool) -> None:
     """Install writes binary, config and state; uninstall restores the node byte for byte
     (whether or not the node root had an /opt before)."""
@@ -128,7 +121,6 @@ def test_plan_changes_nothing(node: Path, shim: Path, kwasm: Kwasm) -> None:
     assert tree_hash(node) == before
 
 
-@LEAVES_OPT
 def test_k3s_template_created_with_base_and_removed(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """k3s without a template: one is created from {{ template "base" . }}, not a frozen copy."""
     root = tree(
@@ -149,7 +141,6 @@ def test_k3s_template_created_with_base_and_removed(tmp_path: Path, shim: Path, 
     assert tree_hash(root) == before
 
 
-@LEAVES_OPT
 def test_k0s_drop_in(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """k0s-managed nodes get a drop-in next to k0s's config, never an edit of it."""
     main = '# k0s_managed=true\nimports = ["/run/k0s/containerd-cri.toml"]\nversion = 2\n'
@@ -279,11 +270,6 @@ def test_read_only_install_dir(node: Path, shim: Path, kwasm: Kwasm, tmp_path: P
 
 
 @pytest.mark.root
-@pytest.mark.xfail(
-    strict=True,
-    reason="kwasm-py bug: an install that fails with ENOSPC rolls back its files but leaves the "
-    "empty /opt/kwasm and /opt directories it created",
-)
 def test_full_filesystem(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     """A full node filesystem fails the install cleanly and leaves no partial file behind."""
     if os.geteuid() != 0:

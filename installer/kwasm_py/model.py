@@ -23,6 +23,19 @@ BIN_DIR_NAME = "bin"
 CATALOG_ENV = "KWASM_SHIM_CATALOG"  # a shim catalog TOML replacing the shipped one
 
 
+class InstallMode(enum.StrEnum):
+    """How the runtime reaches containerd (``--mode`` of ``node plan|install``).
+
+    ``auto``: a drop-in file of our own where containerd merges imports deeply and the main
+    config already imports a directory, else an edit of the main config; ``dropin``: always a
+    drop-in (adding an ``imports`` entry when needed); ``edit``: always the main config.
+    """
+
+    AUTO = "auto"
+    DROPIN = "dropin"
+    EDIT = "edit"
+
+
 class OutputFormat(enum.StrEnum):
     """What ``--output``/``-o`` prints on stdout: lines for people, or one JSON document."""
 

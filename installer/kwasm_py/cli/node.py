@@ -15,7 +15,7 @@ import typer
 
 from kwasm_py import contract
 from kwasm_py.errors import KwasmError, UsageError
-from kwasm_py.model import DEFAULT_INSTALL_DIR, OutputFormat, ShimSpec
+from kwasm_py.model import DEFAULT_INSTALL_DIR, InstallMode, OutputFormat, ShimSpec
 
 if TYPE_CHECKING:
     from kwasm_py.node.engine import Outcome, Report
@@ -88,6 +88,15 @@ Timeout = Annotated[
         help="Seconds to wait for containerd after a restart (a crash loop rolls back sooner).",
     ),
 ]
+ModeOpt = Annotated[
+    InstallMode,
+    typer.Option(
+        "--mode",
+        envvar="KWASM_MODE",
+        help="auto: a drop-in of our own where containerd merges a directory it imports, else an edit; "
+        "dropin; edit.",
+    ),
+]
 LockTimeout = Annotated[
     float,
     typer.Option("--lock-timeout", envvar="KWASM_LOCK_TIMEOUT", help="Seconds to wait for the node lock."),
@@ -133,6 +142,7 @@ def _options(
     timeout: float = 60.0,
     lock_timeout: float = 120.0,
     verify: bool = False,
+    mode: InstallMode = InstallMode.AUTO,
 ) -> Any:
     from kwasm_py.node import layout
     from kwasm_py.node.engine import NodeOptions
@@ -157,6 +167,7 @@ def _options(
         verify_timeout=timeout,
         lock_timeout=lock_timeout,
         verify=verify,
+        mode=mode,
     )
 
 
@@ -239,6 +250,7 @@ def plan(
         bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
     ] = False,
     force: Annotated[bool, typer.Option("--force")] = False,
+    mode: ModeOpt = InstallMode.AUTO,
     output: Output = OutputFormat.TEXT,
 ) -> None:
     """Show what `install` would do; change nothing."""
@@ -258,6 +270,7 @@ def plan(
         install_dir=install_dir,
         socket=socket,
         force=force,
+        mode=mode,
     )
     node, the_plan = engine.plan_only(opts)
     lay = node.layout
@@ -278,6 +291,8 @@ def plan(
         "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
         "changes": the_plan.changes,
         "preflight": the_plan.preflight,
+        "mode": node.mode.mode.value if node.mode else "edit",
+        "mode_reason": node.mode.reason if node.mode else "",
     }
     if output is OutputFormat.JSON:
         _emit_json(data)
@@ -383,6 +398,7 @@ def install(
     ] = False,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
+    mode: ModeOpt = InstallMode.AUTO,
     output: Output = OutputFormat.TEXT,
 ) -> None:
     """Install shims, configure containerd, restart it and check it registered them."""
@@ -401,6 +417,7 @@ def install(
             timeout=timeout,
             lock_timeout=lock_timeout,
             verify=verify,
+            mode=mode,
         )
         return engine.install(opts, log=_log)
 

@@ -16,26 +16,20 @@ config's CRI settings: there we edit the main config instead. Facts:
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from kwasm_py.errors import ConfigError, UsageError
-from kwasm_py.model import ConfigKind, ContainerdVersion, Layout
+from kwasm_py.model import ConfigKind, ContainerdVersion, InstallMode, Layout
 
 DROPIN_NAME = "kwasm-py.toml"
 DEFAULT_DROPIN_DIR = "conf.d"  # containerd 2.2's default: /etc/containerd/conf.d/*.toml
 _DIR_GLOB = re.compile(r"^(?P<dir>.+)/\*\.toml$")
 
 
-class Mode(enum.StrEnum):
-    """How the runtime reaches containerd: ``--mode`` of ``node plan|install``."""
-
-    AUTO = "auto"
-    DROPIN = "dropin"
-    EDIT = "edit"
+Mode = InstallMode  # the name used here
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
-from kwasm_py.containerd import effective, template
+from kwasm_py.containerd import dropin, effective, template
 from kwasm_py.errors import (
     ChecksumError,
     HostIOError,
@@ -35,6 +35,7 @@ from kwasm_py.model import (
     ConfigKind,
     ContainerdVersion,
     CriSchema,
+    InstallMode,
     Layout,
     RestartMethod,
     RestartSpec,
@@ -65,6 +66,7 @@ class NodeOptions:
     verify_timeout: float = 60.0
     lock_timeout: float = 120.0
     verify: bool = False  # also ask containerd when nothing needs to change (repair if it lost it)
+    mode: InstallMode = InstallMode.AUTO  # edit the main config, or a drop-in of our own
 
 
 @dataclass
@@ -146,6 +148,8 @@ class Node:
     restarter: restart.Restarter = field(default_factory=restart.NodeRestarter)
     cri_client: cri.CriClient = field(default_factory=cri.GrpcCri)
     proc: ProcFS = HOST
+    mode: dropin.ModeChoice | None = None  # set by `choose_mode` (install and plan)
+    created: list[PurePosixPath] = field(default_factory=list)  # dirs this run created
     _containerd: ContainerdVersion | None = None
     _asked: bool = False
 
@@ -252,7 +256,9 @@ def _owned_layout(state: st.State, detected: Layout | None) -> Layout:
         return detected
     kind = ConfigKind(state.config.kind)
     rendered = None
-    if detected is not None and detected.name == state.layout:
+    if state.config.main:
+        rendered = PurePosixPath(state.config.main)  # a drop-in: the main config importing it
+    elif detected is not None and detected.name == state.layout:
         rendered = detected.rendered_path
     elif kind is ConfigKind.TEMPLATE and path.name.endswith(".toml.tmpl"):
         rendered = path.parent / "config.toml"  # k3s and rke2 render beside the template
@@ -304,6 +310,55 @@ def _shim_digests(opts: NodeOptions, state: st.State | None = None) -> list[tupl
     return out
 
 
+def choose_mode(node: Node) -> dropin.ModeChoice:
+    """Resolve `--mode` for this node and point `node.layout` at the file to write.
+
+    A node kwasm-py already installed on keeps the file its state names (auto), or is refused
+    a different explicit mode with a hint (move it with uninstall + install). Otherwise the
+    main config as containerd reads it (a template's render) and the containerd version decide,
+    see `containerd.dropin.choose`. Returns the choice (also kept in `node.mode`); raises
+    UsageError where the asked mode cannot work on this node.
+    """
+    if node.mode is not None:
+        return node.mode
+    lay, requested = node.layout, node.opts.mode
+    if node.state is not None:
+        kept = InstallMode.DROPIN if lay.kind is ConfigKind.DROP_IN else InstallMode.EDIT
+        if requested not in (InstallMode.AUTO, kept) and lay.name != "k0s":
+            raise UsageError(
+                f"kwasm-py installed into {lay.config_path} ({kept.value}); --mode {requested.value} "
+                "would move the runtime",
+                hint=f"run `kwasm-py node uninstall`, then install again with --mode {requested.value}",
+            )
+        node.mode = dropin.ModeChoice(kept, lay, f"{kept.value}: kwasm-py installed into {lay.config_path}")
+        return node.mode
+    main = lay.rendered_path if lay.kind is not ConfigKind.CONFIG else lay.config_path
+    text = node.fs.read_text(main) if main is not None else None
+    try:
+        data = cc.load(text, source=str(main)).data if text else {}
+    except KwasmError:
+        data = {}  # the plan reports what is wrong with the file itself
+    node.mode = dropin.choose(requested, layout=lay, main_data=data, containerd=node.containerd_version())
+    node.layout = node.mode.layout
+    return node.mode
+
+
+def _main_edit(node: Node, choice: dropin.ModeChoice) -> plan.MainEdit | None:
+    """The `imports` entry `--mode dropin` adds to the main config (None: nothing to add)."""
+    entry = choice.add_import
+    if entry is None:
+        if node.state is not None and node.state.config.imports_added and node.state.config.main:
+            kept = PurePosixPath(node.state.config.main)  # still ours: keep recording it
+            text = node.fs.read_text(kept) or ""
+            return plan.MainEdit(kept, text, text, node.state.config.imports_added)
+        return None
+    main = choice.layout.rendered_path
+    assert main is not None
+    old = node.fs.read_text(main)
+    new = dropin.add_import(old or "", entry, source=str(main))
+    return plan.MainEdit(main, old, new, entry)
+
+
 def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     """The install plan for `node` and the shims with their sha256 (see `plan.make_plan`).
 
@@ -311,9 +366,13 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     containerd its version; raises what `plan.make_plan` raises, and ConflictError for a runtime
     of the same handler in an imported file. Writes nothing.
     """
+    choice = choose_mode(node)
+    main_edit = _main_edit(node, choice)
     fs, lay = node.fs, node.layout
     own = fs.read_text(lay.config_path)
     reference = fs.read_text(lay.rendered_path) if lay.rendered_path is not None else None
+    if main_edit is not None:
+        reference = main_edit.new_text  # what containerd reads once our imports entry is in
     eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
     ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
     # A template's render and k0s's generated CRI file carry a copy of our table.
@@ -353,7 +412,13 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
         handlers={s.handler for s, _ in shims},
         install_dir=node.install_dir,
     )
-    the_plan = replace(the_plan, new_text=text, dropped=dropped, notes=(*the_plan.notes, *notes))
+    the_plan = replace(
+        the_plan,
+        new_text=text,
+        dropped=dropped,
+        notes=(f"mode {choice.mode.value}: {choice.reason}", *the_plan.notes, *notes),
+        main_edit=main_edit,
+    )
     if eff is None:
         return the_plan
     if lay.kind is ConfigKind.TEMPLATE:  # after the plan: its base-render check names the cause
@@ -554,7 +619,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         ):
             backup_path = node.backup_dir / (cfg_path.name + ".orig")
             node.step = "backup"
-            fs.makedirs(node.backup_dir)
+            node.created += fs.makedirs(node.backup_dir)
             fs.atomic_write(backup_path, old_info.data, mode=0o600, keep_metadata=False)
             backup = str(backup_path)
     _kill_point("backup")
@@ -586,6 +651,8 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
             backup=backup,
             schema=the_plan.schema.value,
             version_added=the_plan.version_added,
+            main=str(lay.rendered_path) if lay.kind is ConfigKind.DROP_IN and lay.rendered_path else None,
+            imports_added=the_plan.main_edit.entry if the_plan.main_edit else None,
         ),
         runtimes=records + the_plan.dropped,  # still ours until their binaries are gone
         containerd=str(containerd) if containerd else "",
@@ -594,9 +661,15 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         updated=_now(),
         companion=the_plan.companion,
     )
-    # 2. intent: from here on the tables and files named in the state are ours
+    # 2. intent: from here on the tables and files named in the state are ours (and the
+    #    directories we create: made now, so the state file lists them)
     node.step = "state"
-    fs.makedirs(node.install_dir)
+    for directory in (node.install_dir, *(b.dest.parent for b in the_plan.writes)):
+        node.created += fs.makedirs(directory)
+    if lay.kind is ConfigKind.DROP_IN and the_plan.config_changed:
+        node.created += fs.makedirs(cfg_path.parent)
+    known = prev_state.created_dirs if prev_state else ()
+    new_state = replace(new_state, created_dirs=tuple(dict.fromkeys([*known, *map(str, node.created)])))
     fs.atomic_write(node.state_path, new_state.to_json(), mode=0o600, keep_metadata=False)
     if own_prev is not None and own_prev.config.backup and own_prev.config.backup != backup:
         fs.remove(PurePosixPath(own_prev.config.backup))  # the pre-image of a file that is gone
@@ -607,7 +680,6 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         for step in the_plan.writes:
             old_bin = fs.read(step.dest)
             previous_bins[step.dest] = old_bin.data if old_bin else None
-            fs.makedirs(step.dest.parent)
             digest = fs.copy_in(Path(step.shim.source), step.dest, mode=0o755)
             if digest != step.sha256:
                 raise ChecksumError(f"{step.shim.source} changed while it was being copied")
@@ -615,9 +687,12 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         _kill_point("binary")
         # 4. config
         node.step = "config"
-        if the_plan.config_changed:
-            if lay.kind is ConfigKind.DROP_IN:
-                fs.makedirs(cfg_path.parent)
+        edit = the_plan.main_edit
+        if edit is not None and edit.changed:
+            main_info = fs.read(edit.path)
+            fs.atomic_write(edit.path, edit.new_text.encode(), mode=main_info.mode if main_info else 0o644)
+            log(f"step=config path={edit.path} action=import entry={edit.entry}")
+        if the_plan.old_text != the_plan.new_text:
             fs.atomic_write(cfg_path, new_bytes, mode=0o644)
             log(f"step=config path={cfg_path}")
         _kill_point("config")
@@ -736,6 +811,12 @@ def _rollback(
             fs.remove(lay.config_path)
         elif fs.sha256(lay.config_path) != hashlib.sha256(old_info.data).hexdigest():
             fs.atomic_write(lay.config_path, old_info.data, mode=old_info.mode)
+        edit = the_plan.main_edit
+        if edit is not None and edit.changed:
+            if edit.old_text is None:
+                fs.remove(edit.path)
+            elif fs.read_text(edit.path) != edit.old_text:
+                fs.atomic_write(edit.path, edit.old_text.encode(), mode=0o644)
         for dest, data in previous_bins.items():
             if data is None:
                 fs.remove(dest)
@@ -750,6 +831,8 @@ def _rollback(
             fs.rmdir_if_empty(node.install_dir)
         else:
             fs.atomic_write(node.state_path, prev_state.to_json(), mode=0o600, keep_metadata=False)
+        for directory in reversed(node.created):  # what this run created, innermost first
+            fs.rmdir_if_empty(directory)
         notes.append("rolled back the config and shim binaries")
         if failed_step in ("restart", "verify") and lay.restart.method is not RestartMethod.NONE:
             node.restarter.restart(lay.restart, pid=node.opts.pid, timeout=node.opts.verify_timeout)
@@ -807,19 +890,24 @@ def uninstall(
         old = fs.read(cfg_path)
         outcome.notes.extend(the_plan.notes)
         new_data = the_plan.new_data
-        changed = the_plan.changed
+        main_fix = _unimport(node, state) if not keep else None
+        changed = the_plan.changed or main_fix is not None
         if changed:
             node.require_pid()
         try:
             node.step = "config"
-            if changed:
+            if the_plan.changed:
                 if new_data is None:
                     fs.remove(cfg_path)
-                    if state.config.kind == ConfigKind.DROP_IN.value:
+                    if str(cfg_path.parent) in state.created_dirs:
                         fs.rmdir_if_empty(cfg_path.parent)
                 else:
                     fs.atomic_write(cfg_path, new_data, mode=old.mode if old else 0o644)
                 log(f"step=config path={cfg_path} action=restore")
+            if main_fix is not None:
+                main_path, _before, after = main_fix
+                fs.atomic_write(main_path, after.encode(), mode=0o644)
+                log(f"step=config path={main_path} action=unimport entry={state.config.imports_added}")
             node.step = "restart"
             if changed and lay.restart.method is not RestartMethod.NONE:
                 node.restarter.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
@@ -840,8 +928,11 @@ def uninstall(
                 )
                 outcome.verified = True
         except KwasmError as err:
-            if changed and old is not None:
+            if main_fix is not None:
+                fs.atomic_write(main_fix[0], main_fix[1].encode(), mode=0o644)
+            if the_plan.changed and old is not None:
                 fs.atomic_write(cfg_path, old.data, mode=old.mode)
+            if changed:
                 err.message += "; put the config back as it was"
                 if lay.restart.method is not RestartMethod.NONE:
                     try:
@@ -873,7 +964,23 @@ def uninstall(
         outcome.runtimes = _runtime_dicts(chosen)
     if not keep:
         fs.rmdir_if_empty(opts.install_dir)
+        for directory in reversed(state.created_dirs):  # innermost first; kept when not empty
+            fs.rmdir_if_empty(PurePosixPath(directory))
     return outcome
+
+
+def _unimport(node: Node, state: st.State) -> tuple[PurePosixPath, str, str] | None:
+    """The main config without the `imports` entry a drop-in install added: (path, now, after),
+    None when there is nothing to take out (never added, or already gone)."""
+    entry, main = state.config.imports_added, state.config.main
+    if not entry or not main:
+        return None
+    path = PurePosixPath(main)
+    text = node.fs.read_text(path)
+    if text is None:
+        return None
+    after = dropin.remove_import(text, entry, source=main)
+    return None if after == text else (path, text, after)
 
 
 # ---------------------------------------------------------------------------------------------

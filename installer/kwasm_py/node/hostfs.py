@@ -169,12 +169,22 @@ class HostFS:
         self.atomic_write(node_path, data, mode=mode, keep_metadata=False)
         return hashlib.sha256(data).hexdigest()
 
-    def makedirs(self, node_path: PurePosixPath) -> None:
-        """Create the directory and its parents (existing ones are fine); raises HostIOError."""
+    def makedirs(self, node_path: PurePosixPath) -> list[PurePosixPath]:
+        """Create the directory and its parents (existing ones are fine).
+
+        Returns the node paths of the directories it created, outermost first (so a caller can
+        remove exactly those again, innermost first). Raises HostIOError.
+        """
+        missing: list[PurePosixPath] = []
+        current = node_path
+        while not self.resolve(current).exists() and current != current.parent:
+            missing.append(current)
+            current = current.parent
         try:
             self.resolve(node_path).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _io_error("create directory", node_path, err) from err
+        return list(reversed(missing))
 
     def remove(self, node_path: PurePosixPath) -> bool:
         """Unlink the file; True when it was there, False when absent; raises HostIOError."""

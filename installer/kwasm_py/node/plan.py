@@ -40,6 +40,21 @@ class BinaryStep:
 
 
 @dataclass(frozen=True)
+class MainEdit:
+    """The `imports` entry a drop-in install adds to the main config (`--mode dropin`)."""
+
+    path: PurePosixPath  # node path of the main config
+    old_text: str | None  # None: the file does not exist
+    new_text: str
+    entry: str  # the glob added (recorded in the state file, removed on uninstall)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the main config's text changes."""
+        return self.old_text != self.new_text
+
+
+@dataclass(frozen=True)
 class Plan:
     """What an install changes: the config text before and after, the binaries, the runtime
     entries, and what the state file records about them."""
@@ -57,12 +72,13 @@ class Plan:
     companion: dict[str, Any] | None = None  # a default runtime table added for containerd 1.x
     effective: str | None = None  # the text containerd will read after the change (None: unknown)
     preflight: str = ""  # the pre-flight verdict, for `node plan`
+    main_edit: MainEdit | None = None  # drop-in installs: the imports entry added to the main config
     dropped: tuple[RuntimeRecord, ...] = ()  # our runtimes no longer asked for: tables and binaries go
 
     @property
     def config_changed(self) -> bool:
-        """Whether the config text changes (so containerd has to read it again)."""
-        return self.old_text != self.new_text
+        """Whether a config text changes (so containerd has to read it again)."""
+        return self.old_text != self.new_text or (self.main_edit is not None and self.main_edit.changed)
 
     @property
     def writes(self) -> tuple[BinaryStep, ...]:
@@ -80,7 +96,19 @@ class Plan:
         old = (self.old_text or "").splitlines(keepends=True)
         new = self.new_text.splitlines(keepends=True)
         fromfile = path if self.old_text is not None else "/dev/null"
-        return "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=path))
+        out = "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=path))
+        edit = self.main_edit
+        if edit is not None and edit.changed:
+            main = str(edit.path)
+            out += "".join(
+                difflib.unified_diff(
+                    (edit.old_text or "").splitlines(keepends=True),
+                    edit.new_text.splitlines(keepends=True),
+                    fromfile=main if edit.old_text is not None else "/dev/null",
+                    tofile=main,
+                )
+            )
+        return out
 
 
 _SHIM_BINARY = re.compile(r"containerd-shim-(?P<name>[A-Za-z0-9_][A-Za-z0-9_-]*?)-(?P<version>v[0-9]+)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from kwasm_py.containerd import dropin
 from kwasm_py.errors import PreflightError
 
 __all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view", "run"]
@@ -264,6 +265,8 @@ def run(
     lay = the_plan.layout
     if not the_plan.config_changed:
         return "not needed: the config does not change"
+    if lay.kind is ConfigKind.DROP_IN and lay.name != "k0s" and lay.rendered_path is not None:
+        return _run_dropin(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc)
     if the_plan.effective is None:
         if lay.kind is ConfigKind.TEMPLATE:
             return f"skipped: {lay.rendered_path} is not rendered yet, so the next render is unknown"
@@ -283,4 +286,50 @@ def run(
         ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
         source=str(lay.config_path),
     )
+    return verdict.message
+
+
+def _run_dropin(
+    fs: HostFS,
+    *,
+    the_plan: plan.Plan,
+    pid: int | None,
+    containerd: ContainerdVersion | None,
+    proc: ProcFS,
+) -> str:
+    """Pre-flight of a drop-in install: the main config (with any `imports` entry we add) plus
+    our drop-in as it would be, read by the node's containerd.
+
+    The predicted drop-in is written to a scratch file beside the main config (not `*.toml`, so
+    no import glob picks it up) and imported by the scratch copy of the main config; containerd
+    2.x merges imports deeply, so that reads as the real file would. Raises PreflightError.
+    """
+    lay = the_plan.layout
+    main = lay.rendered_path
+    assert main is not None
+    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
+    binary, why = choose_binary(fs, pid=pid, config=main, version=version, proc=proc)
+    if binary is None:
+        return f"skipped: {why}"
+    today = fs.read_text(main)
+    edit = the_plan.main_edit
+    after_main = edit.new_text if edit is not None else (today or "")
+    scratch = main.parent / f".kwasm-preflight-{os.getpid()}-dropin.tmp"
+    host = fs.resolve(scratch)
+    try:
+        host.write_text(the_plan.new_text)
+    except OSError as err:
+        return f"skipped: cannot write {scratch} on the node root: {err}"
+    try:
+        verdict = check(
+            fs,
+            binary=binary,
+            effective=main,
+            before_text=today,
+            after_text=dropin.add_import(after_main, str(scratch), source=str(main)),
+            wanted={e.handler: e.runtime_type for e in the_plan.entries},
+            source=str(lay.config_path),
+        )
+    finally:
+        host.unlink(missing_ok=True)
     return verdict.message

@@ -60,10 +60,11 @@ def effective_config(
 def decision_data(eff: effective.Effective | None, lay: Layout) -> dict[str, Any] | None:
     """The merged config the plan decides from, or None to decide from the files themselves.
 
-    Without imports they are the same; k0s merges its drop-ins itself; on 1.x an import that
+    Without imports they are the same; k0s merges its drop-ins itself (our own drop-ins in a
+    directory containerd imports are part of the merge); on 1.x an import that
     replaces a CRI table is refused after planning (``effective.check_takes_effect``).
     """
-    if eff is None or not eff.imports or lay.kind is ConfigKind.DROP_IN:
+    if eff is None or not eff.imports or (lay.kind is ConfigKind.DROP_IN and lay.name == "k0s"):
         return None
     if eff.major < 2 and any(eff.overriding_import(s.plugin_id) for s in CriSchema):
         return None

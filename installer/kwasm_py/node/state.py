@@ -50,6 +50,10 @@ class ConfigRecord:
     backup: str | None  # node path of the original's copy
     schema: str  # plugin ID the runtimes live under
     version_added: bool = False
+    # Drop-in installs: the main config that imports our file, and the `imports` entry we added
+    # to it (None: it already imported our directory), removed again on uninstall.
+    main: str | None = None
+    imports_added: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class State:
     socket: str = ""
     updated: str = ""
     companion: dict[str, Any] | None = None  # {"handler", "table"}: a default runtime we added
+    created_dirs: tuple[str, ...] = ()  # directories kwasm-py created (removed when empty again)
     schema: int = field(default=SCHEMA)
 
     def runtime(self, handler: str) -> RuntimeRecord | None:
@@ -91,6 +96,7 @@ def from_json(raw: bytes, *, source: str) -> State:
         config = ConfigRecord(**data["config"])
         runtimes = tuple(RuntimeRecord(**r) for r in data["runtimes"])
         rest = {k: v for k, v in data.items() if k not in ("config", "runtimes")}
+        rest["created_dirs"] = tuple(rest.get("created_dirs") or ())
         return State(config=config, runtimes=runtimes, **rest)
     except (ValueError, KeyError, TypeError) as err:
         raise HostIOError(
