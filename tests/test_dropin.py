@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import PurePosixPath as P
 
 import pytest
@@ -10,6 +11,7 @@ from kwasm_py.containerd import dropin
 from kwasm_py.containerd.dropin import Mode
 from kwasm_py.errors import ConfigError, UsageError
 from kwasm_py.model import ConfigKind, ContainerdVersion, Layout, RestartMethod, RestartSpec
+from tests.harness.noderoot import SYSTEMD, UNIT, tree, tree_hash
 
 MAIN = P("/etc/containerd/config.toml")
 PLAIN = Layout(
@@ -143,3 +145,51 @@ def test_remove_import_keeps_others_changes():
     text = 'version = 3\nimports = ["/e/*.toml", "/gpu/*.toml"]\n'
     assert dropin.remove_import(text, "/e/*.toml", source="c") == 'version = 3\nimports = ["/gpu/*.toml"]\n'
     assert dropin.remove_import("version = 3\n", "/e/*.toml", source="c") == "version = 3\n"
+
+
+# --- through the CLI on node roots (no containerd running: its version comes from the file) ---
+
+V3_MAIN = 'version = 3\nimports = ["/etc/containerd/conf.d/*.toml"]\n'
+K3S_NODE_DIR = "/var/lib/rancher/k3s/agent/etc/containerd"
+
+
+def test_version_4_main_config_gets_a_version_4_dropin(tmp_path, shim, kwasm):
+    """containerd 2.3 writes `version = 4`; our drop-in carries the same version (a mismatch
+    loses settings on 2.0-2.2 and stops 2.3.0-2.3.4 from starting) and the v3 plugin IDs."""
+    main = V3_MAIN.replace("version = 3", "version = 4")
+    root = tree(
+        tmp_path / "root",
+        {**SYSTEMD, "/etc/containerd/config.toml": main, "/etc/systemd/system/containerd.service": UNIT},
+    )
+    r = kwasm("node", "install", "--host-root", str(root), "--shim", str(shim), "--restart", "none")
+    assert r.returncode == 0, r.stderr
+    ours = tomllib.loads((root / "etc/containerd/conf.d/kwasm-py.toml").read_text())
+    assert ours["version"] == 4
+    assert "spin" in ours["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
+    assert (root / "etc/containerd/config.toml").read_text() == main
+
+
+def test_k3s_render_that_imports_config_v3_toml_d(tmp_path, shim, kwasm):
+    """k3s (since k3s-io/k3s#13680) renders `imports = [".../config-v3.toml.d/*.toml"]`: our
+    runtime goes there, no template is written, and uninstall leaves the tree as it was."""
+    render = f'version = 3\nimports = ["{K3S_NODE_DIR}/config-v3.toml.d/*.toml"]\n'
+    unit = "[Service]\nExecStart=/usr/local/bin/k3s server\n"
+    root = tree(
+        tmp_path / "root",
+        {
+            **SYSTEMD,
+            f"{K3S_NODE_DIR}/config.toml": render,
+            "/etc/systemd/system/k3s.service": unit,
+            "/opt/": "",
+        },
+    )
+    before = tree_hash(root)
+    base = ["--host-root", str(root), "--restart", "none"]
+    r = kwasm("node", "install", *base, "--shim", str(shim))
+    assert r.returncode == 0, r.stderr
+    assert (root / K3S_NODE_DIR.lstrip("/") / "config-v3.toml.d/kwasm-py.toml").exists()
+    assert not (root / K3S_NODE_DIR.lstrip("/") / "config-v3.toml.tmpl").exists()
+    r = kwasm("node", "install", *base, "--shim", str(shim), "--mode", "edit")
+    assert r.returncode == 2 and "would move the runtime" in r.stderr and "node uninstall" in r.stderr
+    assert kwasm("node", "uninstall", *base).returncode == 0
+    assert tree_hash(root) == before

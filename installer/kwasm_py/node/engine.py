@@ -559,6 +559,7 @@ def install(
     shims = _shim_digests(opts, known)  # before the lock: bad input fails fast, changes nothing
     with fs.lock(timeout=opts.lock_timeout):
         node = open_node(opts, restarter=restarter, cri_client=cri_client, proc=proc)
+        choose_mode(node)  # the file to write (raises for a --mode that would move the runtime)
         outcome = Outcome(layout=node.layout.name, config=str(node.layout.config_path))
         if _quick_noop(node, shims):
             assert node.state is not None
