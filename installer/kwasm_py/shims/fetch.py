@@ -191,7 +191,13 @@ def _stage(
         try:
             with archive_tmp.open("r+b") as out:
                 digest, size = read_archive(
-                    src, out, what=what, opts=opts, progress=progress, session=session
+                    src,
+                    out,
+                    what=what,
+                    opts=opts,
+                    progress=progress,
+                    session=session,
+                    max_bytes=artifact.max_bytes,
                 )
                 out.flush()
                 os.fsync(out.fileno())
