@@ -440,3 +440,19 @@ def test_mirror_file_past_the_cap_is_refused(tmp_path):
             shims, "amd64", tmp_path / "d", options=artifacts.FetchOptions(mirror=str(mirror))
         )
     assert files(tmp_path / "d") == []
+
+
+def test_fetch_dest_directories_are_0755_under_an_open_umask(tmp_path):
+    """Under umask 000 the shim directory (and its missing parents) is created 0755, not
+    world-writable; an existing parent keeps its mode."""
+    archive, _ = shim_tar()
+    old = os.umask(0)
+    try:
+        with serve() as srv:
+            srv.add("/a.tar.gz", data=archive)
+            artifacts.fetch_shims(one(srv.url("/a.tar.gz"), archive), "amd64", tmp_path / "a/b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a/b").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a/b" / BIN).stat().st_mode) == 0o755
