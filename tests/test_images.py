@@ -178,6 +178,10 @@ def test_wheel_stage_has_what_the_package_needs(dockerfile):
     link = ROOT / "installer" / "kwasm_py" / "shims" / "data" / "shims.toml"
     assert link.is_symlink()
     assert (link.parent / link.readlink()).resolve() == (ROOT / "images" / "shims.toml").resolve()
+    assert "images/release.toml ./images/release.toml" in copies
+    link = ROOT / "installer" / "kwasm_py" / "cluster" / "data" / "release.toml"
+    assert link.is_symlink()
+    assert (link.parent / link.readlink()).resolve() == (ROOT / "images" / "release.toml").resolve()
 
 
 def test_dockerignore_keeps_what_the_build_needs():
