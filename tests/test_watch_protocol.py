@@ -70,6 +70,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with self.server.lock:
                 self.server.gets += 1
             body = json.dumps(NODE).encode()
+        elif parts.path.startswith("/api/v1/nodes/"):  # /api/v1/nodes/<a body to answer>
+            body = urllib.parse.unquote(parts.path.rsplit("/", 1)[1]).encode()
         elif parts.path == "/api/v1/nodes" and query.get("watch") == ["true"]:
             with self.server.lock:
                 self.server.watches += 1
@@ -151,3 +153,21 @@ def test_agent_survives_a_non_event_line_by_relisting(raw_api: RawApi) -> None:
     assert raw_api.gets == 2, "the agent did not relist its Node (once) after the protocol error"
     assert raw_api.watches == 3, "the agent did not watch again after relisting"
     assert agent.node["metadata"]["resourceVersion"] == "6", "the good event was not taken"
+
+
+@pytest.mark.parametrize("answer", ["[1, 2]", '"n1"', "{}", '{"metadata": 5}', "null"])
+def test_lean_get_node_that_is_not_a_node_is_a_protocol_error(answer: str) -> None:
+    """A GET of a Node answered with JSON that is not a Node object is a KubeError (which the
+    agent's loop retries), not a KeyError out of the agent."""
+    server = RawApi("")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        api = LeanKube(Endpoint(server=server.url))
+        with pytest.raises(KubeError, match="protocol error: the answer is not a Node object"):
+            api.get_node(answer)
+        api.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -206,7 +206,12 @@ class LeanKube:
     # -- nodes
 
     def get_node(self, name: str) -> JSON:
-        return self.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
+        """The Node object; KubeError (a protocol error) when the answer is not an object with
+        ``metadata``, so the agent's relist retries instead of failing on a missing key."""
+        node = self.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
+        if not isinstance(node.get("metadata"), dict):
+            raise KubeError(f"GET node {name}: protocol error: the answer is not a Node object")
+        return node
 
     def list_nodes(self, *, label_selector: str = "") -> list[JSON]:
         query = {"labelSelector": label_selector} if label_selector else None
