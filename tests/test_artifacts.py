@@ -373,3 +373,86 @@ def test_missing_ca_bundle_is_a_usage_error(tmp_path):
         artifacts.fetch_shims(one("https://x.invalid/a.tar.gz", archive), "amd64", tmp_path / "d",
                               options=opts)  # fmt: skip
     assert not (tmp_path / "d").exists()
+
+
+def test_size_cap_from_the_catalog(tmp_path):
+    """The top-level max_archive_bytes applies to every archive, an archive's own one wins, and
+    the shipped catalog caps its downloads; bad values are refused by the loader."""
+    spec = {"url": "https://x/a.tar.gz", "archive_sha256": "a" * 64}
+    cat = shim_catalog.parse(catalog_text({"spin": spec}, max_archive_bytes=1000))
+    assert cat.get("spin").artifact("amd64").max_bytes == 1000
+    cat = shim_catalog.parse(
+        catalog_text({"spin": {**spec, "max_archive_bytes": 50}}, max_archive_bytes=1000)
+    )
+    assert cat.get("spin").artifact("amd64").max_bytes == 50
+    cat = shim_catalog.parse(catalog_text({"spin": spec}))
+    assert cat.get("spin").artifact("amd64").max_bytes == shim_catalog.DEFAULT_MAX_ARCHIVE_BYTES
+    shipped = shim_catalog.parse((Path(__file__).parent.parent / "images/shims.toml").read_text())
+    assert {a.max_bytes for s in shipped.shims for a in s.artifacts.values()} == {128 * 2**20}
+    for bad in (0, -1, '"big"', "true", 1.5):
+        with pytest.raises(shim_catalog.CatalogError, match="max_archive_bytes must be a positive"):
+            shim_catalog.parse(
+                catalog_text({"spin": spec}).replace("schema = 1", f"schema = 1\nmax_archive_bytes = {bad}")
+            )
+
+
+@pytest.mark.parametrize("length", [None, ""], ids=["announced too large", "no Content-Length"])
+def test_download_past_the_cap_is_aborted_and_nothing_placed(tmp_path, length):
+    """An archive bigger than its cap is refused (by its Content-Length, or while streaming when
+    the server sends none) at once, without a retry, with no file left in dest beyond what was
+    there, and with the cap named in the one-line error."""
+    archive, _ = shim_tar(payload=os.urandom(64 * 1024))  # random: gzip cannot shrink it
+    cap = len(archive) - 1
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "unrelated").write_text("x")
+    with serve() as srv:
+        srv.add("/a.tar.gz", data=archive, length=length)
+        shims = one(srv.url("/a.tar.gz"), archive, max_archive_bytes=cap)
+        with pytest.raises(FetchError) as info:
+            artifacts.fetch_shims(shims, "amd64", dest)
+        assert srv.hits("/a.tar.gz") == 1
+    message = info.value.message
+    assert f"cap of {cap} bytes" in message and "nothing was installed" in message and "\n" not in message
+    assert "max_archive_bytes" in info.value.hint
+    assert files(dest) == ["unrelated"]
+
+
+def test_download_exactly_at_the_cap_is_placed(tmp_path):
+    """The cap is inclusive: an archive of exactly max_archive_bytes is fetched as usual."""
+    archive, body = shim_tar(payload=os.urandom(64 * 1024))
+    with serve() as srv:
+        srv.add("/a.tar.gz", data=archive, length="")
+        shims = one(srv.url("/a.tar.gz"), archive, max_archive_bytes=len(archive))
+        artifacts.fetch_shims(shims, "amd64", tmp_path / "d")
+    assert (tmp_path / "d" / BIN).read_bytes() == body
+
+
+def test_mirror_file_past_the_cap_is_refused(tmp_path):
+    """A mirror directory's file over the cap is refused before it is copied; nothing placed."""
+    archive, _ = shim_tar(payload=os.urandom(64 * 1024))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "a.tar.gz").write_bytes(archive)
+    shims = one("https://github.invalid/v1/a.tar.gz", archive, max_archive_bytes=1024)
+    with pytest.raises(FetchError, match=r"is \d+ bytes, over the catalog's cap of 1024 bytes"):
+        artifacts.fetch_shims(
+            shims, "amd64", tmp_path / "d", options=artifacts.FetchOptions(mirror=str(mirror))
+        )
+    assert files(tmp_path / "d") == []
+
+
+def test_fetch_dest_directories_are_0755_under_an_open_umask(tmp_path):
+    """Under umask 000 the shim directory (and its missing parents) is created 0755, not
+    world-writable; an existing parent keeps its mode."""
+    archive, _ = shim_tar()
+    old = os.umask(0)
+    try:
+        with serve() as srv:
+            srv.add("/a.tar.gz", data=archive)
+            artifacts.fetch_shims(one(srv.url("/a.tar.gz"), archive), "amd64", tmp_path / "a/b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a/b").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a/b" / BIN).stat().st_mode) == 0o755

@@ -83,10 +83,11 @@ def test_multi_stage_multi_arch_layout(dockerfile):
 
 
 def test_slim_python_base(dockerfile):
-    """The base is a slim Python image (no compilers in the final stage)."""
+    """The base is a slim Python image (no compilers in the final stage), pinned by digest."""
     global_args, _ = dockerfile
     base = next(a for a in global_args if a.startswith("PYTHON_IMAGE="))
-    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.1[1-9]-slim-\w+", base)
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.1[1-9]-slim-\w+@sha256:[0-9a-f]{64}", base)
+    assert "REFRESH IT" in DOCKERFILE.read_text()  # the comment says the pin must be renewed
 
 
 def test_shims_fetched_from_the_catalog_for_targetarch(dockerfile):
@@ -124,11 +125,13 @@ def test_shims_build_arg_defaults_to_the_catalog(dockerfile):
         'case "$SHIMS" in catalog) ;; none) mkdir -p /out/shims; exit 0 ;; '
         "*) echo \"SHIMS must be catalog or none, not '$SHIMS'\" >&2; exit 1 ;;"
     )
-    # Everything after the case runs only for catalog: install kwasm-py, then fetch.
+    # Everything after the case runs only for catalog: install the hashed lock, then kwasm-py
+    # alone, then fetch.
     steps = [s.strip() for s in rest.split("&&") if s.strip()]
-    assert steps[0].startswith("pip install --no-cache-dir /wheels/")
-    assert steps[1].startswith("kwasm-py shims fetch")
-    assert len(steps) == 2
+    assert steps[0] == "pip install --no-cache-dir --require-hashes -r /locks/requirements.lock"
+    assert steps[1].startswith("pip install --no-cache-dir --no-deps /wheels/")
+    assert steps[2].startswith("kwasm-py shims fetch")
+    assert len(steps) == 3
 
 
 def test_no_shim_url_or_hash_duplicated_in_dockerfile():
@@ -138,7 +141,9 @@ def test_no_shim_url_or_hash_duplicated_in_dockerfile():
     for s in cat.shims:
         for a in s.artifacts.values():
             assert a.url not in text and a.archive_sha256 not in text and a.filename not in text
-    assert not re.search(r"\b[0-9a-f]{64}\b", text)
+    # The one digest allowed is the base image's pin on the PYTHON_IMAGE line.
+    rest = re.sub(r"(?m)^ARG PYTHON_IMAGE=\S+@sha256:[0-9a-f]{64}$", "", text)
+    assert rest != text and not re.search(r"\b[0-9a-f]{64}\b", rest)
 
 
 def test_final_stage_labels_entrypoint_and_no_build_tools(dockerfile):
@@ -178,12 +183,18 @@ def test_wheel_stage_has_what_the_package_needs(dockerfile):
     link = ROOT / "installer" / "kwasm_py" / "shims" / "data" / "shims.toml"
     assert link.is_symlink()
     assert (link.parent / link.readlink()).resolve() == (ROOT / "images" / "shims.toml").resolve()
+    assert "images/release.toml ./images/release.toml" in copies
+    link = ROOT / "installer" / "kwasm_py" / "cluster" / "data" / "release.toml"
+    assert link.is_symlink()
+    assert (link.parent / link.readlink()).resolve() == (ROOT / "images" / "release.toml").resolve()
 
 
 def test_dockerignore_keeps_what_the_build_needs():
     """.dockerignore does not exclude the catalog, the package or the project metadata."""
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("images", "installer", "pyproject.toml", "README.md", "images/shims.toml"):
+    needed_files = ("images", "installer", "pyproject.toml", "README.md", "images/shims.toml")
+    locks = ("images/requirements.lock", "images/requirements-build.lock")
+    for needed in (*needed_files, "images/release.toml", *locks):
         assert needed not in ignored
 
 
@@ -207,3 +218,72 @@ def test_manifests_runtimeclasses_match_catalog():
     assert classes, "no RuntimeClass in the manifests"
     for rc in classes:
         assert rc["handler"] in handlers, rc["handler"]
+
+
+LOCKS = {"requirements.lock": "runtime", "requirements-build.lock": "build"}
+
+
+def parse_lock(text: str) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) from a `--generate-hashes` requirements file."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for block in re.split(r"\n(?=\S)", re.sub(r"(?m)^\s*#.*\n?", "", text).strip()):
+        head, *hashes = [w for w in block.replace("\\", " ").split() if w]
+        name, _, version = head.partition("==")
+        assert version, f"not pinned with ==: {head}"
+        assert all(h.startswith("--hash=sha256:") and len(h) == 14 + 64 for h in hashes), head
+        entries[name.lower().replace("_", "-")] = (version, hashes)
+    return entries
+
+
+def test_every_pip_install_in_the_dockerfile_uses_a_hashed_lock(dockerfile):
+    """Each `pip install` either installs a lock with --require-hashes or only kwasm-py's own
+    wheel with --no-deps, and each lock it names is copied in from images/; the wheel is built
+    without build isolation (no unpinned setuptools download)."""
+    _, stages = dockerfile
+    for stage in stages:
+        copies = " ".join(stage.all("COPY"))
+        for run in stage.all("RUN"):
+            for step in run.split("&&"):
+                words = step.split()
+                if "pip" not in words or not {"install", "wheel"} & set(words):
+                    continue
+                if "wheel" in words:
+                    assert "--no-build-isolation" in words and "--no-deps" in words, step
+                elif "--require-hashes" in words:
+                    lock = words[words.index("-r") + 1]
+                    assert lock.startswith("/locks/") and f"images/{Path(lock).name} {lock}" in copies, step
+                else:
+                    assert "--no-deps" in words and words[-1] == "/wheels/*.whl", step
+
+
+def test_locks_are_hashed_and_cover_pyproject():
+    """images/requirements.lock pins every runtime dependency of pyproject.toml to a version
+    its range allows, each with sha256 hashes (for every platform's wheels); the build lock pins
+    setuptools as the build-system asks."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    locks = {kind: parse_lock((ROOT / "images" / name).read_text()) for name, kind in LOCKS.items()}
+    for kind, wanted in (
+        ("runtime", project["project"]["dependencies"]),
+        ("build", project["build-system"]["requires"]),
+    ):
+        for spec in wanted:
+            req = Requirement(spec)
+            name = req.name.lower().replace("_", "-")
+            assert name in locks[kind], f"{name} is not in the {kind} lock"
+            version, hashes = locks[kind][name]
+            assert req.specifier.contains(version, prereleases=True), (name, version, str(req.specifier))
+            assert hashes
+    grpcio = locks["runtime"]["grpcio"][1]
+    assert len(grpcio) > 10  # wheels for amd64 and arm64 (and more), not just this machine's
+
+
+def test_runtime_lock_is_what_the_tests_run():
+    """The image installs the versions this test run uses for the direct dependencies, so the
+    image runs tested code."""
+    from importlib import metadata
+
+    lock = parse_lock((ROOT / "images" / "requirements.lock").read_text())
+    for name in ("kubernetes", "tomlkit", "typer", "requests", "rich", "pyyaml", "grpcio"):
+        assert metadata.version(name) == lock[name][0], name

@@ -73,6 +73,7 @@ class Route:
     truncate_first: int = 0  # send half the body (with the full Content-Length) this many times
     always_truncate: bool = False
     redirect: str = ""  # answer 302 to this path
+    length: str | None = None  # Content-Length to send instead of the real one; "" sends none
     hits: int = 0
 
 
@@ -129,7 +130,9 @@ def _handler(server: ShimServer) -> type[BaseHTTPRequestHandler]:
                 return
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(route.data)))
+            length = str(len(route.data)) if route.length is None else route.length
+            if length:
+                self.send_header("Content-Length", length)
             self.end_headers()
             if route.always_truncate or n <= route.fail_first + route.truncate_first:
                 self.wfile.write(route.data[: len(route.data) // 2])
@@ -232,12 +235,12 @@ def make_tls(directory: Path) -> tuple[Path, Path, Path]:
     return d / "ca.pem", d / "srv.pem", d / "srv.key"
 
 
-def catalog_text(
-    shims: dict[str, dict[str, object]],
-) -> str:
+def catalog_text(shims: dict[str, dict[str, object]], *, max_archive_bytes: int | None = None) -> str:
     """Catalog TOML for tests. shims: name -> {url, archive_sha256, binary_sha256?, arch?,
-    default?, binary?, handler?}."""
+    default?, binary?, handler?, max_archive_bytes?}; the top-level cap when given."""
     out = ["schema = 1", ""]
+    if max_archive_bytes is not None:
+        out[1:1] = [f"max_archive_bytes = {max_archive_bytes}"]
     for name, spec in shims.items():
         binary = spec.get("binary", f"containerd-shim-{name}-v2")
         out += [
@@ -257,6 +260,7 @@ def catalog_text(
                 f'url = "{a["url"]}"',
                 f'archive_sha256 = "{a["archive_sha256"]}"',
                 f'binary_sha256 = "{a.get("binary_sha256", "unpublished")}"',
+                *([f"max_archive_bytes = {a['max_archive_bytes']}"] if "max_archive_bytes" in a else []),
                 "",
             ]
     return "\n".join(out)

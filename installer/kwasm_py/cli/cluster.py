@@ -267,6 +267,12 @@ def wait(
 
 def manifests(
     image: Annotated[str | None, typer.Option("--image", help="installer image")] = None,
+    image_digest: Annotated[
+        str | None,
+        typer.Option(
+            "--image-digest", help="pull the image by this digest (sha256:...); default: the release's"
+        ),
+    ] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", help="installer namespace")] = None,
     shim: Annotated[
         list[str] | None, typer.Option("--shim", help="shim path inside the image (repeat)")
@@ -278,8 +284,13 @@ def manifests(
         int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
     ] = 1,
 ) -> None:
-    """Print the installer manifests (manifests/installer.yaml is the default output)."""
+    """Print the installer manifests (manifests/installer.yaml is the default output).
+
+    The image goes by digest when one is known: --image-digest, else (for the default image)
+    the digest images/release.toml records once a release pushed it.
+    """
     from kwasm_py.cluster import manifests as m
+    from kwasm_py.cluster import release
 
     classes: list[tuple[str, str]] = []
     for spec in runtime_class or []:
@@ -288,8 +299,12 @@ def manifests(
             raise UsageError(f"--runtime-class wants NAME=HANDLER, not {spec!r}")
         classes.append((name, handler))
     defaults = m.InstallerParams()
+    if image_digest:
+        image = release.pinned_image(image or defaults.image, image_digest)
+    elif image is None:
+        image = release.read_release().reference  # image:tag, @digest once released
     params = m.InstallerParams(
-        image=image or defaults.image,
+        image=image,
         namespace=namespace or defaults.namespace,
         shims=tuple(shim) if shim else defaults.shims,
         runtime_classes=tuple(classes) if classes else defaults.runtime_classes,

@@ -132,39 +132,134 @@ def in_cluster_endpoint(sa_dir: Path = SA_DIR) -> Endpoint | None:
     )
 
 
-def _b64(value: str, what: str, path: str) -> bytes:
+KUBECONFIG_HINT = "fix the kubeconfig (kubectl config view shows it), or pass another with --kubeconfig"
+
+# Kubeconfig keys whose values must be strings when present, per section entry
+# (https://kubernetes.io/docs/reference/config-api/kubeconfig.v1/).
+_STRING_KEYS = {
+    "clusters": (
+        "server",
+        "certificate-authority",
+        "certificate-authority-data",
+        "tls-server-name",
+        "proxy-url",
+    ),
+    "users": (
+        "token",
+        "tokenFile",
+        "client-certificate",
+        "client-certificate-data",
+        "client-key",
+        "client-key-data",
+    ),
+    "contexts": ("cluster", "user", "namespace"),
+}
+
+
+def _bad(where: str, what: str) -> KubeError:
+    return KubeError(f"{where}: {what}", hint=KUBECONFIG_HINT)
+
+
+def check_kubeconfig(doc: object, where: str) -> JSON:
+    """Check the shape of a parsed kubeconfig before any client reads it.
+
+    Takes the parsed YAML and a label (``bad kubeconfig PATH``). Returns the document as a
+    mapping. Raises KubeError (one line) when it is not a mapping, when ``contexts``,
+    ``clusters`` or ``users`` is not a list of ``{name, context|cluster|user}`` mappings, or when
+    a field read as text (server, CA, token, certificate paths and data) is not a string. The
+    official client would otherwise fail on these with a TypeError or AttributeError deep inside.
+    """
+    if doc is None:
+        raise _bad(where, "the file is empty")
+    if not isinstance(doc, dict):
+        raise _bad(where, f"not a kubeconfig mapping (a YAML {type(doc).__name__})")
+    current = doc.get("current-context")
+    if current is not None and not isinstance(current, str):
+        raise _bad(where, "current-context is not a string")
+    for section, keys in _STRING_KEYS.items():
+        items = doc.get(section)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise _bad(where, f"{section} is not a list")
+        inner_key = section[:-1]
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise _bad(where, f"{section}[{i}] is not a mapping with a name")
+            inner = item.get(inner_key)
+            if inner is None:
+                continue
+            if not isinstance(inner, dict):
+                raise _bad(where, f"{section}[{i}] ({item['name']!r}): {inner_key} is not a mapping")
+            for key in keys:
+                if key in inner and inner[key] is not None and not isinstance(inner[key], str):
+                    raise _bad(where, f"{section}[{i}] ({item['name']!r}): {key} is not a string")
+    return doc
+
+
+def read_kubeconfig(path: str) -> JSON:
+    """Read and shape-check one kubeconfig file (see :func:`check_kubeconfig`).
+
+    Returns the document. Raises KubeError when the file cannot be read, is not UTF-8, is not
+    YAML or has the wrong shape; the message is one line naming the file.
+    """
+    import yaml  # only local runs need YAML; the in-cluster agent never imports it
+
+    where = f"bad kubeconfig {path}"
     try:
-        return base64.b64decode(value, validate=False)
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as ex:
+        raise _bad(where, "not UTF-8 text") from ex
+    except OSError as ex:
+        raise KubeError(
+            f"cannot read kubeconfig {path}: {ex.strerror or ex}",
+            hint="pass --kubeconfig or set KUBECONFIG",
+        ) from ex
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as ex:
+        raise _bad(where, f"not YAML ({str(ex).splitlines()[0]})") from ex
+    return check_kubeconfig(doc, where)
+
+
+def _b64(value: str, what: str, where: str) -> bytes:
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
     except ValueError as ex:
-        raise KubeError(f"bad kubeconfig {path}: {what} is not base64") from ex
+        raise _bad(where, f"{what} is not base64") from ex
+
+
+def _pem(data: bytes, what: str, where: str) -> str:
+    """The decoded ``*-data`` value as PEM text; KubeError when it is not one."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as ex:
+        raise _bad(where, f"{what} is not a PEM certificate") from ex
+    if "-----BEGIN " not in text:
+        raise _bad(where, f"{what} is not a PEM certificate")
+    return text
 
 
 def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> Endpoint:
-    """Read server and credentials of one context from a kubeconfig file (no exec plugins)."""
-    import yaml  # only local runs need YAML; the in-cluster agent never imports it
+    """Read server and credentials of one context from a kubeconfig file (no exec plugins).
 
+    Takes the file (default: the first of KUBECONFIG, else ~/.kube/config) and a context name
+    (default: current-context). Returns the Endpoint. Raises KubeError, one line, for every
+    malformed file (see :func:`read_kubeconfig`), a missing context, cluster or server, bad
+    base64 or PEM data, an unreadable CA file, or a user that needs an exec/auth-provider plugin.
+    """
     if path is None:
         env = os.environ.get("KUBECONFIG", "")
         path = env.split(os.pathsep)[0] if env else str(Path.home() / ".kube" / "config")
     where = f"bad kubeconfig {path}"
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as ex:
-        raise KubeError(
-            f"cannot read kubeconfig {path}: {ex.strerror}",
-            hint="pass --kubeconfig or set KUBECONFIG",
-        ) from ex
-    except yaml.YAMLError as ex:
-        raise KubeError(f"{where}: not YAML ({str(ex).splitlines()[0]})") from ex
-    if not isinstance(doc, dict):
-        raise KubeError(f"{where}: not a kubeconfig mapping")
+    doc = read_kubeconfig(path)
 
     def named(section: str, name: str) -> JSON:
         for item in doc.get(section) or []:
             if isinstance(item, dict) and item.get("name") == name:
                 inner = item.get(section[:-1])
                 return inner if isinstance(inner, dict) else {}
-        raise KubeError(f"{where}: no {section[:-1]} named {name!r}")
+        raise _bad(where, f"no {section[:-1]} named {name!r}")
 
     ctx_name = context or doc.get("current-context")
     if not ctx_name:
@@ -174,7 +269,7 @@ def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> 
     user = named("users", str(ctx.get("user", ""))) if ctx.get("user") else {}
     server = cluster.get("server")
     if not server:
-        raise KubeError(f"{where}: cluster {ctx.get('cluster')!r} has no server")
+        raise _bad(where, f"cluster {ctx.get('cluster')!r} has no server")
     if "exec" in user or "auth-provider" in user:
         raise KubeError(
             f"{where}: user {ctx.get('user')!r} uses an exec/auth-provider plugin,"
@@ -186,7 +281,7 @@ def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> 
     def file_or_data(key: str) -> tuple[str | None, bytes | None]:
         src = {**cluster, **user}
         if src.get(f"{key}-data"):
-            return None, _b64(str(src[f"{key}-data"]), f"{key}-data", path)
+            return None, _b64(str(src[f"{key}-data"]), f"{key}-data", where)
         if src.get(key):
             return str(base / str(src[key])), None
         return None, None
@@ -194,7 +289,13 @@ def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> 
     ca_file, ca_bytes = file_or_data("certificate-authority")
     cert_file, cert_data = file_or_data("client-certificate")
     key_file, key_data = file_or_data("client-key")
-    ca_data = ca_bytes.decode() if ca_bytes else (Path(ca_file).read_text() if ca_file else None)
+    ca_data = _pem(ca_bytes, "certificate-authority-data", where) if ca_bytes else None
+    if ca_file:
+        try:
+            ca_data = Path(ca_file).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as ex:
+            why = getattr(ex, "strerror", None) or "not PEM text"
+            raise _bad(where, f"cannot read certificate-authority {ca_file}: {why}") from ex
     token_file = user.get("tokenFile")
     return Endpoint(
         server=str(server).rstrip("/"),
@@ -205,7 +306,7 @@ def kubeconfig_endpoint(path: str | None = None, context: str | None = None) -> 
         key_file=key_file,
         cert_data=cert_data,
         key_data=key_data,
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        insecure=cluster.get("insecure-skip-tls-verify") is True,  # not the string "false"
         namespace=str(ctx.get("namespace") or "default"),
     )
 

@@ -22,6 +22,26 @@ def _body(body: Any) -> bytes | None:
     return json.dumps(body).encode() if body is not None else None
 
 
+def _watch_event(line: bytes, name: str) -> JSON:
+    """One line of a watch stream as a ``{type, object}`` event.
+
+    Raises KubeError (a protocol error, no status) when the line is not JSON, not a JSON
+    object, or lacks a string ``type`` or an object ``object``: the caller drops the stream and
+    relists, as it does for any failed watch. The event shape is the API's WatchEvent
+    (https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes).
+    """
+    try:
+        event = json.loads(line)
+    except ValueError as ex:
+        raise KubeError(f"watch of node {name}: protocol error: an event line is not JSON") from ex
+    if not isinstance(event, dict):
+        kind = type(event).__name__
+        raise KubeError(f"watch of node {name}: protocol error: an event is a JSON {kind}, not an object")
+    if not isinstance(event.get("type"), str) or not isinstance(event.get("object"), dict):
+        raise KubeError(f"watch of node {name}: protocol error: an event lacks its type or object")
+    return event
+
+
 class LeanKube:
     """A small JSON-over-HTTP client for the agent; one connection per request or watch."""
 
@@ -42,9 +62,15 @@ class LeanKube:
 
     def _ssl_context(self) -> ssl.SSLContext:
         ep = self.endpoint
-        ctx = ssl.create_default_context(cadata=ep.ca_data) if ep.ca_data else None
-        if ctx is None:
-            ctx = ssl.create_default_context()
+        try:
+            ctx = (
+                ssl.create_default_context(cadata=ep.ca_data) if ep.ca_data else ssl.create_default_context()
+            )
+        except (ssl.SSLError, ValueError) as ex:
+            raise KubeError(
+                f"cannot load the API server's CA certificate: {ex}",
+                hint="the kubeconfig's certificate-authority(-data) must be a PEM certificate",
+            ) from ex
         if ep.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -180,7 +206,12 @@ class LeanKube:
     # -- nodes
 
     def get_node(self, name: str) -> JSON:
-        return self.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
+        """The Node object; KubeError (a protocol error) when the answer is not an object with
+        ``metadata``, so the agent's relist retries instead of failing on a missing key."""
+        node = self.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
+        if not isinstance(node.get("metadata"), dict):
+            raise KubeError(f"GET node {name}: protocol error: the answer is not a Node object")
+        return node
 
     def list_nodes(self, *, label_selector: str = "") -> list[JSON]:
         query = {"labelSelector": label_selector} if label_selector else None
@@ -211,12 +242,9 @@ class LeanKube:
                     return
                 if not line.strip():
                     continue
-                try:
-                    event = json.loads(line)
-                except ValueError as ex:
-                    raise KubeError(f"watch of node {name}: bad event line") from ex
-                if event.get("type") == "ERROR":
-                    obj = event.get("object") or {}
+                event = _watch_event(line, name)
+                if event["type"] == "ERROR":
+                    obj = event["object"]
                     code = obj.get("code")
                     raise KubeError(
                         f"watch of node {name}: {code} {obj.get('reason', '')}: {obj.get('message', '')}",
@@ -224,6 +252,7 @@ class LeanKube:
                     )
                 yield event
         finally:
+            resp.close()  # an HTTP/1.0 answer detaches from `conn`: close both
             conn.close()
 
     # -- events and leases

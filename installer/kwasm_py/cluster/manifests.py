@@ -190,6 +190,9 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
                         {
                             "name": "agent",
                             "image": p.image,
+                            # By digest the bytes cannot change, so a cached copy is right; a
+                            # version tag is never moved by a release, and an image loaded into
+                            # kind/k3d/minikube must not be pulled.
                             "imagePullPolicy": "IfNotPresent",
                             # no command/args: the image's ENTRYPOINT is `kwasm-py agent`
                             "env": env,

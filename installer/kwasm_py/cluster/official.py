@@ -13,7 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kwasm_py.cluster.kube import NodeApi, api_error, in_cluster_endpoint, load_endpoint
+from kwasm_py.cluster.kube import (
+    KUBECONFIG_HINT,
+    NodeApi,
+    api_error,
+    in_cluster_endpoint,
+    load_endpoint,
+    read_kubeconfig,
+)
 from kwasm_py.cluster.lean import LeanKube
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
@@ -38,18 +45,14 @@ def _plain_kubeconfig(path: str | None, context: str | None) -> bool:
     Exec and auth-provider plugins, basic auth, proxies, TLS server names and merged
     KUBECONFIG lists are left to the official client.
     """
-    import yaml
-
     env = os.environ.get("KUBECONFIG", "")
     if path is None and os.pathsep in env:
         return False
     path = path or (env or str(Path.home() / ".kube" / "config"))
     try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False  # the official client gives the precise error
-    if not isinstance(doc, dict):
-        return False
+        doc = read_kubeconfig(path)
+    except KubeError:
+        return False  # `connect` says what is wrong with it, in one line
 
     def named(section: str, name: object) -> dict[str, Any] | None:
         for item in doc.get(section) or []:
@@ -141,10 +144,12 @@ class ClientKube:
 
 def connect(kubeconfig: str | None = None, context: str | None = None, *, pool_size: int = 8) -> ClientKube:
     """Load credentials (kubeconfig, else in-cluster) into the official client."""
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
     conf = client.Configuration()
+    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
         use_incluster = (
             kubeconfig is None
@@ -162,13 +167,40 @@ def connect(kubeconfig: str | None = None, context: str | None = None, *, pool_s
                     f"cannot read kubeconfig {path}: no such file",
                     hint="pass --kubeconfig or set KUBECONFIG",
                 )
+            for one in _kubeconfig_files(path):
+                read_kubeconfig(one)  # a wrong shape is one line here, not a TypeError in the client
             config.load_kube_config(config_file=path, context=context, client_configuration=conf)
     except ConfigException as ex:
-        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise KubeError(f"bad kubeconfig {where}: {first}", hint="pass --kubeconfig and --context") from ex
+        raise KubeError(
+            f"bad kubeconfig {where}: {_first_line(ex)}", hint="pass --kubeconfig and --context"
+        ) from ex
     except (OSError, ValueError) as ex:
-        raise KubeError(f"bad kubeconfig {kubeconfig or '~/.kube/config'}: {ex}") from ex
+        raise KubeError(f"bad kubeconfig {where}: {_first_line(ex)}", hint=KUBECONFIG_HINT) from ex
+    except (TypeError, AttributeError, KeyError, yaml.YAMLError) as ex:
+        # What the shape check above does not foresee still ends as one line: the client's
+        # loader indexes the document without checking types.
+        raise KubeError(
+            f"bad kubeconfig {where}: the kubernetes client cannot read it"
+            f" ({type(ex).__name__}: {_first_line(ex)})",
+            hint=KUBECONFIG_HINT,
+        ) from ex
     conf.retries = 0  # a refused connection is one clear error, not three silent retries
     conf.connection_pool_maxsize = max(pool_size, 4)
     return ClientKube(client.ApiClient(conf), server=str(conf.host))
+
+
+def _kubeconfig_files(path: str | None) -> list[str]:
+    """The kubeconfig files the official client will read: `path`, else every existing file of
+    KUBECONFIG, else ~/.kube/config when it exists."""
+    if path is not None:
+        return [path]
+    env = os.environ.get("KUBECONFIG", "")
+    if env:
+        return [p for p in env.split(os.pathsep) if p and Path(p).exists()]
+    default = Path.home() / ".kube" / "config"
+    return [str(default)] if default.exists() else []
+
+
+def _first_line(ex: BaseException) -> str:
+    text = str(ex).strip()
+    return text.splitlines()[0] if text else type(ex).__name__

@@ -4,7 +4,8 @@ Node paths (``/etc/containerd/config.toml``) are resolved inside the host root t
 itself would resolve them: absolute symlinks point into the root, never out to this machine's
 own files. Writes are atomic (`write_atomic`: an O_EXCL temp file in the same directory, fsync,
 rename) and keep the owner and mode of the file they replace, so a crash leaves either the old
-or the new file.
+or the new file. Every file the engine writes goes through `HostFS.atomic_write`; every
+directory it creates gets `DIR_MODE` (or the mode asked for) whatever the process umask.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kwasm_py.errors import HostIOError, LockHeld
 from kwasm_py.shims import digests
 
 _MAX_LINKS = 40
+DIR_MODE = 0o755  # directories kwasm-py creates on the node: root's, readable by containerd
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,15 @@ class HostFS:
     ) -> None:
         """Replace the file at `node_path` with `data` atomically (see `write_atomic`).
 
-        With `keep_metadata`, an existing file's mode and owner win over `mode` / `owner`.
-        Raises HostIOError when the write fails.
+        With `keep_metadata` (a node file we edit, such as containerd's config) a symlink at
+        `node_path` is followed inside the root, as containerd follows it, and the existing
+        file's mode and owner win over `mode` / `owner`. Without it (a file kwasm-py owns: shim
+        binaries, state, backups) only the directories are resolved: a symlink planted at the
+        name itself is replaced, never written through. Raises HostIOError when the write fails.
         """
-        path = self.resolve(node_path)
+        path = self.resolve(node_path.parent) / node_path.name
         if keep_metadata:
+            path = self.resolve(node_path)
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
                 mode = stat.S_IMODE(st.st_mode)
@@ -169,8 +175,9 @@ class HostFS:
         self.atomic_write(node_path, data, mode=mode, keep_metadata=False)
         return hashlib.sha256(data).hexdigest()
 
-    def makedirs(self, node_path: PurePosixPath) -> list[PurePosixPath]:
-        """Create the directory and its parents (existing ones are fine).
+    def makedirs(self, node_path: PurePosixPath, *, mode: int = DIR_MODE) -> list[PurePosixPath]:
+        """Create the directory and its missing parents, each with exactly `mode` whatever the
+        umask (existing ones are left as they are).
 
         Returns the node paths of the directories it created, outermost first (so a caller can
         remove exactly those again, innermost first). Raises HostIOError.
@@ -181,7 +188,7 @@ class HostFS:
             missing.append(current)
             current = current.parent
         try:
-            self.resolve(node_path).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.resolve(node_path), mode=mode)
         except OSError as err:
             raise _io_error("create directory", node_path, err) from err
         return list(reversed(missing))
@@ -243,19 +250,51 @@ def file_sha256(path: Path) -> str | None:
         raise _io_error("read", path, err) from err
 
 
+def make_dirs(path: Path, *, mode: int = DIR_MODE) -> None:
+    """Create the host directory `path` and its missing parents with exactly `mode`.
+
+    ``mkdir`` applies the process umask (a umask of 077 would leave /opt/kwasm unreadable to
+    anything but root, 000 would make it world-writable), so each directory created here is
+    opened without following symlinks and ``fchmod``-ed to `mode`. Directories that already
+    exist keep their mode. Returns nothing; raises OSError (the caller names the node path).
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode)
+        except FileExistsError:
+            if not directory.is_dir() or directory.is_symlink():
+                raise
+            continue  # made meanwhile by a concurrent run: its mode is its maker's
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] | None, label: str) -> None:
     """Write `data` to the host file `path`: temp file in the same directory, fsync, chmod/chown,
     rename over, fsync the directory. The one atomic-write helper of the node engine.
 
-    The temp file is made by `tempfile.mkstemp` (O_CREAT|O_EXCL, a random name, mode 0600), so a
-    symlink or file planted at a guessable name is never followed or reused. Never rewrites a
+    The temp file is made by `tempfile.mkstemp` (O_CREAT|O_EXCL|O_NOFOLLOW, a random name, mode
+    0600), so a symlink or file planted at a guessable name is never followed or reused. The
+    final step is rename(2), which replaces whatever entry is at `path` and never follows a
+    symlink there: a link planted at the target name is replaced, its target left alone.
+    Missing parent directories are created with `DIR_MODE` (see `make_dirs`). Never rewrites a
     file in place: a running shim binary stays intact (no "text file busy"), and a crash leaves
     the old or the new file, never a partial one. `owner` (uid, gid) is applied when running as
     root. Raises HostIOError naming `label` (the node path) when any step fails.
     """
     tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.kwasm-tmp-", dir=path.parent)
         tmp = Path(name)
         try:

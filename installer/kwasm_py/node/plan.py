@@ -15,6 +15,7 @@ from typing import Any
 
 from kwasm_py.containerd import config as cc
 from kwasm_py.containerd import template as tmpl
+from kwasm_py.containerd.redact import redact
 from kwasm_py.errors import ConfigError, UsageError
 from kwasm_py.model import (
     BIN_DIR_NAME,
@@ -91,10 +92,11 @@ class Plan:
         return self.config_changed or bool(self.writes) or bool(self.dropped)
 
     def diff(self) -> str:
-        """The config change as a unified diff ("" when unchanged; /dev/null for a new file)."""
+        """The config change as a unified diff ("" when unchanged; /dev/null for a new file),
+        credential values redacted (`containerd.redact`): it is printed and logged."""
         path = str(self.layout.config_path)
-        old = (self.old_text or "").splitlines(keepends=True)
-        new = self.new_text.splitlines(keepends=True)
+        old = redact(self.old_text or "").splitlines(keepends=True)
+        new = redact(self.new_text).splitlines(keepends=True)
         fromfile = path if self.old_text is not None else "/dev/null"
         out = "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=path))
         edit = self.main_edit
@@ -102,8 +104,8 @@ class Plan:
             main = str(edit.path)
             out += "".join(
                 difflib.unified_diff(
-                    (edit.old_text or "").splitlines(keepends=True),
-                    edit.new_text.splitlines(keepends=True),
+                    redact(edit.old_text or "").splitlines(keepends=True),
+                    redact(edit.new_text).splitlines(keepends=True),
                     fromfile=main if edit.old_text is not None else "/dev/null",
                     tofile=main,
                 )

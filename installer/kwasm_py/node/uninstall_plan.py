@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
+from kwasm_py.containerd.redact import redact
 from kwasm_py.errors import UsageError
 from kwasm_py.node import ownership
 from kwasm_py.node.state import RuntimeRecord, State
@@ -49,10 +50,11 @@ class UninstallPlan:
         return tuple(paths)
 
     def diff(self) -> str:
-        """The config change as a unified diff ("" when it does not change)."""
+        """The config change as a unified diff ("" when it does not change), credential values
+        redacted (`containerd.redact`)."""
         path = str(self.config_path)
-        old = (self.old_data or b"").decode(errors="replace").splitlines(keepends=True)
-        new = (self.new_data or b"").decode(errors="replace").splitlines(keepends=True)
+        old = redact((self.old_data or b"").decode(errors="replace")).splitlines(keepends=True)
+        new = redact((self.new_data or b"").decode(errors="replace")).splitlines(keepends=True)
         return "".join(
             difflib.unified_diff(
                 old,

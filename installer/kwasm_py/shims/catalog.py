@@ -18,6 +18,8 @@ from kwasm_py.errors import CatalogError
 SCHEMA = 1
 ARCHES = ("amd64", "arm64")
 UNPUBLISHED = "unpublished"  # binary_sha256 value: upstream publishes none; trust the archive hash
+# Download cap of a catalog that sets no `max_archive_bytes`: a shim archive is tens of MB.
+DEFAULT_MAX_ARCHIVE_BYTES = 256 * 2**20
 
 # `uname -m` / platform.machine() spellings -> the Go/OCI names the catalog and TARGETARCH use.
 _MACHINE_ALIASES = {
@@ -44,6 +46,7 @@ class Artifact:
     url: str
     archive_sha256: str
     binary_sha256: str | None  # None: upstream publishes none (catalog says "unpublished")
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES  # a download past this is aborted, nothing placed
 
     @property
     def filename(self) -> str:
@@ -135,7 +138,8 @@ def parse(text: str, *, source: str = "shims.toml") -> Catalog:
     shims_doc = doc.get("shims")
     if not isinstance(shims_doc, dict) or not shims_doc:
         raise _malformed(f"{source}: no [shims.NAME] tables")
-    shims = tuple(_parse_shim(name, body, source) for name, body in shims_doc.items())
+    cap = _size(doc, "max_archive_bytes", source, DEFAULT_MAX_ARCHIVE_BYTES)
+    shims = tuple(_parse_shim(name, body, source, cap) for name, body in shims_doc.items())
     handlers = [s.handler for s in shims]
     dup = sorted({h for h in handlers if handlers.count(h) > 1})
     if dup:
@@ -143,7 +147,7 @@ def parse(text: str, *, source: str = "shims.toml") -> Catalog:
     return Catalog(shims=shims, source=source)
 
 
-def _parse_shim(name: str, body: object, source: str) -> ShimEntry:
+def _parse_shim(name: str, body: object, source: str, cap: int) -> ShimEntry:
     where = f"{source}: [shims.{name}]"
     if not isinstance(body, dict):
         raise _malformed(f"{where} is not a table")
@@ -172,7 +176,7 @@ def _parse_shim(name: str, body: object, source: str) -> ShimEntry:
     for arch, art in arch_doc.items():
         if arch not in ARCHES:
             raise _malformed(f"{where}: unknown arch {arch!r} (use {', '.join(ARCHES)})")
-        artifacts[arch] = _parse_artifact(arch, art, f"{source}: [shims.{name}.arch.{arch}]")
+        artifacts[arch] = _parse_artifact(arch, art, f"{source}: [shims.{name}.arch.{arch}]", cap)
     return ShimEntry(
         name=name,
         handler=handler,
@@ -185,10 +189,10 @@ def _parse_shim(name: str, body: object, source: str) -> ShimEntry:
     )
 
 
-def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
+def _parse_artifact(arch: str, body: object, where: str, cap: int) -> Artifact:
     if not isinstance(body, dict):
         raise _malformed(f"{where} is not a table")
-    extra = sorted(set(body) - {"url", "archive_sha256", "binary_sha256"})
+    extra = sorted(set(body) - {"url", "archive_sha256", "binary_sha256", "max_archive_bytes"})
     if extra:
         raise _malformed(f"{where}: unknown key {extra[0]!r}")
     url = _str(body, "url", where)
@@ -209,7 +213,16 @@ def _parse_artifact(arch: str, body: object, where: str) -> Artifact:
         url=url,
         archive_sha256=archive_sha,
         binary_sha256=None if binary_sha == UNPUBLISHED else binary_sha,
+        max_bytes=_size(body, "max_archive_bytes", where, cap),
     )
+
+
+def _size(body: Mapping[str, object], key: str, where: str, default: int) -> int:
+    """A positive byte count (TOML integer) at ``key``, or ``default`` when absent."""
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _malformed(f"{where}: {key} must be a positive number of bytes, not {value!r}")
+    return value
 
 
 def _str(body: Mapping[str, object], key: str, where: str) -> str:

@@ -93,6 +93,16 @@ def source_for(artifact: Artifact, mirror: str | None) -> str:
     return str(Path(base) / artifact.filename)
 
 
+def too_large(what: str, src: str, cap: int, size: int | None = None) -> FetchError:
+    """The error for an archive past the catalog's size cap (``max_archive_bytes``): ``size``
+    when it was announced (Content-Length, the mirror file's size), None when the stream ran past."""
+    said = f"is {size} bytes" if size is not None else f"ran past {cap} bytes"
+    return FetchError(
+        f"{what}: {src} {said}, over the catalog's cap of {cap} bytes; aborted, nothing was installed",
+        hint="check the url or mirror; raise max_archive_bytes in images/shims.toml only for a real release",
+    )
+
+
 def read_archive(
     src: str,
     out: IO[bytes],
@@ -101,21 +111,26 @@ def read_archive(
     opts: FetchOptions,
     progress: Progress,
     session: requests.Session,
+    max_bytes: int,
 ) -> tuple[str, int]:
     """Copy ``src`` (an http(s) URL or a local file) into ``out``, which it truncates first.
 
-    Takes the source, an open writable binary file, a label for messages (``what``), the options
-    and a progress sink. Returns (sha256 hex, bytes written). Raises FetchError: at once for
-    4xx answers, TLS failures, bad URLs and unreadable mirror files; after
-    ``opts.retries + 1`` attempts for network errors, 5xx/429 answers and short bodies.
+    Takes the source, an open writable binary file, a label for messages (``what``), the options,
+    a progress sink and the size cap (the artifact's ``max_bytes``). Returns (sha256 hex, bytes
+    written). Raises FetchError: at once for 4xx answers, TLS failures, bad URLs, unreadable
+    mirror files and a body (announced or streamed) past ``max_bytes``, where the copy stops at
+    the cap; after ``opts.retries + 1`` attempts for network errors, 5xx/429 answers and short
+    bodies.
     """
     if not src.startswith(("http://", "https://")):
-        return _copy_local(Path(src), out, what, progress)
+        return _copy_local(Path(src), out, what, progress, max_bytes)
 
     def attempt() -> tuple[str, int]:
         out.seek(0)
         out.truncate()
-        return _download_once(url=src, out=out, what=what, opts=opts, progress=progress, session=session)
+        return _download_once(
+            url=src, out=out, what=what, opts=opts, progress=progress, session=session, max_bytes=max_bytes
+        )
 
     policy = opts.backoff_policy
     try:
@@ -135,6 +150,7 @@ def _download_once(
     opts: FetchOptions,
     progress: Progress,
     session: requests.Session,
+    max_bytes: int,
 ) -> tuple[str, int]:
     timeout = (opts.connect_timeout, opts.read_timeout)
     verify: bool | str = opts.ca_bundle or True
@@ -162,11 +178,15 @@ def _download_once(
                 ),
             )
         total = _content_length(resp)
+        if total is not None and total > max_bytes:
+            raise too_large(what, url, max_bytes, total)
         progress.start(f"{what}", total)
         h = hashlib.sha256()
         n = 0
         try:
             for chunk in resp.raw.stream(CHUNK, decode_content=False):
+                if n + len(chunk) > max_bytes:  # no or a lying Content-Length
+                    raise too_large(what, url, max_bytes)
                 out.write(chunk)
                 h.update(chunk)
                 n += len(chunk)
@@ -198,8 +218,9 @@ def _reason(ex: BaseException) -> str:
     return str(inner) or type(inner).__name__
 
 
-def _copy_local(path: Path, out: IO[bytes], what: str, progress: Progress) -> tuple[str, int]:
-    """Read a mirror directory's file into ``out``; return (sha256 hex, bytes)."""
+def _copy_local(path: Path, out: IO[bytes], what: str, progress: Progress, max_bytes: int) -> tuple[str, int]:
+    """Read a mirror directory's file into ``out``; return (sha256 hex, bytes); FetchError past
+    ``max_bytes`` (checked on the file's size and while copying: it may grow meanwhile)."""
     try:
         src = path.open("rb")
     except FileNotFoundError as ex:
@@ -212,10 +233,15 @@ def _copy_local(path: Path, out: IO[bytes], what: str, progress: Progress) -> tu
             f"{what}: cannot read {path}: {ex.strerror}", hint="check the mirror directory's permissions"
         ) from ex
     with src:
-        progress.start(what, os.fstat(src.fileno()).st_size)
+        size = os.fstat(src.fileno()).st_size
+        if size > max_bytes:
+            raise too_large(what, str(path), max_bytes, size)
+        progress.start(what, size)
         h = hashlib.sha256()
         n = 0
         while chunk := src.read(CHUNK):
+            if n + len(chunk) > max_bytes:
+                raise too_large(what, str(path), max_bytes)
             out.write(chunk)
             h.update(chunk)
             n += len(chunk)

@@ -98,7 +98,7 @@ def fetch_shims(
     artifacts = [(s, s.artifact(arch)) for s in shims]  # CatalogError before any I/O
     created = not dest.exists()
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        _make_dest(dest)
     except OSError as ex:
         raise FetchError(
             f"cannot create {dest}: {ex.strerror}", hint="choose a writable --dest directory"
@@ -191,7 +191,13 @@ def _stage(
         try:
             with archive_tmp.open("r+b") as out:
                 digest, size = read_archive(
-                    src, out, what=what, opts=opts, progress=progress, session=session
+                    src,
+                    out,
+                    what=what,
+                    opts=opts,
+                    progress=progress,
+                    session=session,
+                    max_bytes=artifact.max_bytes,
                 )
                 out.flush()
                 os.fsync(out.fileno())
@@ -299,6 +305,19 @@ def _write_manifest(directory: Path, shims: dict[str, dict[str, object]]) -> Non
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _make_dest(dest: Path, mode: int = 0o755) -> None:
+    """Create ``dest`` and its missing parents with exactly ``mode``, whatever the umask (a
+    umask of 000 would otherwise leave a shim directory anyone may write to); raises OSError."""
+    missing = []
+    current = dest
+    while not current.is_dir() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        directory.chmod(mode)
 
 
 def _fsync_dir(directory: Path) -> None:
