@@ -64,7 +64,7 @@ RestartOpt = Annotated[
     typer.Option(
         "--restart",
         envvar="KWASM_RESTART",
-        help="auto, none, systemd:UNIT, openrc:SERVICE or signal:PROCESS.",
+        help="auto, none, systemd:UNIT, dbus:UNIT, openrc:SERVICE or signal:PROCESS.",
     ),
 ]
 PidOpt = Annotated[
@@ -77,6 +77,14 @@ InstallDir = Annotated[
 SocketOpt = Annotated[
     str | None,
     typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
+]
+BusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bus",
+        envvar="KWASM_BUS",
+        help="Node path of systemd's D-Bus socket: no --pid needed (units, restarts over D-Bus).",
+    ),
 ]
 Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for containerd after a restart.")]
@@ -124,6 +132,7 @@ def _options(
     timeout: float = 60.0,
     lock_timeout: float = 120.0,
     verify: bool = False,
+    bus: str | None = None,
 ) -> Any:
     from kwasm_py.node import layout
     from kwasm_py.node.engine import NodeOptions
@@ -148,6 +157,7 @@ def _options(
         verify_timeout=timeout,
         lock_timeout=lock_timeout,
         verify=verify,
+        bus=node_path(bus, "--bus"),
     )
 
 
@@ -226,6 +236,7 @@ def plan(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     uninstall: Annotated[
         bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
     ] = False,
@@ -234,7 +245,9 @@ def plan(
 ) -> None:
     """Show what `install` would do; change nothing."""
     if uninstall:  # what `uninstall` would do
-        opts = _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket)
+        opts = _options(
+            host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket, bus=bus
+        )
         _plan_uninstall(opts, _split(handler), output)
         return
     from kwasm_py.node import engine
@@ -249,6 +262,7 @@ def plan(
         install_dir=install_dir,
         socket=socket,
         force=force,
+        bus=bus,
     )
     node, the_plan = engine.plan_only(opts)
     lay = node.layout
@@ -356,6 +370,7 @@ def install(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     sha256: Annotated[list[str] | None, typer.Option("--sha256", help="Expected sha256 per shim.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Take over a runtime of the same handler.")] = False,
     verify: Annotated[
@@ -382,6 +397,7 @@ def install(
             pid=pid,
             install_dir=install_dir,
             socket=socket,
+            bus=bus,
             force=force,
             timeout=timeout,
             lock_timeout=lock_timeout,
@@ -408,6 +424,7 @@ def uninstall(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
     output: Output = OutputFormat.TEXT,
@@ -422,6 +439,7 @@ def uninstall(
             pid=pid,
             install_dir=install_dir,
             socket=socket,
+            bus=bus,
             timeout=timeout,
             lock_timeout=lock_timeout,
         )
@@ -440,6 +458,7 @@ def status(
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     config: ConfigOpt = None,
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     ask: Annotated[
         bool, typer.Option("--containerd/--no-containerd", help="Also ask containerd over CRI.")
     ] = True,
@@ -448,7 +467,9 @@ def status(
     """What kwasm-py installed here, whether it still holds, and what containerd says."""
     from kwasm_py.node import engine
 
-    opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)
+    opts = _options(
+        host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket, bus=bus
+    )
     report = engine.status(opts, ask_containerd=ask)
     if output is OutputFormat.JSON:
         _emit_result(_status_result(report))

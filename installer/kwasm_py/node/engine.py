@@ -40,7 +40,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, plan, restart, uninstall_plan
+from kwasm_py.node import cri, dbus, layout, plan, restart, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -65,6 +65,9 @@ class NodeOptions:
     verify_timeout: float = 60.0
     lock_timeout: float = 120.0
     verify: bool = False  # also ask containerd when nothing needs to change (repair if it lost it)
+    # Node path of systemd's D-Bus socket: reach the node without its /proc (no hostPID): units
+    # and their ExecStart over D-Bus, `dbus:UNIT` restarts, containerd's socket under the root.
+    bus: PurePosixPath | None = None
 
 
 @dataclass
@@ -166,7 +169,10 @@ class Node:
 
     @property
     def socket(self) -> str:
-        """Where the node's containerd socket is reachable from here."""
+        """Where the node's containerd socket is reachable from here (under the host root when
+        the node is reached over D-Bus, through /proc/PID/root otherwise)."""
+        if self.opts.bus is not None:
+            return str(self.fs.resolve(self.layout.socket))
         return self.proc.socket_path(self.opts.pid, self.layout.socket)
 
     def containerd_version(self) -> ContainerdVersion | None:
@@ -221,10 +227,14 @@ def open_node(
     fs = HostFS(root)
     proc = proc or HOST
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
-    pid_ok = proc.sees_root(opts.pid, root)
+    bus = fs.resolve(opts.bus or dbus.SYSTEM_BUS)
+    pid_ok = opts.bus is not None or proc.sees_root(opts.pid, root)  # D-Bus: no PID needed
     detected: Layout | None
     try:
-        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
+        if opts.bus is not None:
+            facts = nodeprobe.gather(fs, pid=None, units=dbus.read_facts(bus))
+        else:
+            facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
         detected = layout.detect(facts)
     except KwasmError:
         if opts.config is None and state is None:
@@ -233,13 +243,15 @@ def open_node(
     if state is not None and opts.config is None:
         detected = _owned_layout(state, detected)  # keep working on the file we own
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
+    if opts.bus is not None and opts.restart is None:
+        chosen = dbus.over_bus(chosen)  # systemd:UNIT (detected or recorded) -> dbus:UNIT
     return Node(
         opts=opts,
         fs=fs,
         layout=chosen,
         state=state,
         pid_ok=pid_ok,
-        restarter=restarter or restart.NodeRestarter(proc),
+        restarter=restarter or restart.NodeRestarter(proc, bus=bus),
         cri_client=cri_client or cri.GrpcCri(),
         proc=proc,
     )
