@@ -118,6 +118,7 @@ class SystemdBus:
         self.socket = Path(socket)
         self.direct = self.socket.name == "private" if direct is None else direct
         self.timeout = timeout
+        self._subscribed = False
         try:
             sock = prep_socket(str(self.socket), timeout=timeout)
         except (OSError, TimeoutError, ValueError) as err:
@@ -204,15 +205,21 @@ class SystemdBus:
         unit = unit_name(name)
         with contextlib.suppress(RestartError):  # NoSuchUnit: not loaded, so not failed either
             self.call(_MANAGER_PATH, _MANAGER, "ResetFailedUnit", "s", unit)
-        self.call(_MANAGER_PATH, _MANAGER, "Subscribe")
         # Locally a signal's sender is systemd's unique name (:1.N), so the local filter names
         # no sender; the bus daemon's match (AddMatch) resolves the well-known name itself.
         rule = MatchRule(type="signal", interface=_MANAGER, member="JobRemoved", path=_MANAGER_PATH)
-        if not self.direct:
-            bus_rule = MatchRule(
-                type="signal", sender=_SYSTEMD, interface=_MANAGER, member="JobRemoved", path=_MANAGER_PATH
-            )
-            self.call_bus("AddMatch", "s", bus_rule.serialise())
+        if not self._subscribed:  # once per connection: a second Subscribe is AlreadySubscribed
+            self.call(_MANAGER_PATH, _MANAGER, "Subscribe")
+            if not self.direct:
+                bus_rule = MatchRule(
+                    type="signal",
+                    sender=_SYSTEMD,
+                    interface=_MANAGER,
+                    member="JobRemoved",
+                    path=_MANAGER_PATH,
+                )
+                self.call_bus("AddMatch", "s", bus_rule.serialise())
+            self._subscribed = True
         with self.conn.filter(rule, queue=deque()) as removed:
             (job,) = self.call(_MANAGER_PATH, _MANAGER, "RestartUnit", "ss", unit, "replace")
             started()

@@ -1,0 +1,207 @@
+"""The minimal pod's way to a node: systemd over D-Bus, no hostPID, no nsenter, no /proc.
+
+Each test talks to a real booted node the way installer-minimal.yaml's pod does: the node's `/`
+(with its own mounts: /run holds the bus and containerd sockets) is the host root, reached as
+/proc/PID/root of the node's PID 1, the same tree a hostPath of `/` shows a pod; the engine is
+given `--bus /run/dbus/system_bus_socket` and no node PID. `nsenter`, `systemctl` and
+`rc-service` on the engine's PATH are stand-ins that record any call and fail, so a run that
+reaches for them fails and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nodekit import KINDS, json_out
+
+from kwasm_py.errors import RestartError
+from kwasm_py.node import dbus
+
+pytestmark = [pytest.mark.root, pytest.mark.nspawn]
+
+BUS = "/run/dbus/system_bus_socket"
+POISONED = ("nsenter", "systemctl", "rc-service", "kill")
+
+
+@pytest.fixture
+def no_host_tools(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An env whose PATH starts with failing stand-ins of the hostPID tools; and their call log."""
+    bindir, log = tmp_path / "poisoned-bin", tmp_path / "poisoned.log"
+    bindir.mkdir()
+    for name in POISONED:
+        tool = bindir / name
+        tool.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit 97\n')
+        tool.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}, log
+
+
+def pod_root(node) -> str:
+    """The node's / with its own mounts, as a hostPath of `/` shows it to a pod."""
+    return f"/proc/{node.pid}/root"
+
+
+def in_pod(node, argv, env):
+    """Run ARGV (this tree's code) in a child PID namespace of the node's, as a pod without
+    hostPID runs: systemd sees a real peer PID (its private socket refuses peers it cannot see),
+    and no process of the node is visible by PID from there. Files stay reachable by path."""
+    from tests.harness.cli import child_env
+
+    pod = ["/usr/bin/nsenter", f"--target={node.pid}", "--pid", "--", "/usr/bin/unshare", "--pid", "--fork"]
+    return subprocess.run(
+        [*pod, "--kill-child", "--", *argv],
+        capture_output=True, text=True, env=child_env(env), timeout=120, check=False,
+    )  # fmt: skip
+
+
+def pod_kwasm(node, env, *args, bus=BUS):
+    """`kwasm-py node ARGS` as the minimal pod runs it: host root, --bus, no node PID."""
+    from tests.harness.cli import KWASM_ARGV
+
+    return in_pod(node, [*KWASM_ARGV, *args, "--host-root", pod_root(node), "--bus", bus], env)
+
+
+@pytest.mark.parametrize("kind", ["bookworm", "sid", "k3s"])
+def test_install_and_uninstall_over_dbus_restart_containerd_for_real(
+    make_node, test_shim, no_host_tools, kind
+):
+    """install over D-Bus: containerd restarted (new PID), CRI lists spin; uninstall: gone again,
+    restarted again, the edited file back byte for byte; no hostPID tool was ever run."""
+    node, shim = make_node(*KINDS[kind]), test_shim()
+    env, log = no_host_tools
+    first_pid, _ = node.wait_ready()
+    original = node.snapshot(node.edited_config)
+    assert "spin" not in node.runtimes()
+
+    proc = pod_kwasm(node, env, "node", "install", "--shim", str(shim), "-o", "json", "--timeout", "30")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json_out(proc)
+    assert (out["changed"], out["restarted"], out["verified"]) == (True, True, True)
+    assert out["config"] == node.edited_config
+    assert "method=dbus:" in proc.stderr
+    installed_pid, _ = node.wait_ready()
+    assert installed_pid != first_pid
+    assert node.runtimes()["spin"] == out["runtimes"][0]["runtime_type"]
+
+    removed = pod_kwasm(node, env, "node", "uninstall", "--handler", "spin", "-o", "json")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert json_out(removed)["restarted"] is True
+    final_pid, _ = node.wait_ready()
+    assert final_pid != installed_pid
+    assert "spin" not in node.runtimes()
+    assert node.snapshot(node.edited_config) == original
+    assert not log.exists(), log.read_text()
+
+
+def test_plan_and_status_over_dbus_name_the_unit_and_ask_containerd(bookworm_node, test_shim, no_host_tools):
+    """plan says the restart goes over D-Bus; status reaches containerd's socket under the root."""
+    node, env = bookworm_node, no_host_tools[0]
+    node.wait_ready()
+    plan = pod_kwasm(node, env, "node", "plan", "--shim", str(test_shim()))
+    assert plan.returncode == 0, plan.stderr
+    assert "RestartUnit containerd.service" in plan.stdout
+    status = pod_kwasm(node, env, "node", "status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    doc = json_out(status)
+    assert doc["layout"] == "containerd"
+    assert doc["containerd"]["ready"] is True
+    assert doc["containerd"]["runtimes"]["runc"] == "io.containerd.runc.v2"
+
+
+def test_unit_facts_come_from_systemd(sid_node):
+    """LoadUnit/ExecStart over the bus: containerd's unit is loaded and active and runs
+    /usr/bin/containerd (so it reads the default config); k3s's unit does not exist here."""
+    node = sid_node
+    node.wait_ready()
+    with dbus.connect(Path(pod_root(node) + BUS)) as bus:
+        facts = bus.facts()
+    by_name = {u.name: u for u in facts.units}
+    assert by_name["containerd"].load_state == "loaded"
+    assert by_name["containerd"].active_state == "active"
+    assert by_name["containerd"].exec_start[0][0] == "/usr/bin/containerd"
+    assert by_name["k3s"].load_state == "not-found"
+    assert facts.loaded == {"containerd"}
+    assert [str(p) for p in facts.running_configs()] == ["/etc/containerd/config.toml"]
+
+
+UNIT_LIMITED = """[Unit]
+Description=kwasm-py test: may start once per hour
+StartLimitIntervalSec=3600
+StartLimitBurst=1
+
+[Service]
+ExecStart=/bin/sleep infinity
+"""
+
+UNIT_FAILING = """[Unit]
+Description=kwasm-py test: always fails
+
+[Service]
+Type=oneshot
+ExecStart=/bin/false
+"""
+
+
+def _add_units(node) -> None:
+    for name, text in (("kwasm-limited", UNIT_LIMITED), ("kwasm-failing", UNIT_FAILING)):
+        node.path(f"/etc/systemd/system/{name}.service").write_text(text)
+    node.run("systemctl", "daemon-reload", check=True)
+
+
+RESTART_THRICE = """
+import sys
+from pathlib import Path
+from kwasm_py.node import dbus
+with dbus.connect(Path(sys.argv[1])) as bus:
+    for _ in range(3):
+        bus.restart(sys.argv[2], timeout=20)
+print("restarted 3 times")
+"""
+
+
+@pytest.mark.parametrize("socket", [BUS, "/run/systemd/private"])
+def test_reset_failed_lets_a_rate_limited_unit_restart_again(bookworm_node, socket, no_host_tools):
+    """A unit past its start limit restarts again over D-Bus (ResetFailedUnit first), from a pod's
+    PID namespace, on the bus and on systemd's private socket; `systemctl restart` is refused."""
+    node = bookworm_node
+    node.wait_ready()
+    _add_units(node)
+    path = pod_root(node) + socket
+    assert stat.S_ISSOCK(Path(path).stat().st_mode)
+    node.run("systemctl", "start", "kwasm-limited", check=True)
+    refused = node.run("systemctl", "restart", "kwasm-limited")
+    assert refused.returncode != 0  # start limit hit: systemd refuses until reset-failed
+    proc = in_pod(node, [sys.executable, "-c", RESTART_THRICE, path, "kwasm-limited"], no_host_tools[0])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "restarted 3 times"
+    active = node.run("systemctl", "is-active", "kwasm-limited")
+    assert active.stdout.strip() == "active"
+
+
+def test_a_failing_restart_job_is_reported_with_the_unit_result(bookworm_node):
+    """A restart job that ends `failed` raises RestartError naming the result and the unit state."""
+    node = bookworm_node
+    node.wait_ready()
+    _add_units(node)
+    with dbus.connect(Path(pod_root(node) + BUS)) as bus, pytest.raises(RestartError) as err:
+        bus.restart("kwasm-failing", timeout=20)
+    assert "kwasm-failing.service ended `failed`" in err.value.message
+    assert "result exit-code" in err.value.message
+
+
+def test_engine_without_a_bus_fails_cleanly_and_changes_nothing(bookworm_node, test_shim, tmp_path):
+    """--bus naming a socket that is not there: one-line error, exit 1, nothing written."""
+    from tests.harness.noderoot import tree_hash
+
+    node = bookworm_node
+    node.wait_ready()
+    before = [tree_hash(node.root / d) for d in ("etc", "opt")]
+    proc = pod_kwasm(node, {}, "node", "install", "--shim", str(test_shim()), bus="/run/nope.sock")
+    assert proc.returncode == 1
+    assert "cannot reach systemd over D-Bus" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [tree_hash(node.root / d) for d in ("etc", "opt")] == before
