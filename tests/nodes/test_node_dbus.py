@@ -41,28 +41,42 @@ def no_host_tools(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 
 def pod_root(node) -> str:
-    """The node's / with its own mounts, as a hostPath of `/` shows it to a pod."""
+    """The node's / with its own mounts, as a hostPath of `/` shows it to a pod (from here)."""
     return f"/proc/{node.pid}/root"
 
 
+#: The capabilities installer-minimal.yaml leaves the agent (uid 0, everything else dropped).
+POD_CAPS = "-all,+chown,+dac_override,+fowner"
+#: Where the pod-like child finds the node's /: an inherited directory fd (its hostPath mount),
+#: since /proc/PID/root of another process needs CAP_SYS_PTRACE, which the pod does not have.
+POD_ROOT = "/proc/self/fd/{fd}"
+
+
 def in_pod(node, argv, env):
-    """Run ARGV (this tree's code) in a child PID namespace of the node's, as a pod without
-    hostPID runs: systemd sees a real peer PID (its private socket refuses peers it cannot see),
-    and no process of the node is visible by PID from there. Files stay reachable by path."""
+    """Run ARGV (this tree's code) as installer-minimal's pod runs: in a child PID namespace of
+    the node's (systemd sees a real peer PID; its private socket refuses peers it cannot see; no
+    node process is visible by PID from there), uid 0 with only CHOWN, DAC_OVERRIDE and FOWNER
+    and no_new_privs, the node's / at POD_ROOT. `{root}` in ARGV is replaced by that path."""
     from tests.harness.cli import child_env
 
     pod = ["/usr/bin/nsenter", f"--target={node.pid}", "--pid", "--", "/usr/bin/unshare", "--pid", "--fork"]
-    return subprocess.run(
-        [*pod, "--kill-child", "--", *argv],
-        capture_output=True, text=True, env=child_env(env), timeout=120, check=False,
-    )  # fmt: skip
+    caps = ["/usr/bin/setpriv", "--nnp", f"--bounding-set={POD_CAPS}", f"--inh-caps={POD_CAPS}"]
+    fd = os.open(pod_root(node), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        root = POD_ROOT.format(fd=fd)
+        return subprocess.run(
+            [*pod, "--kill-child", "--", *caps, "--", *(a.replace("{root}", root) for a in argv)],
+            capture_output=True, text=True, env=child_env(env), timeout=120, check=False, pass_fds=(fd,),
+        )  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def pod_kwasm(node, env, *args, bus=BUS):
     """`kwasm-py node ARGS` as the minimal pod runs it: host root, --bus, no node PID."""
     from tests.harness.cli import KWASM_ARGV
 
-    return in_pod(node, [*KWASM_ARGV, *args, "--host-root", pod_root(node), "--bus", bus], env)
+    return in_pod(node, [*KWASM_ARGV, *args, "--host-root", "{root}", "--bus", bus], env)
 
 
 @pytest.mark.parametrize("kind", ["bookworm", "sid", "k3s"])
@@ -170,12 +184,13 @@ def test_reset_failed_lets_a_rate_limited_unit_restart_again(bookworm_node, sock
     node = bookworm_node
     node.wait_ready()
     _add_units(node)
-    path = pod_root(node) + socket
-    assert stat.S_ISSOCK(Path(path).stat().st_mode)
+    assert stat.S_ISSOCK(Path(pod_root(node) + socket).stat().st_mode)
     node.run("systemctl", "start", "kwasm-limited", check=True)
     refused = node.run("systemctl", "restart", "kwasm-limited")
     assert refused.returncode != 0  # start limit hit: systemd refuses until reset-failed
-    proc = in_pod(node, [sys.executable, "-c", RESTART_THRICE, path, "kwasm-limited"], no_host_tools[0])
+    proc = in_pod(
+        node, [sys.executable, "-c", RESTART_THRICE, "{root}" + socket, "kwasm-limited"], no_host_tools[0]
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "restarted 3 times"
     active = node.run("systemctl", "is-active", "kwasm-limited")
@@ -195,6 +210,7 @@ def test_a_failing_restart_job_is_reported_with_the_unit_result(bookworm_node):
 
 def test_engine_without_a_bus_fails_cleanly_and_changes_nothing(bookworm_node, test_shim, tmp_path):
     """--bus naming a socket that is not there: one-line error, exit 1, nothing written."""
+    from tests.harness.cli import KWASM_ARGV
     from tests.harness.noderoot import tree_hash
 
     node = bookworm_node
@@ -205,3 +221,8 @@ def test_engine_without_a_bus_fails_cleanly_and_changes_nothing(bookworm_node, t
     assert "cannot reach systemd over D-Bus" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert [tree_hash(node.root / d) for d in ("etc", "opt")] == before
+    # /proc/PID/root of the node needs CAP_SYS_PTRACE, which the pod lacks: a usage error.
+    ptrace = in_pod(node, [*KWASM_ARGV, "node", "status", "--host-root", pod_root(node), "--bus", BUS], {})
+    assert ptrace.returncode == 2
+    assert f"--host-root {pod_root(node)} cannot be read: Permission denied" in ptrace.stderr
+    assert "Traceback" not in ptrace.stderr

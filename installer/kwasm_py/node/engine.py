@@ -207,6 +207,21 @@ def _read_state(fs: HostFS, path: PurePosixPath) -> st.State | None:
     return None if info is None else st.from_json(info.data, source=str(path))
 
 
+def _host_root(opts: NodeOptions) -> Path:
+    """--host-root as a Path; raises UsageError when it is not a directory or cannot be read."""
+    root = Path(opts.host_root)
+    try:
+        is_dir = root.is_dir()
+    except OSError as err:  # EACCES: e.g. /proc/PID/root without CAP_SYS_PTRACE
+        raise UsageError(
+            f"--host-root {root} cannot be read: {err.strerror}",
+            hint="mount the node's / into the pod (hostPath) and pass that path",
+        ) from err
+    if not is_dir:
+        raise UsageError(f"--host-root {root} is not a directory")
+    return root
+
+
 def open_node(
     opts: NodeOptions,
     *,
@@ -221,9 +236,7 @@ def open_node(
     an unreadable state file, and detection's errors when no layout is found and neither
     --config nor a state file says which file to use. Changes nothing.
     """
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     proc = proc or HOST
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
@@ -485,9 +498,7 @@ def install(
     """
     if not opts.shims:
         raise UsageError("no --shim given")
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     known = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
     shims = _shim_digests(opts, known)  # before the lock: bad input fails fast, changes nothing
@@ -741,9 +752,7 @@ def uninstall(
     for a handler kwasm-py did not install, LockHeld, and HostIOError / RestartError when a step
     fails (the config is put back first; the message says so).
     """
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     state_path = opts.install_dir / STATE_FILE_NAME
     if _read_state(fs, state_path) is None:
