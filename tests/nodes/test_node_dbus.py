@@ -19,12 +19,16 @@ from pathlib import Path
 import pytest
 from nodekit import KINDS, json_out
 
+from kwasm_py.cluster import minimal
 from kwasm_py.errors import RestartError
 from kwasm_py.node import dbus
+from tests.harness.noderoot import tree_diff, tree_hash
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
 BUS = "/run/dbus/system_bus_socket"
+# Where an installer could write (not containerd's own state dirs, which containerd writes).
+WATCHED = ("etc", "opt", "usr/local", "var/lib/rancher/k3s/agent/etc")
 POISONED = ("nsenter", "systemctl", "rc-service", "kill")
 
 
@@ -38,6 +42,11 @@ def no_host_tools(tmp_path: Path) -> tuple[dict[str, str], Path]:
         tool.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit 97\n')
         tool.chmod(0o755)
     return {"PATH": f"{bindir}:{os.environ['PATH']}"}, log
+
+
+def _tree(path: Path) -> dict:
+    """tree_hash of `path`, {} when it does not exist."""
+    return tree_hash(path) if path.exists() else {}
 
 
 def pod_root(node) -> str:
@@ -88,6 +97,7 @@ def test_install_and_uninstall_over_dbus_restart_containerd_for_real(
     node, shim = make_node(*KINDS[kind]), test_shim()
     env, log = no_host_tools
     first_pid, _ = node.wait_ready()
+    before = {d: _tree(node.root / d) for d in WATCHED}
     original = node.snapshot(node.edited_config)
     assert "spin" not in node.runtimes()
 
@@ -100,7 +110,12 @@ def test_install_and_uninstall_over_dbus_restart_containerd_for_real(
     installed_pid, _ = node.wait_ready()
     assert installed_pid != first_pid
     assert node.runtimes()["spin"] == out["runtimes"][0]["runtime_type"]
-
+    # It wrote only where installer-minimal.yaml mounts the node read-write for this layout.
+    writable = (minimal.INSTALL_DIR, minimal.LAYOUTS["k3s" if kind == "k3s" else "containerd"].config_dir)
+    for d in WATCHED:
+        for path in tree_diff(before[d], _tree(node.root / d)):
+            node_path = f"/{d}/{path}".removesuffix("/.")
+            assert node_path.startswith(writable), f"wrote {node_path}, outside {writable}"
     removed = pod_kwasm(node, env, "node", "uninstall", "--handler", "spin", "-o", "json")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert json_out(removed)["restarted"] is True
@@ -211,7 +226,6 @@ def test_a_failing_restart_job_is_reported_with_the_unit_result(bookworm_node):
 def test_engine_without_a_bus_fails_cleanly_and_changes_nothing(bookworm_node, test_shim, tmp_path):
     """--bus naming a socket that is not there: one-line error, exit 1, nothing written."""
     from tests.harness.cli import KWASM_ARGV
-    from tests.harness.noderoot import tree_hash
 
     node = bookworm_node
     node.wait_ready()
