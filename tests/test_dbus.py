@@ -95,9 +95,12 @@ def test_detection_without_proc_takes_the_running_file_from_systemd(tmp_path):
 @pytest.mark.parametrize("direct", [True, False], ids=["private-socket", "bus"])
 def test_restart_resets_failed_then_restarts_and_reads_the_job_result(sock, direct):
     """ResetFailedUnit before RestartUnit (a start-limited unit starts again), then the job's
-    own JobRemoved (another job's signal is skipped); on a bus also Hello + AddMatch."""
+    own JobRemoved (another job's signal is skipped); on a bus also Hello + AddMatch; on the
+    private socket Pings first until one is answered (systemd drops the first message there)."""
     fake = FakeSystemd(
-        units={"containerd": ("loaded", "active", [["/usr/bin/containerd"]])}, failed={"containerd.service"}
+        units={"containerd": ("loaded", "active", [["/usr/bin/containerd"]])},
+        failed={"containerd.service"},
+        drop_first_ping=True,
     )
     started = []
     with fake.serve(sock), dbus.SystemdBus(sock, direct=direct) as bus:
@@ -105,7 +108,10 @@ def test_restart_resets_failed_then_restarts_and_reads_the_job_result(sock, dire
         bus.restart("containerd", timeout=5)  # again on the same connection: one Subscribe
     names = [c[0] for c in fake.calls]
     expected = ["ResetFailedUnit", "Subscribe", *([] if direct else ["AddMatch"]), "RestartUnit"]
-    assert names == ([] if direct else ["Hello"]) + expected + ["ResetFailedUnit", "RestartUnit"]
+    assert names == (["Ping", "Ping"] if direct else ["Hello"]) + expected + [
+        "ResetFailedUnit",
+        "RestartUnit",
+    ]
     assert ("RestartUnit", ("containerd.service", "replace")) in fake.calls
     assert started == [True]
 
@@ -115,7 +121,7 @@ def test_a_unit_not_loaded_is_not_reset_but_still_restarted(sock):
     fake = FakeSystemd()
     with fake.serve(sock), dbus.SystemdBus(sock, direct=True) as bus:
         bus.restart("k3s", timeout=5)
-    assert [c[0] for c in fake.calls] == ["ResetFailedUnit", "Subscribe", "RestartUnit"]
+    assert [c[0] for c in fake.calls] == ["Ping", "ResetFailedUnit", "Subscribe", "RestartUnit"]
 
 
 def test_a_failed_job_is_an_error_naming_result_and_unit_state(sock):

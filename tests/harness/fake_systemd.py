@@ -37,6 +37,7 @@ class FakeSystemd:
     results: dict[str, str] = field(default_factory=dict)
     hang: bool = False
     failed: set[str] = field(default_factory=set)  # units that refuse to start until reset
+    drop_first_ping: bool = False
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     _jobs: itertools.count = field(default_factory=lambda: itertools.count(1))
     _serials: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -101,6 +102,10 @@ class FakeSystemd:
             return []
         member = msg.header.fields[HeaderFields.member]
         self.calls.append((member, tuple(msg.body)))
+        if member == "Ping":
+            if self.drop_first_ping and not any(c[0] == "Ping" for c in self.calls[:-1]):
+                return []  # as systemd's private socket drops the first message
+            return [new_method_return(msg)]
         if member == "Hello":
             return [new_method_return(msg, "s", (":1.42",))]
         if member in ("AddMatch", "Subscribe"):

@@ -132,7 +132,10 @@ def test_plan_and_status_over_dbus_name_the_unit_and_ask_containerd(bookworm_nod
     node.wait_ready()
     plan = pod_kwasm(node, env, "node", "plan", "--shim", str(test_shim()))
     assert plan.returncode == 0, plan.stderr
-    assert "RestartUnit containerd.service" in plan.stdout
+    assert "D-Bus /run/dbus/system_bus_socket: ResetFailedUnit containerd.service" in plan.stdout
+    private = pod_kwasm(node, env, "node", "plan", "--shim", str(test_shim()), bus="/run/systemd/private")
+    assert private.returncode == 0, private.stderr
+    assert "D-Bus /run/systemd/private: ResetFailedUnit containerd.service" in private.stdout
     status = pod_kwasm(node, env, "node", "status", "-o", "json")
     assert status.returncode == 0, status.stderr
     doc = json_out(status)

@@ -280,7 +280,9 @@ def plan(
             {"source": b.shim.source, "dest": str(b.dest), "sha256": b.sha256, "write": b.write}
             for b in the_plan.binaries
         ],
-        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
+        "restart": restart_mod.describe(lay.restart, opts.pid, bus=opts.bus)
+        if the_plan.config_changed
+        else "none needed",
         "changes": the_plan.changes,
     }
     if output is OutputFormat.JSON:
@@ -337,7 +339,9 @@ def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:
         "keep": keep,
         "files_removed": removed_files,
         "diff": the_plan.diff(),
-        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.changed else "none needed",
+        "restart": restart_mod.describe(lay.restart, opts.pid, bus=opts.bus)
+        if the_plan.changed
+        else "none needed",
         "changes": True,
     }
     if output == "json":

@@ -135,11 +135,33 @@ class SystemdBus:
         try:
             if self.direct:
                 self.conn = _direct_connection(sock)
+                self._ping_until_answered()
             else:
                 self.conn = DBusConnection(sock)
         except (OSError, TimeoutError, ValueError) as err:
             sock.close()
             raise RestartError(f"D-Bus at {self.socket} closed the connection: {err}") from err
+
+    def _ping_until_answered(self) -> None:
+        """Ping systemd on a fresh private connection until it answers (within the timeout).
+
+        systemd (seen with 252) drops a message that reaches its private socket right after the
+        auth exchange; a second one is answered. Peer.Ping is harmless to lose, so it goes first
+        and nothing that changes state can be the one dropped. Raises TimeoutError.
+        """
+        from jeepney import DBusAddress, new_method_call
+
+        ping = new_method_call(
+            DBusAddress(_MANAGER_PATH, bus_name=_SYSTEMD, interface="org.freedesktop.DBus.Peer"), "Ping"
+        )
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.conn.send_and_get_reply(ping, timeout=min(0.1, max(deadline - time.monotonic(), 0.01)))
+                return
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
 
     def close(self) -> None:
         """Close the connection."""

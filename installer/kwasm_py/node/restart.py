@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
 
 from kwasm_py.errors import RestartError
@@ -47,14 +47,15 @@ def restart_command(spec: RestartSpec) -> list[str]:
     return []
 
 
-def describe(spec: RestartSpec, pid: int) -> str:
-    """The restart as a user would type it (for `plan`): `spec` through node process `pid`."""
+def describe(spec: RestartSpec, pid: int, *, bus: PurePosixPath | None = None) -> str:
+    """The restart as a user would type it (for `plan`): `spec` through node process `pid`, or
+    over the D-Bus socket `bus` (a node path; default the system bus) for `dbus:UNIT`."""
     if spec.method is RestartMethod.NONE:
         return "none (--restart none)"
     if spec.method is RestartMethod.SIGNAL:
         return f"SIGTERM the {spec.target} process of node PID {pid}; its parent restarts it"
     if spec.method is RestartMethod.DBUS:
-        return dbus.describe(spec, dbus.SYSTEM_BUS)
+        return dbus.describe(spec, bus or dbus.SYSTEM_BUS)
     return " ".join(in_node(pid, restart_command(spec)))
 
 
