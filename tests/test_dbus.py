@@ -188,3 +188,75 @@ def test_cli_with_bus_and_no_socket_fails_cleanly_and_writes_nothing(tmp_path):
     assert "cannot reach systemd over D-Bus" in result.err
     assert "Traceback" not in result.err
     assert tree_hash(root) == before
+
+
+@pytest.fixture
+def short_root():
+    """A node root with a short path (the bus socket path under it must fit in 108 bytes)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="kwb-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_open_node_over_the_bus_detects_from_units_and_restarts_over_dbus(short_root):
+    """--bus: units come from systemd (the leftover default config loses to the active k3s
+    unit), auto restart is dbus:k3s, containerd's socket is under the host root, no PID used;
+    and it only reads: no unit is reset or restarted."""
+    from kwasm_py.node import engine
+
+    root = tree(
+        short_root,
+        {
+            "/etc/containerd/config.toml": "version = 2\n",
+            "/var/lib/rancher/k3s/agent/etc/containerd/config.toml": "version = 2\n",
+            "/run/dbus/": "",
+        },
+    )
+    fake = FakeSystemd(
+        units={
+            "k3s": ("loaded", "active", [["/usr/local/bin/k3s", "server"]]),
+            "containerd": ("loaded", "inactive", [["/usr/bin/containerd"]]),
+        }
+    )
+    opts = engine.NodeOptions(host_root=root, bus=P("/run/dbus/system_bus_socket"), pid=999_999)
+    with fake.serve(root / "run/dbus/system_bus_socket"):
+        node = engine.open_node(opts)
+    assert node.layout.name == "k3s"
+    assert node.layout.restart == RestartSpec(RestartMethod.DBUS, "k3s")
+    assert node.socket == str(root / "run/k3s/containerd/containerd.sock")
+    assert node.pid_ok
+    assert fake.calls[0][0] == "Hello"  # a bus, not the private socket
+    loaded = {c[1][0] for c in fake.calls if c[0] == "LoadUnit"}
+    assert loaded == {dbus.unit_name(u) for u in layout.UNITS}
+    assert not [c for c in fake.calls if c[0] in ("RestartUnit", "ResetFailedUnit")]  # it only looked
+
+
+def test_a_privileged_install_is_restarted_over_dbus_by_the_minimal_pod(short_root):
+    """The state file of an install by installer.yaml records systemd:containerd; the minimal
+    pod (--bus, auto) keeps that unit but restarts it over D-Bus."""
+    from kwasm_py.node import engine
+    from kwasm_py.node import state as st
+
+    root = tree(short_root, {"/etc/containerd/config.toml": "version = 2\n", "/run/dbus/": ""})
+    record = st.State(
+        status="installed",
+        layout="containerd",
+        config=st.ConfigRecord("/etc/containerd/config.toml", "config", False, None, "0" * 64, None, "x"),
+        runtimes=(),
+        restart="systemd:containerd",
+    )
+    tree(root, {"/opt/kwasm/kwasm-state.json": record.to_json().decode()})
+    fake = FakeSystemd(units={"containerd": ("loaded", "active", [["/usr/bin/containerd"]])})
+    with fake.serve(root / "run/dbus/system_bus_socket"):
+        node = engine.open_node(engine.NodeOptions(host_root=root, bus=P("/run/dbus/system_bus_socket")))
+    assert node.layout.restart == RestartSpec(RestartMethod.DBUS, "containerd")
+    explicit = engine.NodeOptions(
+        host_root=root,
+        bus=P("/run/dbus/system_bus_socket"),
+        restart=RestartSpec(RestartMethod.SYSTEMD, "containerd"),
+    )
+    with fake.serve(root / "run/dbus/system_bus_socket"):
+        assert engine.open_node(explicit).layout.restart.method is RestartMethod.SYSTEMD  # as asked

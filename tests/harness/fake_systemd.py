@@ -68,6 +68,7 @@ class FakeSystemd:
             stop.set()
             thread.join(timeout=5)
             listener.close()
+            path.unlink(missing_ok=True)
 
     def _session(self, conn: socket.socket, stop: threading.Event) -> None:
         conn.settimeout(0.05)

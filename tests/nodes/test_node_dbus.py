@@ -196,10 +196,11 @@ print("restarted 3 times")
 
 
 @pytest.mark.parametrize("socket", [BUS, "/run/systemd/private"])
-def test_reset_failed_lets_a_rate_limited_unit_restart_again(bookworm_node, socket, no_host_tools):
+@pytest.mark.parametrize("suite", ["bookworm", "sid"])  # systemd 252 and 26x
+def test_reset_failed_lets_a_rate_limited_unit_restart_again(make_node, suite, socket, no_host_tools):
     """A unit past its start limit restarts again over D-Bus (ResetFailedUnit first), from a pod's
     PID namespace, on the bus and on systemd's private socket; `systemctl restart` is refused."""
-    node = bookworm_node
+    node = make_node(*KINDS[suite])
     node.wait_ready()
     _add_units(node)
     assert stat.S_ISSOCK(Path(pod_root(node) + socket).stat().st_mode)
