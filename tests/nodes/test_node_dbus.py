@@ -244,3 +244,42 @@ def test_engine_without_a_bus_fails_cleanly_and_changes_nothing(bookworm_node, t
     assert ptrace.returncode == 2
     assert f"--host-root {pod_root(node)} cannot be read: Permission denied" in ptrace.stderr
     assert "Traceback" not in ptrace.stderr
+
+
+def test_agent_with_the_minimal_env_provisions_a_real_node_over_dbus(
+    bookworm_node, test_shim, no_host_tools, standin, kubeconfig, agents
+):
+    """installer-minimal.yaml's env (KWASM_BUS, no KWASM_PID) on `kwasm-py agent` with the real
+    engine: opt-in -> containerd restarted over D-Bus and listing spin -> label; opt-out -> gone."""
+    from kwasm_py.model import PROVISIONED_LABEL
+    from tests.harness.cli import invoke
+
+    node, shim = bookworm_node, test_shim()
+    env, log = no_host_tools
+    first_pid, _ = node.wait_ready()
+    [pod_env] = [
+        e for o in minimal.minimal_objects() if o["kind"] == "DaemonSet"
+        for e in o["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "KWASM_BUS"
+    ]  # fmt: skip
+    standin.add_node("n1")
+    agents(
+        "n1",
+        root=Path(pod_root(node)),
+        KWASM_BUS=pod_env["value"],
+        KWASM_SHIM=str(shim),
+        KWASM_NODE_COMMAND=f"{sys.executable} -m kwasm_py node",
+        **env,
+    )
+
+    def labelled() -> bool:
+        return standin.node("n1")["metadata"]["labels"].get(PROVISIONED_LABEL) == "true"
+
+    assert invoke("annotate-node", "n1", "--kubeconfig", str(kubeconfig)).code == 0
+    standin.wait_for(labelled, 60, "n1 labelled")
+    assert node.runtimes()["spin"].endswith("containerd-shim-spin-v2")
+    assert node.containerd_pid() != first_pid
+    assert invoke("annotate-node", "n1", "--remove", "--kubeconfig", str(kubeconfig)).code == 0
+    standin.wait_for(lambda: not labelled(), 60, "n1 unlabelled")
+    node.wait_ready()
+    assert "spin" not in node.runtimes()
+    assert not log.exists(), log.read_text()
