@@ -250,7 +250,9 @@ def test_agent_with_the_minimal_env_provisions_a_real_node_over_dbus(
     bookworm_node, test_shim, no_host_tools, standin, kubeconfig, agents
 ):
     """installer-minimal.yaml's env (KWASM_BUS, no KWASM_PID) on `kwasm-py agent` with the real
-    engine: opt-in -> containerd restarted over D-Bus and listing spin -> label; opt-out -> gone."""
+    engine: opt-in -> containerd restarted over D-Bus and listing spin -> label; opt-out -> gone.
+    (The agent runs with this test's privileges and /proc/PID/root as its host root; the pod's
+    restrictions are exercised on the engine by the tests above.)"""
     from kwasm_py.model import PROVISIONED_LABEL
     from tests.harness.cli import invoke
 
