@@ -227,7 +227,7 @@ def test_open_node_over_the_bus_detects_from_units_and_restarts_over_dbus(short_
     assert node.layout.name == "k3s"
     assert node.layout.restart == RestartSpec(RestartMethod.DBUS, "k3s")
     assert node.socket == str(root / "run/k3s/containerd/containerd.sock")
-    assert node.pid_ok
+    assert (node.pid_ok, node.reachable) == (False, True)  # no node PID is used or trusted
     assert fake.calls[0][0] == "Hello"  # a bus, not the private socket
     loaded = {c[1][0] for c in fake.calls if c[0] == "LoadUnit"}
     assert loaded == {dbus.unit_name(u) for u in layout.UNITS}

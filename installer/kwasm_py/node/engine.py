@@ -145,7 +145,7 @@ class Node:
     layout: Layout
     state: st.State | None
     step: str = "start"
-    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root)
+    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root); False over D-Bus
     restarter: restart.Restarter = field(default_factory=restart.NodeRestarter)
     cri_client: cri.CriClient = field(default_factory=cri.GrpcCri)
     proc: ProcFS = HOST
@@ -177,7 +177,7 @@ class Node:
 
     def containerd_version(self) -> ContainerdVersion | None:
         """Ask the running containerd its version once; None when it does not answer."""
-        if not self._asked and self.pid_ok:
+        if not self._asked and self.reachable:
             self._asked = True
             try:
                 self._containerd = self.cri_client.version(self.socket, timeout=2.0)
@@ -188,7 +188,7 @@ class Node:
     def cri_status(self) -> cri.CriStatus:
         """containerd's CRI status; raises UsageError when --pid is not a process of this node,
         RestartError when containerd does not answer."""
-        if not self.pid_ok:
+        if not self.reachable:
             raise UsageError(
                 f"--pid {self.opts.pid} is not a process of the node at {self.fs.root} "
                 "(its / is elsewhere), so its containerd cannot be reached through it",
@@ -196,9 +196,15 @@ class Node:
             )
         return self.cri_client.status(self.socket, timeout=3.0)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether containerd's socket and the restart are in reach: through --pid, or over D-Bus
+        (--bus; then no process of the node is visible, and pid_ok is False)."""
+        return self.pid_ok or self.opts.bus is not None
+
     def require_pid(self) -> None:
         """Raise UsageError when a restart is due but --pid is not a process of this node."""
-        if self.layout.restart.method is not RestartMethod.NONE and not self.pid_ok:
+        if self.layout.restart.method is not RestartMethod.NONE and not self.reachable:
             self.cri_status()
 
 
@@ -241,7 +247,7 @@ def open_node(
     proc = proc or HOST
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
     bus = fs.resolve(opts.bus or dbus.SYSTEM_BUS)
-    pid_ok = opts.bus is not None or proc.sees_root(opts.pid, root)  # D-Bus: no PID needed
+    pid_ok = opts.bus is None and proc.sees_root(opts.pid, root)  # D-Bus: no node PID in sight
     detected: Layout | None
     try:
         if opts.bus is not None:
