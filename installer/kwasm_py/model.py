@@ -74,6 +74,7 @@ class RestartMethod(enum.Enum):
     SYSTEMD = "systemd"  # systemctl restart UNIT (containerd, k3s, rke2-server, snap.microk8s...)
     OPENRC = "openrc"  # rc-service SERVICE restart
     SIGNAL = "signal"  # SIGTERM the containerd child of the target PID; its supervisor restarts it
+    DBUS = "dbus"  # systemd's RestartUnit over the node's D-Bus socket (no hostPID, no nsenter)
 
 
 @dataclass(frozen=True)

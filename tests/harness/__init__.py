@@ -9,6 +9,7 @@
 - kube_standin: `StandIn`, a stand-in Kubernetes API server (nodes, leases, events, watches).
 - cluster: `AgentFactory` (agent subprocesses on fake nodes), `wait_until`.
 - fake_node: a script speaking the engine's JSON contract, run by agents instead of the engine.
+- fake_systemd: `FakeSystemd`, systemd's Manager over real D-Bus on a unix socket.
 - shim_http: an HTTP(S) server for shim archives and catalogs.
 - image_build: build the installer image with buildah, run it with runc.
 - fixtures, cluster_fixtures: the pytest fixtures (registered by tests/conftest.py).

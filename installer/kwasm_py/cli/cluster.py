@@ -283,13 +283,22 @@ def manifests(
     max_parallel_restarts: Annotated[
         int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
     ] = 1,
+    minimal: Annotated[
+        bool,
+        typer.Option("--minimal", help="no hostPID, not privileged: systemd nodes (installer-minimal.yaml)"),
+    ] = False,
+    layout: Annotated[
+        str, typer.Option("--layout", help="with --minimal: containerd, k3s, rke2, microk8s or k0s")
+    ] = "containerd",
 ) -> None:
-    """Print the installer manifests (manifests/installer.yaml is the default output).
+    """Print the installer manifests (manifests/installer.yaml is the default output;
+    manifests/installer-minimal.yaml the default with --minimal).
 
     The image goes by digest when one is known: --image-digest, else (for the default image)
     the digest images/release.toml records once a release pushed it.
     """
     from kwasm_py.cluster import manifests as m
+    from kwasm_py.cluster import minimal as mini
     from kwasm_py.cluster import release
 
     classes: list[tuple[str, str]] = []
@@ -310,7 +319,12 @@ def manifests(
         runtime_classes=tuple(classes) if classes else defaults.runtime_classes,
         max_parallel_restarts=max_parallel_restarts,
     )
-    sys.stdout.write(m.render_yaml(m.installer_objects(params)))
+    if not minimal:
+        sys.stdout.write(m.render_yaml(m.installer_objects(params)))
+        return
+    if layout not in mini.LAYOUTS:
+        raise UsageError(f"unknown --layout {layout!r}", hint="use one of " + ", ".join(mini.LAYOUTS))
+    sys.stdout.write(m.render_yaml(mini.minimal_objects(params, layout=layout), header=mini.HEADER))
 
 
 # ---------------------------------------------------------------------------- agent

@@ -64,7 +64,7 @@ RestartOpt = Annotated[
     typer.Option(
         "--restart",
         envvar="KWASM_RESTART",
-        help="auto, none, systemd:UNIT, openrc:SERVICE or signal:PROCESS.",
+        help="auto, none, systemd:UNIT, dbus:UNIT, openrc:SERVICE or signal:PROCESS.",
     ),
 ]
 PidOpt = Annotated[
@@ -77,6 +77,14 @@ InstallDir = Annotated[
 SocketOpt = Annotated[
     str | None,
     typer.Option("--socket", envvar="KWASM_SOCKET", help="Node path of containerd's socket."),
+]
+BusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bus",
+        envvar="KWASM_BUS",
+        help="Node path of systemd's D-Bus socket: no --pid needed (units, restarts over D-Bus).",
+    ),
 ]
 Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 Timeout = Annotated[
@@ -143,6 +151,7 @@ def _options(
     lock_timeout: float = 120.0,
     verify: bool = False,
     mode: InstallMode = InstallMode.AUTO,
+    bus: str | None = None,
 ) -> Any:
     from kwasm_py.node import layout
     from kwasm_py.node.engine import NodeOptions
@@ -168,6 +177,7 @@ def _options(
         lock_timeout=lock_timeout,
         verify=verify,
         mode=mode,
+        bus=node_path(bus, "--bus"),
     )
 
 
@@ -246,6 +256,7 @@ def plan(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     uninstall: Annotated[
         bool, typer.Option("--uninstall", help="Show what `uninstall` would do instead (--handler picks).")
     ] = False,
@@ -255,7 +266,9 @@ def plan(
 ) -> None:
     """Show what `install` would do; change nothing."""
     if uninstall:  # what `uninstall` would do
-        opts = _options(host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket)
+        opts = _options(
+            host_root=host_root, restart=restart, pid=pid, install_dir=install_dir, socket=socket, bus=bus
+        )
         _plan_uninstall(opts, _split(handler), output)
         return
     from kwasm_py.node import engine
@@ -271,6 +284,7 @@ def plan(
         socket=socket,
         force=force,
         mode=mode,
+        bus=bus,
     )
     node, the_plan = engine.plan_only(opts)
     lay = node.layout
@@ -288,7 +302,9 @@ def plan(
             {"source": b.shim.source, "dest": str(b.dest), "sha256": b.sha256, "write": b.write}
             for b in the_plan.binaries
         ],
-        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.config_changed else "none needed",
+        "restart": restart_mod.describe(lay.restart, opts.pid, bus=opts.bus)
+        if the_plan.config_changed
+        else "none needed",
         "changes": the_plan.changes,
         "preflight": the_plan.preflight,
         "mode": node.mode.mode.value if node.mode else "edit",
@@ -353,7 +369,9 @@ def _plan_uninstall(opts: Any, handlers: list[str], output: str) -> None:
         "keep": keep,
         "files_removed": removed_files,
         "diff": the_plan.diff(),
-        "restart": restart_mod.describe(lay.restart, opts.pid) if the_plan.changed else "none needed",
+        "restart": restart_mod.describe(lay.restart, opts.pid, bus=opts.bus)
+        if the_plan.changed
+        else "none needed",
         "changes": True,
     }
     if output == "json":
@@ -386,6 +404,7 @@ def install(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     sha256: Annotated[list[str] | None, typer.Option("--sha256", help="Expected sha256 per shim.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Take over a runtime of the same handler.")] = False,
     verify: Annotated[
@@ -413,6 +432,7 @@ def install(
             pid=pid,
             install_dir=install_dir,
             socket=socket,
+            bus=bus,
             force=force,
             timeout=timeout,
             lock_timeout=lock_timeout,
@@ -440,6 +460,7 @@ def uninstall(
     pid: PidOpt = 1,
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     timeout: Timeout = 60.0,
     lock_timeout: LockTimeout = 120.0,
     output: Output = OutputFormat.TEXT,
@@ -454,6 +475,7 @@ def uninstall(
             pid=pid,
             install_dir=install_dir,
             socket=socket,
+            bus=bus,
             timeout=timeout,
             lock_timeout=lock_timeout,
         )
@@ -472,6 +494,7 @@ def status(
     install_dir: InstallDir = str(DEFAULT_INSTALL_DIR),
     config: ConfigOpt = None,
     socket: SocketOpt = None,
+    bus: BusOpt = None,
     ask: Annotated[
         bool, typer.Option("--containerd/--no-containerd", help="Also ask containerd over CRI.")
     ] = True,
@@ -480,7 +503,9 @@ def status(
     """What kwasm-py installed here, whether it still holds, and what containerd says."""
     from kwasm_py.node import engine
 
-    opts = _options(host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket)
+    opts = _options(
+        host_root=host_root, pid=pid, install_dir=install_dir, config=config, socket=socket, bus=bus
+    )
     report = engine.status(opts, ask_containerd=ask)
     if output is OutputFormat.JSON:
         _emit_result(_status_result(report))

@@ -41,7 +41,7 @@ from kwasm_py.model import (
     RestartSpec,
     ShimSpec,
 )
-from kwasm_py.node import cri, layout, ownership, plan, preflight, restart, sources, uninstall_plan
+from kwasm_py.node import cri, dbus, layout, ownership, plan, preflight, restart, sources, uninstall_plan
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node import state as st
 from kwasm_py.node.hostfs import HostFS, file_sha256
@@ -67,6 +67,9 @@ class NodeOptions:
     lock_timeout: float = 120.0
     verify: bool = False  # also ask containerd when nothing needs to change (repair if it lost it)
     mode: InstallMode = InstallMode.AUTO  # edit the main config, or a drop-in of our own
+    # Node path of systemd's D-Bus socket: reach the node without its /proc (no hostPID): units
+    # and their ExecStart over D-Bus, `dbus:UNIT` restarts, containerd's socket under the root.
+    bus: PurePosixPath | None = None
 
 
 @dataclass
@@ -144,7 +147,7 @@ class Node:
     layout: Layout
     state: st.State | None
     step: str = "start"
-    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root)
+    pid_ok: bool = True  # --pid is a process of this node (its / is --host-root); False over D-Bus
     restarter: restart.Restarter = field(default_factory=restart.NodeRestarter)
     cri_client: cri.CriClient = field(default_factory=cri.GrpcCri)
     proc: ProcFS = HOST
@@ -170,12 +173,15 @@ class Node:
 
     @property
     def socket(self) -> str:
-        """Where the node's containerd socket is reachable from here."""
+        """Where the node's containerd socket is reachable from here (under the host root when
+        the node is reached over D-Bus, through /proc/PID/root otherwise)."""
+        if self.opts.bus is not None:
+            return str(self.fs.resolve(self.layout.socket))
         return self.proc.socket_path(self.opts.pid, self.layout.socket)
 
     def containerd_version(self) -> ContainerdVersion | None:
         """Ask the running containerd its version once; None when it does not answer."""
-        if not self._asked and self.pid_ok:
+        if not self._asked and self.reachable:
             self._asked = True
             try:
                 self._containerd = self.cri_client.version(self.socket, timeout=2.0)
@@ -186,7 +192,7 @@ class Node:
     def cri_status(self) -> cri.CriStatus:
         """containerd's CRI status; raises UsageError when --pid is not a process of this node,
         RestartError when containerd does not answer."""
-        if not self.pid_ok:
+        if not self.reachable:
             raise UsageError(
                 f"--pid {self.opts.pid} is not a process of the node at {self.fs.root} "
                 "(its / is elsewhere), so its containerd cannot be reached through it",
@@ -194,15 +200,36 @@ class Node:
             )
         return self.cri_client.status(self.socket, timeout=3.0)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether containerd's socket and the restart are in reach: through --pid, or over D-Bus
+        (--bus; then no process of the node is visible, and pid_ok is False)."""
+        return self.pid_ok or self.opts.bus is not None
+
     def require_pid(self) -> None:
         """Raise UsageError when a restart is due but --pid is not a process of this node."""
-        if self.layout.restart.method is not RestartMethod.NONE and not self.pid_ok:
+        if self.layout.restart.method is not RestartMethod.NONE and not self.reachable:
             self.cri_status()
 
 
 def _read_state(fs: HostFS, path: PurePosixPath) -> st.State | None:
     info = fs.read(path)
     return None if info is None else st.from_json(info.data, source=str(path))
+
+
+def _host_root(opts: NodeOptions) -> Path:
+    """--host-root as a Path; raises UsageError when it is not a directory or cannot be read."""
+    root = Path(opts.host_root)
+    try:
+        is_dir = root.is_dir()
+    except OSError as err:  # EACCES: e.g. /proc/PID/root without CAP_SYS_PTRACE
+        raise UsageError(
+            f"--host-root {root} cannot be read: {err.strerror}",
+            hint="mount the node's / into the pod (hostPath) and pass that path",
+        ) from err
+    if not is_dir:
+        raise UsageError(f"--host-root {root} is not a directory")
+    return root
 
 
 def open_node(
@@ -219,16 +246,18 @@ def open_node(
     an unreadable state file, and detection's errors when no layout is found and neither
     --config nor a state file says which file to use. Changes nothing.
     """
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     proc = proc or HOST
     state = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
-    pid_ok = proc.sees_root(opts.pid, root)
+    bus = fs.resolve(opts.bus or dbus.SYSTEM_BUS)
+    pid_ok = opts.bus is None and proc.sees_root(opts.pid, root)  # D-Bus: no node PID in sight
     detected: Layout | None
     try:
-        facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
+        if opts.bus is not None:
+            facts = nodeprobe.gather(fs, pid=None, units=dbus.read_facts(bus))
+        else:
+            facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
         detected = layout.detect(facts)
     except KwasmError:
         if opts.config is None and state is None:
@@ -237,13 +266,15 @@ def open_node(
     if state is not None and opts.config is None:
         detected = _owned_layout(state, detected)  # keep working on the file we own
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
+    if opts.bus is not None and opts.restart is None:
+        chosen = dbus.over_bus(chosen)  # systemd:UNIT (detected or recorded) -> dbus:UNIT
     return Node(
         opts=opts,
         fs=fs,
         layout=chosen,
         state=state,
         pid_ok=pid_ok,
-        restarter=restarter or restart.NodeRestarter(proc),
+        restarter=restarter or restart.NodeRestarter(proc, bus=bus),
         cri_client=cri_client or cri.GrpcCri(),
         proc=proc,
     )
@@ -551,9 +582,7 @@ def install(
     """
     if not opts.shims:
         raise UsageError("no --shim given")
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     known = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
     shims = _shim_digests(opts, known)  # before the lock: bad input fails fast, changes nothing
@@ -872,9 +901,7 @@ def uninstall(
     for a handler kwasm-py did not install, LockHeld, and HostIOError / RestartError when a step
     fails (the config is put back first; the message says so).
     """
-    root = Path(opts.host_root)
-    if not root.is_dir():
-        raise UsageError(f"--host-root {root} is not a directory")
+    root = _host_root(opts)
     fs = HostFS(root)
     state_path = opts.install_dir / STATE_FILE_NAME
     if _read_state(fs, state_path) is None:

@@ -225,7 +225,8 @@ def detect(facts: NodeFacts) -> Layout:
 
 
 def parse_restart(value: str) -> RestartSpec | None:
-    """Parse `--restart`: auto (None), none, systemd[:UNIT], openrc[:SERVICE], signal[:PROC].
+    """Parse `--restart`: auto (None), none, systemd[:UNIT], dbus[:UNIT], openrc[:SERVICE],
+    signal[:PROC].
 
     Returns the RestartSpec (target `containerd` when none is given), None for auto; raises
     UsageError for an unknown method.
@@ -238,12 +239,13 @@ def parse_restart(value: str) -> RestartSpec | None:
     except ValueError:
         raise UsageError(
             f"unknown --restart {value!r}",
-            hint="use auto, none, systemd:UNIT, openrc:SERVICE or signal:PROCESS",
+            hint="use auto, none, systemd:UNIT, dbus:UNIT, openrc:SERVICE or signal:PROCESS",
         ) from None
     defaults = {
         RestartMethod.SYSTEMD: "containerd",
         RestartMethod.OPENRC: "containerd",
         RestartMethod.SIGNAL: "containerd",
+        RestartMethod.DBUS: "containerd",
         RestartMethod.NONE: "",
     }
     return RestartSpec(method, target or defaults[method])

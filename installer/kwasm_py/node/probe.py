@@ -1,4 +1,5 @@
-"""Gather the facts layout detection needs, from the host root and the node's /proc entries."""
+"""Gather the facts layout detection needs, from the host root and the node's /proc entries
+(or, with no /proc of the node in sight, from systemd over D-Bus)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import PurePosixPath
 
 from kwasm_py.errors import KwasmError
 from kwasm_py.node import layout
+from kwasm_py.node.dbus import UnitFacts
 from kwasm_py.node.hostfs import HostFS
 from kwasm_py.node.procfs import HOST, ProcFS
 
@@ -21,19 +23,23 @@ _UNIT_DIRS = (
 )
 
 
-def gather(fs: HostFS, *, pid: int | None, proc: ProcFS = HOST) -> layout.NodeFacts:
+def gather(
+    fs: HostFS, *, pid: int | None, proc: ProcFS = HOST, units: UnitFacts | None = None
+) -> layout.NodeFacts:
     """The facts `layout.detect` decides from: files and units under the root, and the node's
     init and running containerd (read through `proc` for node process `pid`; None: no process
-    of the node is reachable, so only files count).
+    of the node is reachable, so only files count). `units` is what systemd said over D-Bus
+    (node/dbus.py) when the node's /proc is not visible: then init is systemd, its loaded units
+    count as unit files and the running containerd's config comes from the units' ExecStart.
 
     Returns NodeFacts; raises HostIOError when a probed file cannot be read.
     """
     existing = frozenset(p for p in layout.PROBED_PATHS if fs.exists(p))
-    units = set()
+    unit_files: set[str] = set()
     for unit in layout.UNITS:
         for directory in _UNIT_DIRS:
             if fs.exists(directory / f"{unit}.service"):
-                units.add(unit)
+                unit_files.add(unit)
     openrc = {svc for svc in layout.UNITS if fs.exists(PurePosixPath("/etc/init.d") / svc)}
     k0s_managed = False
     if layout.K0S_CONFIG in existing:
@@ -46,14 +52,18 @@ def gather(fs: HostFS, *, pid: int | None, proc: ProcFS = HOST) -> layout.NodeFa
                 value = tomllib.loads(fs.read_text(rendered) or "").get("version", 1)
                 versions[rendered] = value if isinstance(value, int) else 1
     init = proc.comm(pid) if pid is not None else ""
+    running = proc.containerd_configs(pid) if pid is not None else ()
+    if units is not None:  # systemd answered over D-Bus: it is the node's init
+        init, running = "systemd", units.running_configs()
+        unit_files |= units.loaded
     if not init:
         init = "systemd" if fs.exists(PurePosixPath("/lib/systemd/systemd")) else ""
     return layout.NodeFacts(
         existing=existing,
-        systemd_units=frozenset(units),
+        systemd_units=frozenset(unit_files),
         openrc_services=frozenset(openrc),
         init=init,
-        running_configs=proc.containerd_configs(pid) if pid is not None else (),
+        running_configs=running,
         k0s_managed=k0s_managed,
         rendered_versions=versions,
     )

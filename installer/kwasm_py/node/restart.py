@@ -12,10 +12,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
+from kwasm_py.node import dbus
 from kwasm_py.node.procfs import HOST, Proc, ProcFS
 
 
@@ -59,12 +61,15 @@ def reset_failed_command(spec: RestartSpec) -> list[str]:
     return []
 
 
-def describe(spec: RestartSpec, pid: int) -> str:
-    """The restart as a user would type it (for `plan`): `spec` through node process `pid`."""
+def describe(spec: RestartSpec, pid: int, *, bus: PurePosixPath | None = None) -> str:
+    """The restart as a user would type it (for `plan`): `spec` through node process `pid`, or
+    over the D-Bus socket `bus` (a node path; default the system bus) for `dbus:UNIT`."""
     if spec.method is RestartMethod.NONE:
         return "none (--restart none)"
     if spec.method is RestartMethod.SIGNAL:
         return f"SIGTERM the {spec.target} process of node PID {pid}; its parent restarts it"
+    if spec.method is RestartMethod.DBUS:
+        return dbus.describe(spec, bus or dbus.SYSTEM_BUS)
     restart_line = " ".join(in_node(pid, restart_command(spec)))
     reset = reset_failed_command(spec)
     return f"{' '.join(in_node(pid, reset))}; {restart_line}" if reset else restart_line
@@ -77,16 +82,22 @@ def restart(
     timeout: float = 90.0,
     started: Callable[[], None] = lambda: None,
     proc: ProcFS = HOST,
+    bus: Path | None = None,
 ) -> None:
     """Restart the node's containerd as `spec` says; return once the restart has completed.
 
     Takes the restart, a process of the node (`pid`, for nsenter and to find the process to
     signal), the seconds to wait and `started`, run as soon as the restart is under way (the
     command spawned, or the signal sent), before waiting for it: the point where a crash leaves
-    containerd mid-restart. `proc` is the /proc to read. Raises RestartError when the command
-    cannot run, fails or times out, or the process to signal is not found or ignores SIGTERM.
+    containerd mid-restart. `proc` is the /proc to read; `bus` the node's D-Bus socket (host
+    path) for `dbus:UNIT` (node/dbus.py; no nsenter, `pid` unused). Raises RestartError when the
+    command cannot run, fails or times out, or the process to signal is not found or ignores
+    SIGTERM.
     """
     if spec.method is RestartMethod.NONE:
+        return
+    if spec.method is RestartMethod.DBUS:
+        dbus.restart(spec, bus=bus or Path(str(dbus.SYSTEM_BUS)), timeout=timeout, started=started)
         return
     if spec.method is RestartMethod.SIGNAL:
         targets = proc.descendants(pid, spec.target) or proc.find(pid, spec.target)
@@ -275,10 +286,12 @@ class Restarter(Protocol):
 
 
 class NodeRestarter:
-    """The real Restarter: nsenter + systemctl / rc-service, or SIGTERM, read through `proc`."""
+    """The real Restarter: nsenter + systemctl / rc-service, or SIGTERM, read through `proc`;
+    `dbus:UNIT` over the D-Bus socket `bus` (a host path)."""
 
-    def __init__(self, proc: ProcFS = HOST) -> None:
+    def __init__(self, proc: ProcFS = HOST, bus: Path | None = None) -> None:
         self.proc = proc
+        self.bus = bus
 
     def restart(
         self,
@@ -289,4 +302,4 @@ class NodeRestarter:
         started: Callable[[], None] = lambda: None,
     ) -> None:
         """Restart the node's containerd (see the module function `restart`, which it calls)."""
-        restart(spec, pid=pid, timeout=timeout, started=started, proc=self.proc)
+        restart(spec, pid=pid, timeout=timeout, started=started, proc=self.proc, bus=self.bus)
