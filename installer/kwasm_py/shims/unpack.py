@@ -1,8 +1,9 @@
 """EFFECT: take the one shim binary out of a release archive, after vetting every member.
 
 Every member is passed through ``tarfile.data_filter`` (the policy of ``extractall(filter=
-"data")``, Python 3.11.4+; https://docs.python.org/3/library/tarfile.html#tarfile.data_filter)
-before anything is written: absolute names, ``..`` escapes, links leaving the tree, devices and
+"data")``, Python 3.11.4+; https://docs.python.org/3/library/tarfile.html#tarfile.data_filter;
+on older 3.11, such as Debian bookworm's 3.11.2, a small check with the same refusals) before
+anything is written: absolute names, ``..`` escapes, links leaving the tree, devices and
 FIFOs refuse the whole archive. Stricter than extraction, a name the filter would rewrite (a
 leading ``/``) is refused too. Nothing is extracted onto the filesystem by name: the binary is
 streamed into a file the caller chose, so link tricks at extraction time have nothing to act on.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
 import zlib
@@ -24,14 +26,48 @@ CHUNK = 256 * 1024
 MAX_BINARY_BYTES = 1 << 30  # a shim is tens of MB; refuse archive members claiming more
 ARCHIVE_HINT = "this is not a plain release archive: check the url and archive_sha256 in the shim catalog"
 
-# What each of tarfile's filter refusals means, in the words of our one-line errors.
-_REFUSALS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
-    (tarfile.AbsolutePathError, "has an absolute path"),
-    (tarfile.OutsideDestinationError, "climbs out of the archive's tree with '..'"),
-    (tarfile.SpecialFileError, "is a device, FIFO or other special file"),
-    (tarfile.AbsoluteLinkError, "is a link to an absolute path"),
-    (tarfile.LinkOutsideDestinationError, "is a link to a place outside the archive"),
+# What each of tarfile's filter refusals means, in the words of our one-line errors (by class
+# name: Python before 3.11.4, Debian bookworm's 3.11.2 among them, has no filters at all).
+_REFUSALS: tuple[tuple[str, str], ...] = (
+    ("AbsolutePathError", "has an absolute path"),
+    ("OutsideDestinationError", "climbs out of the archive's tree with '..'"),
+    ("SpecialFileError", "is a device, FIFO or other special file"),
+    ("AbsoluteLinkError", "is a link to an absolute path"),
+    ("LinkOutsideDestinationError", "is a link to a place outside the archive"),
 )
+_HAS_FILTERS = hasattr(tarfile, "data_filter")
+
+
+class _Refused(Exception):
+    """A member the legacy check refuses; `kind` is the name tarfile's filter error would have."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _legacy_filter(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo:
+    """The refusals of ``filter="data"`` for Pythons without it (3.11.0-3.11.3): absolute names,
+    names or links that leave `root`, devices and FIFOs. Member names are POSIX paths and nothing
+    is extracted, so plain path arithmetic decides. Raises _Refused; returns the member."""
+    base = posixpath.normpath(root)
+
+    def inside(path: str) -> bool:
+        return posixpath.commonpath([base, posixpath.normpath(path)]) == base
+
+    if member.name.startswith("/"):
+        raise _Refused("AbsolutePathError")
+    if not inside(posixpath.join(base, member.name)):
+        raise _Refused("OutsideDestinationError")
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        raise _Refused("SpecialFileError")
+    if member.issym() or member.islnk():
+        if member.linkname.startswith("/"):
+            raise _Refused("AbsoluteLinkError")
+        start = posixpath.dirname(posixpath.join(base, member.name)) if member.issym() else base
+        if not inside(posixpath.join(start, member.linkname)):
+            raise _Refused("LinkOutsideDestinationError")
+    return member
 
 
 def check_members(members: Sequence[tarfile.TarInfo], *, what: str, root: str) -> None:
@@ -41,11 +77,14 @@ def check_members(members: Sequence[tarfile.TarInfo], *, what: str, root: str) -
     for the extraction target (the filter resolves paths under it; nothing is written there).
     Raises FetchError naming the first unsafe member, chained from tarfile's FilterError.
     """
+    vet = tarfile.data_filter if _HAS_FILTERS else _legacy_filter
+    refused: tuple[type[Exception], ...] = (_Refused, getattr(tarfile, "FilterError", _Refused))
     for m in members:
         try:
-            vetted = tarfile.data_filter(m, root)
-        except tarfile.FilterError as ex:
-            reason = next((r for kind, r in _REFUSALS if isinstance(ex, kind)), "is unsafe to extract")
+            vetted = vet(m, root)
+        except refused as ex:
+            kind = ex.kind if isinstance(ex, _Refused) else type(ex).__name__
+            reason = next((r for name, r in _REFUSALS if name == kind), "is unsafe to extract")
             if m.issym() or m.islnk():
                 reason += f" ({m.linkname!r})"
             raise FetchError(
