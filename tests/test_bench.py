@@ -66,3 +66,23 @@ def test_bench_quick_engine(tmp_path):
         "CLI start-up: kwasm-py --help",
     }
     assert all(isinstance(r["met"], bool) for r in rows)
+
+
+def test_bench_quick_rollout(tmp_path):
+    """The rollout module's quick run: both parallelisms, the idle rate and the agent's RSS
+    measured (none skipped), every figure against its target, restarts never above P."""
+    rows = check_shape(run_bench(tmp_path, "rollout"), "rollout")
+    assert not [r for r in rows if "skipped" in r]
+    figures = [r["figure"] for r in rows]
+    for parallel in (1, 10):
+        assert any(f"P={parallel}, restart" in f for f in figures), figures
+        assert any(f"P={parallel}: API requests per node" in f for f in figures), figures
+    assert any(f.startswith("idle API requests per node per hour") for f in figures), figures
+    assert any(f.startswith("agent RSS idle") for f in figures), figures
+    assert all(isinstance(r["met"], bool) for r in rows)
+    for r in rows:
+        if "restart" in r["figure"] and "P=" in r["figure"]:
+            parallel = int(r["figure"].split("P=")[1].split(",")[0])
+            most = int(r["note"].split("at most ")[1].split()[0])
+            assert 1 <= most <= parallel, r
+            assert r["value"] >= r["floor"] > 0, r  # never faster than P restarts at once allow
