@@ -265,7 +265,7 @@ def test_k3s_render_carrying_our_table_is_ours(tmp_path: Path, shim: Path, kwasm
     assert kwasm("node", "install", *base).returncode == 0
     rendered = root / K3S_RENDERED_PATH.lstrip("/")
     ours = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.spin]\n'
-    rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/opt/kwasm/bin/containerd-shim-spin-v2"\n')
+    rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/opt/kwasm/shims/containerd-shim-spin-v2"\n')
     r = kwasm("node", "plan", *base)
     assert r.returncode == 0, r.stderr
     rendered.write_text(K3S_RENDER + ours + '  runtime_type = "/usr/bin/containerd-shim-spin-v2"\n')

@@ -25,7 +25,7 @@ DATA = Path(__file__).parent / "data" / "templates"
 C16, C21 = ContainerdVersion(1, 6, 20), ContainerdVersion(2, 1, 9)
 SHA = "ab" * 32
 SHIM = (ShimSpec(source="/src/containerd-shim-spin-v2", name="spin", handler="spin"), SHA)
-OURS = "/opt/kwasm/bin/containerd-shim-spin-v2"
+OURS = "/opt/kwasm/shims/containerd-shim-spin-v2"  # k3s scans /opt/kwasm/bin, so not there
 
 
 def rancher(name: str = "rke2", tmpl_name: str = "config.toml.tmpl") -> Layout:
@@ -170,7 +170,7 @@ def test_stock_microk8s_template_installs_on_containerd1() -> None:
     eff = tomllib.loads(p.effective)["plugins"][CriSchema.V2.value]
     assert eff["containerd"]["default_runtime_name"] == "runc"
     assert eff["cni"]["bin_dir"] == "/var/snap/microk8s/123/opt/cni/bin"
-    assert eff["containerd"]["runtimes"]["spin"]["runtime_type"] == OURS
+    assert eff["containerd"]["runtimes"]["spin"]["runtime_type"] == "/opt/kwasm/bin/containerd-shim-spin-v2"
     alone = make(MICROK8S, template, None)  # never rendered yet: the snap's defaults, said so
     assert alone.companion is None and any("${RUNTIME}" in n for n in alone.notes)
 

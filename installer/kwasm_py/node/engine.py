@@ -30,6 +30,7 @@ from kwasm_py.errors import (
 )
 from kwasm_py.model import (
     BACKUP_DIR_NAME,
+    BIN_DIR_NAME,
     DEFAULT_INSTALL_DIR,
     STATE_FILE_NAME,
     ConfigKind,
@@ -405,7 +406,8 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     if main_edit is not None:
         reference = main_edit.new_text  # what containerd reads once our imports entry is in
     eff = sources.effective_config(node.fs, lay, own, reference, containerd=node.containerd_version())
-    ours = {s.handler: str(node.install_dir / "bin" / s.binary_name) for s, _ in shims}
+    bin_dir = plan.shim_dir(lay, node.install_dir)
+    ours = {s.handler: str(bin_dir / s.binary_name) for s, _ in shims}
     # A template's render and k0s's generated CRI file carry a copy of our table.
     merged = None if lay.kind is ConfigKind.CONFIG else ours
     if eff is not None and lay.kind is not ConfigKind.TEMPLATE:
@@ -414,7 +416,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     if containerd is None and node.state is not None and node.state.containerd:
         containerd = cri.parse_version(node.state.containerd)
     installed = {
-        node.install_dir / "bin" / s.binary_name: fs.sha256(node.install_dir / "bin" / s.binary_name)
+        bin_dir / s.binary_name: fs.sha256(bin_dir / s.binary_name)
         for s, _ in shims
     }
     base_digests = None
@@ -615,7 +617,7 @@ def install(
 
 def _require_exec(node: Node) -> None:
     """Refuse, before anything changes, an install directory the node cannot execute from."""
-    bin_dir = node.install_dir / "bin"
+    bin_dir = plan.shim_dir(node.layout, node.install_dir)
     blocked = nodeprobe.exec_blocker(
         node.fs, bin_dir, pid=node.opts.pid if node.pid_ok else None, proc=node.proc
     )
@@ -748,7 +750,8 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
         raise
     # 7. done: binaries of runtimes no longer asked for go, then the state forgets them
     kept = {r.shim for r in records}
-    for record in the_plan.dropped:
+    moved = own_prev.runtimes if own_prev is not None else ()  # a binary whose place changed
+    for record in (*the_plan.dropped, *moved):
         if record.shim not in kept and fs.remove(PurePosixPath(record.shim)):
             log(f"step=binary action=remove path={record.shim}")
     _kill_point("state")
@@ -857,7 +860,8 @@ def _rollback(
             if lay.config_path.name + ".orig" in fs.listdir(node.backup_dir):
                 fs.remove(node.backup_dir / (lay.config_path.name + ".orig"))
             fs.rmdir_if_empty(node.backup_dir)
-            fs.rmdir_if_empty(node.install_dir / "bin")
+            for name in (BIN_DIR_NAME, plan.RANCHER_SHIM_DIR):
+                fs.rmdir_if_empty(node.install_dir / name)
             fs.rmdir_if_empty(node.install_dir)
         else:
             fs.atomic_write(node.state_path, prev_state.to_json(), mode=0o600, keep_metadata=False)
@@ -987,7 +991,8 @@ def uninstall(
                 fs.remove(PurePosixPath(state.config.backup))
             fs.remove(node.state_path)
             fs.rmdir_if_empty(node.backup_dir)
-            fs.rmdir_if_empty(node.install_dir / "bin")
+            for name in (BIN_DIR_NAME, plan.RANCHER_SHIM_DIR):
+                fs.rmdir_if_empty(node.install_dir / name)
         outcome.changed = True
         outcome.runtimes = _runtime_dicts(chosen)
     if not keep:

@@ -136,6 +136,20 @@ def parse_shim_binary(binary: str) -> tuple[str, str]:
     return found["name"], found["version"]
 
 
+#: Layouts whose distribution scans /opt/kwasm/bin for shims and renders a runtime of its own for
+#: each one it finds (k3s since k3s-io/k3s#8751, also rke2): our binaries go elsewhere there, or
+#: the next render would define our handler twice (field case 01, spinframework/containerd-shim-spin#227).
+SCANNED_BIN_LAYOUTS = frozenset({"k3s", "k3d", "rke2"})
+RANCHER_SHIM_DIR = "shims"
+
+
+def shim_dir(layout: Layout, install_dir: PurePosixPath) -> PurePosixPath:
+    """Node directory our shim binaries go to: `<install-dir>/bin`, or `<install-dir>/shims` on
+    k3s/rke2 (which would pick binaries in /opt/kwasm/bin up and render its own runtime)."""
+    name = RANCHER_SHIM_DIR if layout.name in SCANNED_BIN_LAYOUTS else BIN_DIR_NAME
+    return install_dir / name
+
+
 def shim_name(binary: str) -> str:
     """`containerd-shim-spin-v2` -> `spin` (see parse_shim_binary; raises UsageError)."""
     return parse_shim_binary(binary)[0]
@@ -215,7 +229,7 @@ def make_plan(
     systemd = cc.runc_systemd_cgroup(reference_data, choice.schema) or cc.runc_systemd_cgroup(
         doc.data, choice.schema
     )
-    bin_dir = install_dir / BIN_DIR_NAME
+    bin_dir = shim_dir(layout, install_dir)
     steps: list[BinaryStep] = []
     entries: list[cc.RuntimeEntry] = []
     handlers: set[str] = set()
