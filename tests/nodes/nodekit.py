@@ -123,6 +123,13 @@ class NodeHandle:
         return sandbox.flavor(self.flavor).config
 
     @property
+    def installed_shim(self) -> str:
+        """Node path of the installed spin shim: <install-dir>/bin, or /shims on k3s-shaped nodes
+        (k3s would pick a shim in /opt/kwasm/bin up and render a runtime of its own)."""
+        where = "bin" if self.flavor == "containerd" else "shims"
+        return f"/opt/kwasm/{where}/containerd-shim-spin-v2"
+
+    @property
     def edited_config(self) -> str:
         """The file an installer must edit (node path): the template on k3s-shaped nodes."""
         if self.flavor == "containerd":

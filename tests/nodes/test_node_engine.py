@@ -14,7 +14,6 @@ from nodekit import KINDS, REPO, SPIN_RUNTIME_TYPE, json_out, sha256
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
-INSTALLED_SHIM = "/opt/kwasm/bin/containerd-shim-spin-v2"
 STATE_FILE = "/opt/kwasm/kwasm-state.json"
 
 
@@ -100,8 +99,8 @@ def test_rerun_changes_nothing(any_node, test_shim):
     assert first.returncode == 0, first.stderr
     proc_before = node.wait_ready()
     stats = {p: node.path(p).stat().st_mtime_ns for p in watched_files(node)}
-    stats[INSTALLED_SHIM] = node.path(INSTALLED_SHIM).stat().st_mtime_ns
-    content = node.snapshot(*watched_files(node), INSTALLED_SHIM)
+    stats[node.installed_shim] = node.path(node.installed_shim).stat().st_mtime_ns
+    content = node.snapshot(*watched_files(node), node.installed_shim)
     starts = node.containerd_starts()
     again = install(node, shim)
     assert again.returncode == 0, again.stderr
@@ -111,15 +110,15 @@ def test_rerun_changes_nothing(any_node, test_shim):
     assert node.containerd() == proc_before
     assert node.containerd_starts() == starts
     assert {p: node.path(p).stat().st_mtime_ns for p in stats} == stats
-    assert node.snapshot(*watched_files(node), INSTALLED_SHIM) == content
+    assert node.snapshot(*watched_files(node), node.installed_shim) == content
     assert node.runtimes()["spin"] == out["runtimes"][0]["runtime_type"]
 
 
 def test_uninstall_restores_the_original_files_byte_for_byte(any_node, test_shim):
     """uninstall puts back every file as it was (absent stays absent); containerd still runs."""
     node, shim = any_node, test_shim()
-    original = node.snapshot(*watched_files(node), INSTALLED_SHIM)
-    assert original[INSTALLED_SHIM] is None
+    original = node.snapshot(*watched_files(node), node.installed_shim)
+    assert original[node.installed_shim] is None
     proc = install(node, shim)
     assert proc.returncode == 0, proc.stderr
     assert node.snapshot(*watched_files(node)) != {p: original[p] for p in watched_files(node)}
@@ -129,7 +128,7 @@ def test_uninstall_restores_the_original_files_byte_for_byte(any_node, test_shim
     assert out["ok"] is True
     assert out["changed"] is True
     node.wait_ready()
-    assert node.snapshot(*watched_files(node), INSTALLED_SHIM) == original
+    assert node.snapshot(*watched_files(node), node.installed_shim) == original
     assert "spin" not in node.runtimes()
     assert node.runtimes().get("runc") == "io.containerd.runc.v2"
     # Uninstalling again changes nothing.
@@ -155,12 +154,12 @@ def test_install_then_upgrade_the_shim_in_place(bookworm_node, test_shim):
 def test_plan_changes_nothing_and_names_the_layout(any_node, test_shim):
     """plan prints what install would do and touches nothing on the node."""
     node, shim = any_node, test_shim()
-    before = node.snapshot(*watched_files(node), INSTALLED_SHIM, STATE_FILE)
+    before = node.snapshot(*watched_files(node), node.installed_shim, STATE_FILE)
     proc_before = node.wait_ready()
     proc = node.kwasm("node", "plan", "--shim", str(shim), *node.restart_args)
     assert proc.returncode == 0, proc.stderr
     assert node.edited_config in proc.stdout
-    assert node.snapshot(*watched_files(node), INSTALLED_SHIM, STATE_FILE) == before
+    assert node.snapshot(*watched_files(node), node.installed_shim, STATE_FILE) == before
     assert node.containerd() == proc_before
 
 
@@ -171,7 +170,7 @@ def test_full_cycle_on_containerd_16_with_its_default_config(bookworm_node, test
     old, _ = node.wait_ready()
     node.run("systemctl", "restart", "containerd", check=True)  # returns once it is ready
     assert node.wait_ready()[0] != old
-    original = node.snapshot(node.config, INSTALLED_SHIM)
+    original = node.snapshot(node.config, node.installed_shim)
     proc = install(node, shim)
     assert proc.returncode == 0, proc.stderr
     out = json_out(proc)
@@ -184,7 +183,7 @@ def test_full_cycle_on_containerd_16_with_its_default_config(bookworm_node, test
     removed = uninstall(node)
     assert removed.returncode == 0, removed.stderr
     node.wait_ready()
-    assert node.snapshot(node.config, INSTALLED_SHIM) == original
+    assert node.snapshot(node.config, node.installed_shim) == original
     assert "spin" not in node.runtimes()
 
 
@@ -223,5 +222,5 @@ def test_k3s_own_spin_is_refused_before_writing(make_node, test_shim):
     assert {
         p: node.path(p).read_bytes() if node.path(p).exists() else None for p in watched_files(node)
     } == files
-    assert not node.path(INSTALLED_SHIM).exists()
+    assert not node.path(node.installed_shim).exists()
     assert node.wait_ready()[0] == before_pid

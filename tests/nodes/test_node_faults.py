@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nodekit import KINDS, json_out
-from test_node_engine import INSTALLED_SHIM, install, runtime_table
+from test_node_engine import install, runtime_table
 
 from kwasm_py import sandbox
 from tests.harness.cli import start_kwasm
@@ -101,7 +101,7 @@ def test_containerd_not_coming_back_rolls_back(make_node, test_shim, kind):
         dropin.write_text(FAIL_IF_SPIN.format(path=probe))
 
     node, shim = make_node(suite, flavor, prepare=prepare), test_shim()
-    files = sorted({node.config, node.edited_config, INSTALLED_SHIM})
+    files = sorted({node.config, node.edited_config, node.installed_shim})
     before = node.snapshot(*files)
     proc = install(node, shim)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -167,7 +167,7 @@ def test_upgrade_while_the_old_shim_runs(make_node, tmp_path):
     node = make_node("sid", "containerd")
     v1, v2 = _elf_shim(tmp_path, "v1"), _elf_shim(tmp_path, "v2")
     assert install(node, v1).returncode == 0
-    installed = node.path(INSTALLED_SHIM)
+    installed = node.path(node.installed_shim)
     running = subprocess.Popen([str(installed), "600"])
     try:
         assert os.readlink(f"/proc/{running.pid}/exe") == str(installed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nodekit import json_out
-from test_node_engine import INSTALLED_SHIM, STATE_FILE, install, uninstall, watched_files
+from test_node_engine import STATE_FILE, install, uninstall, watched_files
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
 
@@ -32,10 +32,10 @@ def test_plan_uninstall_changes_nothing_and_matches_uninstall(any_node, test_shi
     assert node.snapshot(*watched_files(node)) == files and kwasm_files(node) == ours
     assert node.containerd() == ctd, "planning restarted nothing"
     assert data["remove"] == ["spin"] and data["config"] == node.edited_config
-    assert INSTALLED_SHIM in data["files_removed"] and STATE_FILE in data["files_removed"]
+    assert node.installed_shim in data["files_removed"] and STATE_FILE in data["files_removed"]
     assert data["restart"] != "none needed" and data["diff"]
     text = node.kwasm("node", "plan", "--uninstall", *node.restart_args)
-    assert text.returncode == 0 and f"delete:     {INSTALLED_SHIM}" in text.stdout
+    assert text.returncode == 0 and f"delete:     {node.installed_shim}" in text.stdout
     removed = uninstall(node)
     assert removed.returncode == 0, removed.stderr
     assert json_out(removed)["restarted"] is True
