@@ -98,7 +98,9 @@ def test_drift_is_repaired(standin: StandIn, agents, tmp_path):
 def test_api_500_on_label_patch_is_retried(standin: StandIn, agents):
     """500s on the Node PATCH after a good install: the agent backs off and labels later."""
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
-    standin.inject(500, 3, method="PATCH", plural="nodes")
+    # Each attempt patches twice (phase installing, best effort; then the label): six faults
+    # make the label patch fail three times.
+    standin.inject(500, 6, method="PATCH", plural="nodes")
     agent = agents("n1")
     wait_labelled(standin, "n1")
     assert len(agent.events("api_error")) >= 3

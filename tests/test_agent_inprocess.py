@@ -13,6 +13,7 @@ from kwasm_py.cluster.agentlog import Logger
 from kwasm_py.cluster.engine_proc import EngineFailed
 from kwasm_py.contract import EngineResult, Runtime
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
+from tests.harness.kube_standin import strategic_node_patch
 
 SPIN = Runtime(
     "spin", "/opt/kwasm/bin/containerd-shim-spin-v2", "/opt/kwasm/bin/containerd-shim-spin-v2", "cd" * 32
@@ -43,6 +44,10 @@ class FakeApi:
                     target.pop(key, None)
                 else:
                     target[key] = value
+
+    def patch_node_status(self, name: str, patch: dict) -> None:
+        self.calls.append("patch_status")
+        self.node = strategic_node_patch(self.node, patch)
 
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
         return iter(())
@@ -107,7 +112,15 @@ def test_verified_install_is_labelled_after_the_engine_inside_the_lease():
     the runtimes in status and event coming from the typed result."""
     agent, api = _agent(GOOD)
     agent.reconcile(api.get_node("n1"))
-    assert api.calls[1:] == ["lease:n1", "engine:install", "lease:None", "patch_node", "event:Provisioned"]
+    assert api.calls[1:] == [
+        "lease:n1",
+        "patch_node",  # phase installing
+        "engine:install",
+        "lease:None",
+        "patch_node",  # label + phase provisioned
+        "patch_status",  # condition KwasmProvisioned=True
+        "event:Provisioned",
+    ]
     assert api.node["metadata"]["labels"][PROVISIONED_LABEL] == "true"
     assert _status(api)["runtimes"] == [SPIN.to_json()]
     assert api.events[0]["message"] == (

@@ -359,6 +359,15 @@ def agent(
     watch_timeout: Annotated[
         int, typer.Option("--watch-timeout", envvar="KWASM_WATCH_TIMEOUT", min=1, hidden=True)
     ] = 300,
+    kubelet_timeout: Annotated[
+        float,
+        typer.Option(
+            "--kubelet-timeout",
+            envvar="KWASM_KUBELET_TIMEOUT",
+            min=0,
+            help="seconds to wait for the kubelet to list a new handler in status.runtimeHandlers",
+        ),
+    ] = 120.0,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -378,7 +387,7 @@ def agent(
     from kwasm_py.cluster import kube, lean
     from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
     from kwasm_py.cluster.agentlog import Logger
-    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
+    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shim_versions, default_node_command
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -388,9 +397,12 @@ def agent(
     # engine gets each shim as its own argument.
     shims = [p for value in shim or [] for p in value.split(",") if p]
     handlers: list[str] = []
+    versions: dict[str, str] = {}
     if not shims:  # from the image, a download, or a directory on the node
         try:
-            shims, handlers = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
+            found = agent_shim_versions(shim_source, shim_dir=shim_dir, host_root=host_root)
+            shims, handlers = [p for p, _, _ in found], [h for _, h, _ in found]
+            versions = {h: v for _, h, v in found}
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
             log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
@@ -412,6 +424,8 @@ def agent(
         drift_interval=drift_interval,
         watch_timeout=watch_timeout,
         backoff=Backoff(scale=backoff_scale),
+        kubelet_timeout=kubelet_timeout,
+        shim_versions=versions,
     )
     the_agent = Agent(
         api,
