@@ -128,7 +128,7 @@ def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path):
     standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     res = invoke("wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
-    assert "node 'n2' not ready: runtime missing" in res.err and "'n1'" not in res.err
+    assert "node 'n2' failed at step verify: runtime missing" in res.err and "'n1'" not in res.err
     standin.patch_node("n2", {"metadata": {"labels": {PROVISIONED_LABEL: "true"}}})
     res = invoke("wait", "n1", "n2", "--timeout", "5", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err

@@ -38,9 +38,13 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _stdout_console() -> Any:
+def _stdout_console(*, wide: bool = False) -> Any:
+    """Rich console on stdout; ``wide``: a table is never folded when stdout is no terminal
+    (a pipe or a file gets whole lines, as kubectl prints them)."""
     from rich.console import Console
 
+    if wide and not sys.stdout.isatty():
+        return Console(soft_wrap=True, width=1000)
     return Console(soft_wrap=True)
 
 
@@ -177,7 +181,8 @@ def status(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Every node: opted in, provisioned, runtimes and versions, last failure."""
+    """Every node: opted in, provisioned, phase, runtimes and versions, the kubelet's view of
+    the handlers, last failure."""
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
     from kwasm_py.cluster import official
@@ -189,26 +194,54 @@ def status(
         return
     from rich.table import Table
 
-    table = Table("NODE", "OPTED-IN", "PROVISIONED", "RUNTIMES", "SINCE", "LAST FAILURE", box=None)
+    table = Table(
+        "NODE", "OPTED-IN", "PROVISIONED", "PHASE", "RUNTIMES", "KUBELET", "SINCE", "LAST FAILURE", box=None
+    )
     for r in rows:
-        runtimes = " ".join(f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes)
         table.add_row(
             r.name,
             "yes" if r.opted_in else "no",
             "yes" if r.provisioned else "no",
-            runtimes or "-",
+            r.phase or "-",
+            _runtimes_cell(r) or "-",
+            _kubelet_cell(r),
             r.time or "-",
-            r.reason or "-",
+            (f"{r.step}: {r.reason}" if r.step else r.reason) or "-",
         )
-    _stdout_console().print(table)
+    _stdout_console(wide=True).print(table)
+
+
+def _runtimes_cell(row: NodeRow) -> str:
+    """``handler@sha256[:12]`` per runtime, with the shim version where the status has it."""
+    versions = {str(s.get("handler")): str(s.get("version") or "") for s in row.shims}
+    cells = []
+    for x in row.runtimes:
+        handler = str(x.get("handler"))
+        version = versions.get(handler)
+        cells.append(f"{handler}@{str(x.get('sha256', ''))[:12]}" + (f" ({version})" if version else ""))
+    return " ".join(cells)
+
+
+def _kubelet_cell(row: NodeRow) -> str:
+    """The kubelet's view: per runtime whether status.runtimeHandlers lists it, or the
+    handlers it lists when none is installed; "not reported" without the field."""
+    if row.kubelet is None:
+        return "not reported"
+    handlers = [str(x.get("handler")) for x in row.runtimes]
+    if not handlers:
+        return ",".join(h or "(default)" for h in row.kubelet)
+    return " ".join(h if h in row.kubelet else f"{h} missing" for h in handlers)
 
 
 def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
-    """Poll until the nodes are provisioned (want) or cleaned up (not want); pending names."""
+    """Poll until the nodes are provisioned (want) or cleaned up (not want), printing each
+    node's phase as it changes; returns the names not done: at the deadline, or at once when
+    an agent reports a failure (naming the failed step)."""
     from kwasm_py.cluster import nodeview
 
     deadline = time.monotonic() + timeout
     interval = 0.5
+    phases: dict[str, str] = {}
     while True:
         nodes = {nodeview.name_of(n): n for n in api.list_nodes()}
         if names is None:
@@ -230,10 +263,18 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
             return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (meta.get("annotations") or {})
 
         pending = [t for t in targets if not done(nodes[t])]
+        _print_phases(phases, {t: nodeview.row(nodes[t]) for t in targets})
         if not pending:
             what = "provisioned" if want else "unprovisioned"
             print(f"{len(targets)} node(s) {what}", file=sys.stderr)
             return []
+        failed = [t for t in pending if nodeview.row(nodes[t]).failed]
+        if failed:
+            for name in failed:
+                row = nodeview.row(nodes[name])
+                where = f" at step {row.step}" if row.step else ""
+                print(f"error: node {name!r} failed{where}: {row.reason or 'no reason recorded'}", file=sys.stderr)
+            return pending
         if time.monotonic() >= deadline:
             for name in pending:
                 row = nodeview.row(nodes[name])
@@ -244,6 +285,16 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
         interval = min(interval * 1.5, 5.0)
 
 
+def _print_phases(seen: dict[str, str], rows: dict[str, NodeRow]) -> None:
+    """Print ``node NAME: PHASE (TIME)`` on stderr for each node whose phase changed since
+    the last poll (``seen`` is updated)."""
+    for name, row in rows.items():
+        if row.phase and seen.get(name) != row.phase:
+            when = row.phases.get(row.phase) or row.time
+            print(f"node {name}: {row.phase}" + (f" ({when})" if when else ""), file=sys.stderr)
+        seen[name] = row.phase
+
+
 def wait(
     nodes: Annotated[list[str] | None, typer.Argument(help="node names")] = None,
     all_nodes: Annotated[bool, typer.Option("--all", help="every opted-in node")] = False,
@@ -251,7 +302,8 @@ def wait(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Wait until opted-in nodes are provisioned; exit 1 naming the ones that are not."""
+    """Wait until opted-in nodes are provisioned, printing their phases; exit 1 naming the
+    ones that are not, at once when a node fails (with the failed step)."""
     if bool(nodes) == all_nodes:
         raise UsageError("name the nodes or pass --all (one of them)")
     from kwasm_py.cluster import official
