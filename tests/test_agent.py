@@ -412,3 +412,108 @@ def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, ag
         used.add((group, resource, verb))
     unused = {(g, r, v) for g, r, v, _, _ in grants} - used
     assert not unused, f"installer.yaml grants what the agent never uses: {sorted(unused)}"
+
+
+def condition(api: StandIn, node: str) -> dict | None:
+    conds = api.node(node).get("status", {}).get("conditions") or []
+    found = [c for c in conds if c["type"] == "KwasmProvisioned"]
+    return found[0] if found else None
+
+
+def test_kubelet_confirms_before_the_label(standin: StandIn, agents):
+    """The Node reports runtime handlers (1.30+ kubelet, containerd 2.x) without spin: the
+    agent installs, records phase verifying and does not label; once the kubelet lists spin
+    the node is labelled, the status says check kubelet, and KwasmProvisioned is True next to
+    the kubelet's Ready condition."""
+    standin.add_node("n1")
+    standin.set_runtime_handlers("n1", ["", "runc"])
+    agent = agents("n1", KWASM_KUBELET_TIMEOUT="60")
+    standin.patch_node("n1", OPT_IN)
+    standin.wait_for(lambda: status(standin, "n1").get("phase") == "verifying", what="phase verifying")
+    assert agent.events("kubelet_wait") and not labelled(standin, "n1")
+    assert [c["verb"] for c in agent.calls() if c["verb"] == "install"] == ["install"]
+    standin.set_runtime_handlers("n1", ["", "runc", "spin"])
+    wait_labelled(standin, "n1")
+    st = status(standin, "n1")
+    assert st["phase"] == "provisioned" and st["check"] == "kubelet"
+    assert {"installing", "verifying", "provisioned"} <= set(st["phases"])
+    # The condition follows the label (a second request, to nodes/status).
+    standin.wait_for(lambda: (condition(standin, "n1") or {}).get("status") == "True", what="condition True")
+    assert [c["type"] for c in standin.node("n1")["status"]["conditions"]] == ["Ready", "KwasmProvisioned"]
+    standin.wait_for(lambda: standin.events("Provisioned", "n1"), what="Provisioned event")
+    ev = standin.events("Provisioned", "n1")[0]
+    assert "verified by containerd and the kubelet" in ev["message"]
+
+
+def test_kubelet_that_never_lists_the_handler_fails_the_node(standin: StandIn, agents):
+    """The field is present and spin never appears: after KWASM_KUBELET_TIMEOUT the node fails
+    at step kubelet: no label, condition False, a Warning naming the kubelet."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    standin.set_runtime_handlers("n1", ["runc"])
+    agents("n1", KWASM_KUBELET_TIMEOUT="0.3")
+    standin.wait_for(lambda: standin.events("ProvisionFailed", "n1"), what="ProvisionFailed")
+    ev = standin.events("ProvisionFailed", "n1")[0]
+    assert ev["message"].startswith("kubelet: the kubelet does not report runtime handler spin")
+    assert not labelled(standin, "n1")
+    st = status(standin, "n1")
+    assert st["phase"] == "failed" and st["step"] == "kubelet"
+    cond = condition(standin, "n1")
+    assert cond is not None and cond["status"] == "False" and cond["reason"] == "Failed"
+
+
+def test_without_the_field_cri_decides_and_status_says_so(standin: StandIn, agents):
+    """No status.runtimeHandlers (kubelet < 1.30 or containerd 1.x): labelled on containerd's
+    word, check cri, condition True."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    agents("n1")
+    wait_labelled(standin, "n1")
+    assert status(standin, "n1")["check"] == "cri"
+    standin.wait_for(lambda: (condition(standin, "n1") or {}).get("status") == "True", what="condition True")
+
+
+def test_retry_runs_on_time_while_the_watch_is_idle(standin: StandIn, agents, tmp_path):
+    """A failure handled from a watch event schedules a retry in milliseconds; it runs then,
+    not at the end of the agent's 300 s watch (the Node stays untouched meanwhile)."""
+    standin.add_node("n1")
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "fail-install").write_text("containerd does not list runtime spin")
+    agent = agents("n1", root=root, KWASM_WATCH_TIMEOUT="300", KWASM_BACKOFF_SCALE="0.5")
+    standin.wait_for(
+        lambda: any(r.query.get("watch") for r in standin.recorded("GET", "nodes")), what="a watch"
+    )
+    standin.patch_node("n1", OPT_IN)
+    standin.wait_for(lambda: standin.events("ProvisionFailed", "n1"), what="ProvisionFailed")
+    (root / "fail-install").unlink()  # the node heals; nothing writes to the Node
+    wait_labelled(standin, "n1", timeout=20)
+    assert len([c for c in agent.calls() if c["verb"] == "install"]) >= 2
+
+
+def test_drift_check_runs_on_time_while_the_watch_is_idle(standin: StandIn, agents):
+    """Opted in through the watch, then the drift check (every 0.2 s) runs although no Node
+    event arrives within the 300 s watch."""
+    standin.add_node("n1")
+    agent = agents("n1", KWASM_WATCH_TIMEOUT="300", KWASM_DRIFT_INTERVAL="0.2")
+    standin.wait_for(
+        lambda: any(r.query.get("watch") for r in standin.recorded("GET", "nodes")), what="a watch"
+    )
+    standin.patch_node("n1", OPT_IN)
+    wait_labelled(standin, "n1")
+    (agent.root / "drift").write_text("runtime spin missing from config")
+    standin.wait_for(lambda: standin.events("Repaired", "n1"), timeout=20, what="Repaired event")
+
+
+def test_failure_after_provisioning_removes_label_and_sets_condition_false(standin: StandIn, agents):
+    """Provisioned, then drift whose repair fails: the label goes, the condition turns False,
+    the phase is failed with the engine's step and reason."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    agent = agents("n1", KWASM_DRIFT_INTERVAL="0.2")
+    wait_labelled(standin, "n1")
+    (agent.root / "fail-install").write_text("containerd does not list runtime spin")
+    (agent.root / "drift").write_text("runtime spin missing from config")
+    standin.wait_for(lambda: not labelled(standin, "n1"), what="label removed")
+    st = status(standin, "n1")
+    assert st["phase"] == "failed" and st["step"] == "verify"
+    standin.wait_for(
+        lambda: (condition(standin, "n1") or {}).get("status") == "False", what="condition False"
+    )

@@ -4,9 +4,9 @@ on the Node for each kind of engine result, and the order of its effects."""
 from __future__ import annotations
 
 import copy
-import threading
 import io
 import json
+import threading
 from collections.abc import Iterator
 
 from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
@@ -237,14 +237,18 @@ def test_absent_field_lets_cri_decide_and_says_so():
     agent.reconcile(api.get_node("n1"))
     st = _status(api)
     assert api.node["metadata"]["labels"][PROVISIONED_LABEL] == "true"
-    assert st["check"] == "cri" and st["shims"] == [{"handler": "spin", "version": "v0.15.1", "sha256": "cd" * 32}]
+    assert st["check"] == "cri" and st["shims"] == [
+        {"handler": "spin", "version": "v0.15.1", "sha256": "cd" * 32}
+    ]
     assert "verified by containerd (" in api.events[0]["message"]
 
 
 def test_unverified_install_is_not_labelled_even_when_the_kubelet_lists_the_handler():
     """The kubelet listing spin (from an earlier install) does not stand in for containerd's
     verification: an unverified install fails at verify and takes an existing label away."""
-    agent, api = _agent(EngineResult(command="install", changed=True, runtimes=(SPIN,)), labels={PROVISIONED_LABEL: "true"})
+    agent, api = _agent(
+        EngineResult(command="install", changed=True, runtimes=(SPIN,)), labels={PROVISIONED_LABEL: "true"}
+    )
     api.node = _with_handlers(api.node, "runc", "spin")
     agent.reconcile(api.get_node("n1"))
     assert PROVISIONED_LABEL not in api.node["metadata"]["labels"]
@@ -265,9 +269,15 @@ def test_later_failure_takes_the_label_and_condition_away():
     agent.provision(api.get_node("n1"), repair=True)
     assert PROVISIONED_LABEL not in api.node["metadata"]["labels"]
     st = _status(api)
-    assert st["phase"] == "failed" and st["step"] == "restart" and st["reason"] == "containerd did not come back"
+    assert (
+        st["phase"] == "failed" and st["step"] == "restart" and st["reason"] == "containerd did not come back"
+    )
     cond = _condition(api)
-    assert cond is not None and cond["status"] == "False" and cond["lastTransitionTime"] == "2033-05-18T03:33:20Z"
+    assert (
+        cond is not None
+        and cond["status"] == "False"
+        and cond["lastTransitionTime"] == "2033-05-18T03:33:20Z"
+    )
 
 
 def test_opt_out_removes_the_condition():
@@ -364,3 +374,36 @@ def test_retry_fires_while_the_watch_is_idle():
     finally:
         api.release.set()
     assert engine.installs == 2
+
+
+def test_an_update_caused_by_our_own_earlier_patch_does_not_install_again():
+    """The watch delivers the Node as our phase-installing patch left it (no label yet) after
+    the label was written: it is recognised as older than our last write and ignored; a Node
+    whose label someone removed later is acted on."""
+    agent, api = _agent(GOOD)
+    snapshots: list[dict] = []
+    real_patch = api.patch_node
+
+    def recording_patch(name: str, patch: dict) -> None:
+        real_patch(name, patch)
+        snapshots.append(copy.deepcopy(api.node))
+
+    api.patch_node = recording_patch  # type: ignore[method-assign]
+    agent.wall_clock = agent.progress.wall_clock = iter(range(1_700_000_000, 1_800_000_000)).__next__  # type: ignore[assignment]
+    agent.reconcile(api.get_node("n1"))
+    installing = snapshots[0]
+    assert (
+        nodeview_phase(installing) == "installing"
+        and PROVISIONED_LABEL not in installing["metadata"]["labels"]
+    )
+    agent.reconcile(copy.deepcopy(installing))
+    assert api.calls.count("engine:install") == 1
+    api.node["metadata"]["labels"].pop(PROVISIONED_LABEL)  # someone takes the label away
+    agent.reconcile(api.get_node("n1"))
+    assert (
+        api.calls.count("engine:install") == 2 and api.node["metadata"]["labels"][PROVISIONED_LABEL] == "true"
+    )
+
+
+def nodeview_phase(node: dict) -> str:
+    return json.loads(node["metadata"]["annotations"][STATUS_ANNOTATION])["phase"]

@@ -793,6 +793,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._watch(res, ns, query)
                 return
             rec.status = 200
+            if sub and method not in ("GET", "PATCH"):  # only these are modelled on nodes/status
+                raise ApiFailure(405, f"{method} not allowed on {path}", "MethodNotAllowed")
             if method == "GET":
                 doc = self.api.get(res, ns, name) if name else self.api.list(res, ns, query)
             elif method == "POST" and not name:
@@ -800,8 +802,6 @@ class _Handler(BaseHTTPRequestHandler):
                 rec.status = 201
             elif method == "PUT" and name:
                 doc = self.api.update(res, ns, name, rec.body or {})
-            elif sub and not (method in ("GET", "PATCH") and name):
-                raise ApiFailure(405, f"{method} not allowed on {path}", "MethodNotAllowed")
             elif method == "PATCH" and name:
                 doc = self.api.patch(res, ns, name, rec.body, rec.content_type, subresource=sub)
             elif method == "DELETE" and name:

@@ -203,34 +203,12 @@ def status(
             "yes" if r.opted_in else "no",
             "yes" if r.provisioned else "no",
             r.phase or "-",
-            _runtimes_cell(r) or "-",
-            _kubelet_cell(r),
+            r.runtimes_cell() or "-",
+            r.kubelet_cell(),
             r.time or "-",
             (f"{r.step}: {r.reason}" if r.step else r.reason) or "-",
         )
     _stdout_console(wide=True).print(table)
-
-
-def _runtimes_cell(row: NodeRow) -> str:
-    """``handler@sha256[:12]`` per runtime, with the shim version where the status has it."""
-    versions = {str(s.get("handler")): str(s.get("version") or "") for s in row.shims}
-    cells = []
-    for x in row.runtimes:
-        handler = str(x.get("handler"))
-        version = versions.get(handler)
-        cells.append(f"{handler}@{str(x.get('sha256', ''))[:12]}" + (f" ({version})" if version else ""))
-    return " ".join(cells)
-
-
-def _kubelet_cell(row: NodeRow) -> str:
-    """The kubelet's view: per runtime whether status.runtimeHandlers lists it, or the
-    handlers it lists when none is installed; "not reported" without the field."""
-    if row.kubelet is None:
-        return "not reported"
-    handlers = [str(x.get("handler")) for x in row.runtimes]
-    if not handlers:
-        return ",".join(h or "(default)" for h in row.kubelet)
-    return " ".join(h if h in row.kubelet else f"{h} missing" for h in handlers)
 
 
 def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
@@ -273,7 +251,10 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
             for name in failed:
                 row = nodeview.row(nodes[name])
                 where = f" at step {row.step}" if row.step else ""
-                print(f"error: node {name!r} failed{where}: {row.reason or 'no reason recorded'}", file=sys.stderr)
+                print(
+                    f"error: node {name!r} failed{where}: {row.reason or 'no reason recorded'}",
+                    file=sys.stderr,
+                )
             return pending
         if time.monotonic() >= deadline:
             for name in pending:

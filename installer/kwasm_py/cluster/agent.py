@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from kwasm_py.cluster import nodeview
+from kwasm_py.cluster import kubelet, nodeview
 from kwasm_py.cluster.agentlog import Logger, node_event
 from kwasm_py.cluster.engine_proc import Engine, EngineFailed
 from kwasm_py.cluster.kube import AgentApi
+from kwasm_py.cluster.kubelet import KubeletGate
 from kwasm_py.cluster.leases import RestartLeases
 from kwasm_py.cluster.nodewatch import NodeWatch
 from kwasm_py.cluster.progress import Progress
@@ -67,12 +68,8 @@ class Backoff:
 class AgentConfig:
     """The agent's settings: its node, the Lease and Event namespaces, restart parallelism,
     Lease term, drift interval and watch timeout (seconds), the retry backoff, how long to
-    wait for the kubelet to report a new runtime handler, and the shim versions (handler ->
-    version) to record.
-
-    ``kubelet_timeout``: the kubelet refreshes the runtime's status every 5 s and posts a
-    changed node status within ``nodeStatusUpdateFrequency`` (10 s by default,
-    KubeletConfiguration); 120 s leaves room for a slow kubelet and API server."""
+    wait for the kubelet to list a new handler (:mod:`~kwasm_py.cluster.kubelet`), and the
+    shim versions (handler -> version) to record."""
 
     node_name: str
     namespace: str  # the installer namespace: restart Leases live here
@@ -82,18 +79,8 @@ class AgentConfig:
     drift_interval: float = 300.0
     watch_timeout: int = 300
     backoff: Backoff = Backoff()
-    kubelet_timeout: float = 120.0
+    kubelet_timeout: float = kubelet.DEFAULT_TIMEOUT
     shim_versions: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AwaitKubelet:
-    """A verified install waiting for the kubelet to list its handlers (until ``deadline``,
-    on the agent's monotonic clock)."""
-
-    result: EngineResult
-    repair: bool
-    deadline: float
 
 
 class Agent:
@@ -129,11 +116,14 @@ class Agent:
         self.failures = 0
         self.next_retry: float | None = None
         self.next_drift: float | None = None
-        self.awaiting: AwaitKubelet | None = None
+        self.kubelet = KubeletGate(config.kubelet_timeout, clock)
         self.api_failures = 0
         self.stopping = False
         self._critical = 0
         self.node: JSON = {}
+        self.progress = Progress(
+            api, config.node_name, self.log, versions=config.shim_versions, wall_clock=wall_clock
+        )
         self.leases = RestartLeases(
             api,
             namespace=config.namespace,
@@ -145,10 +135,7 @@ class Agent:
             wall_clock=wall_clock,
             sleep=sleep,
             check_stop=self._check_stop,
-            on_wait=self._waiting,
-        )
-        self.progress = Progress(
-            api, config.node_name, self.log, versions=config.shim_versions, wall_clock=wall_clock
+            on_wait=lambda: self.progress.try_phase("waiting"),  # every slot held by others
         )
 
     # -- stopping
@@ -216,8 +203,7 @@ class Agent:
 
     def _until_timer(self) -> float | None:
         """Seconds until the next timer is due (0 when overdue), None when none is set."""
-        deadline = self.awaiting.deadline if self.awaiting is not None else None
-        timers = [t for t in (self.next_retry, self.next_drift, deadline) if t is not None]
+        timers = [t for t in (self.next_retry, self.next_drift, self.kubelet.deadline) if t is not None]
         return max(0.0, min(timers) - self.clock()) if timers else None
 
     def tick(self) -> None:
@@ -227,7 +213,7 @@ class Agent:
         if self.next_retry is not None and now >= self.next_retry:
             self.next_retry = None
             self.reconcile(self.api.get_node(self.cfg.node_name))
-        if self.awaiting is not None and now >= self.awaiting.deadline:
+        if self.kubelet.due():
             self._kubelet_timed_out()
         if self.next_drift is not None and now >= self.next_drift:
             self.check_drift()
@@ -237,11 +223,13 @@ class Agent:
     def reconcile(self, node: JSON) -> None:
         """Takes the Node object; installs or uninstalls to match its opt-in (unless already
         done or a retry is not yet due). Raises KubeError when recording on the Node fails."""
+        if self.progress.stale(node):
+            return  # an update our own earlier patch caused; a newer one is on its way
         self.node = node
         self.progress.seen(node)
         if nodeview.opted_in(node):
-            if self.awaiting is not None:
-                self._kubelet_check(node)
+            if self.kubelet.waiting is not None:
+                self._kubelet_update(node)
                 return
             if self.provisioned_ok and nodeview.provisioned(node):
                 return
@@ -251,7 +239,7 @@ class Agent:
         else:
             self.next_retry = None
             self.next_drift = None
-            self.awaiting = None
+            self.kubelet.cancel()
             if self.installed is None:
                 self.installed = self._engine_says_installed()
             if self.installed or nodeview.provisioned(node) or nodeview.status_of(node):
@@ -279,7 +267,7 @@ class Agent:
 
     def _labelled(self, node: JSON, result: EngineResult, *, repair: bool, check: nodeview.Check) -> None:
         """Verified (and confirmed by the kubelet where it reports handlers): label and record."""
-        self.awaiting = None
+        self.kubelet.cancel()
         self.progress.provisioned(node, result.runtimes, check=check)
         runtimes = ",".join(f"{r.handler}@{r.sha256[:12]}" for r in result.runtimes)
         reason = "Repaired" if repair else "Provisioned"
@@ -288,7 +276,9 @@ class Agent:
             reason,
             f"runtimes {runtimes} verified by {by} (changed={result.changed}, restarted={result.restarted})",
         )
-        self.log(reason.lower(), runtimes=runtimes, changed=result.changed, restarted=result.restarted, check=check)
+        self.log(
+            reason.lower(), runtimes=runtimes, changed=result.changed, restarted=result.restarted, check=check
+        )
         self.provisioned_ok = True
         self.failures = 0
         self.next_retry = None
@@ -297,48 +287,35 @@ class Agent:
     # -- the kubelet's confirmation (status.runtimeHandlers)
 
     def _confirm(self, node: JSON, result: EngineResult, *, repair: bool) -> None:
-        """After a verified install: label now when the Node reports no runtime handlers (CRI
-        decides) or already lists ours; otherwise record phase verifying and wait for the
-        kubelet (the watch delivers its status updates; the deadline is a timer)."""
-        handlers = [r.handler for r in result.runtimes]
-        missing = nodeview.kubelet_missing(node, handlers)
-        if missing is None:
-            self._labelled(node, result, repair=repair, check="cri")
-        elif not missing:
-            self._labelled(node, result, repair=repair, check="kubelet")
-        else:
-            self.awaiting = AwaitKubelet(result, repair, self.clock() + self.cfg.kubelet_timeout)
-            self.log("kubelet_wait", handlers=",".join(missing), timeout=f"{self.cfg.kubelet_timeout:g}s")
-            self.progress.phase("verifying")
+        """After a verified install: label now when CRI decides or the kubelet already lists
+        the handlers; otherwise record phase verifying and wait (the watch delivers the
+        kubelet's status updates; the deadline is a timer)."""
+        check = self.kubelet.start(node, result, repair=repair)
+        if check is not None:
+            self._labelled(node, result, repair=repair, check=check)
+            return
+        self.log("kubelet_wait", timeout=f"{self.cfg.kubelet_timeout:g}s")
+        self.progress.phase("verifying")
 
-    def _kubelet_check(self, node: JSON) -> None:
+    def _kubelet_update(self, node: JSON) -> None:
         """A Node update while waiting for the kubelet: label once it lists every handler."""
-        assert self.awaiting is not None  # noqa: S101 - only called while waiting
-        waiting = self.awaiting
-        missing = nodeview.kubelet_missing(node, [r.handler for r in waiting.result.runtimes])
-        if not missing:  # [] confirmed; None: the Node stopped reporting handlers, CRI decides
+        done = self.kubelet.update(node)
+        if done is not None:
             with self.critical():
-                self._labelled(node, waiting.result, repair=waiting.repair, check="cri" if missing is None else "kubelet")
+                self._labelled(node, done[0].result, repair=done[0].repair, check=done[1])
 
     def _kubelet_timed_out(self) -> None:
         """The kubelet deadline passed: a failure at step kubelet (no label), retried later."""
-        assert self.awaiting is not None  # noqa: S101 - only called while waiting
         node = self.api.get_node(self.cfg.node_name)
-        waiting, self.awaiting = self.awaiting, None
-        missing = nodeview.kubelet_missing(node, [r.handler for r in waiting.result.runtimes])
-        if not missing:  # it arrived with the last update
-            self._labelled(node, waiting.result, repair=waiting.repair, check="cri" if missing is None else "kubelet")
+        done = self.kubelet.update(node)
+        if done is not None:  # it arrived with the last update
+            self._labelled(node, done[0].result, repair=done[0].repair, check=done[1])
             return
-        reported = ",".join(nodeview.runtime_handlers(node) or []) or "none"
-        error = (
-            f"the kubelet does not report runtime handler {','.join(missing)} in status.runtimeHandlers"
-            f" after {self.cfg.kubelet_timeout:g}s (it reports {reported})"
-        )
-        self._failed(node, "ProvisionFailed", EngineFailed("kubelet", error))
-
-    def _waiting(self) -> None:
-        """Every restart Lease is held by another node: phase waiting (best effort)."""
-        self.progress.try_phase("waiting")
+        waiting = self.kubelet.cancel()
+        if waiting is not None:
+            self._failed(
+                node, "ProvisionFailed", EngineFailed("kubelet", self.kubelet.failure(node, waiting))
+            )
 
     def _install(self, *, repair: bool) -> EngineResult:
         with self.leases.slot():
@@ -355,7 +332,7 @@ class Agent:
         delay = self.cfg.backoff.delay(self.failures)
         self.next_retry = self.clock() + delay
         self.next_drift = None
-        self.awaiting = None
+        self.kubelet.cancel()
         self.progress.failed(node, step=ex.step, reason=ex.error)
         self.emit(reason, f"{ex.step}: {ex.error}", warning=True)
         self.log(

@@ -147,7 +147,9 @@ def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> 
     return [p for p, _, _ in found], [h for _, h, _ in found]
 
 
-def agent_shim_versions(source: str, *, shim_dir: str | None, host_root: str | None) -> list[tuple[str, str, str]]:
+def agent_shim_versions(
+    source: str, *, shim_dir: str | None, host_root: str | None
+) -> list[tuple[str, str, str]]:
     """Takes ``--shim-source`` (image, fetch or dir), ``--shim-dir`` and the host root; returns
     per shim its path, handler and version (the catalog's, or the fetch record's), in catalog
     order; raises UsageError (dir without

@@ -130,8 +130,7 @@ def shim_entries(runtimes: Sequence[Runtime], versions: Mapping[str, str]) -> li
     shim catalog or the image's record); returns per runtime its handler, version ("" when
     unknown) and sha256."""
     return [
-        {"handler": r.handler, "version": versions.get(r.handler, ""), "sha256": r.sha256}
-        for r in runtimes
+        {"handler": r.handler, "version": versions.get(r.handler, ""), "sha256": r.sha256} for r in runtimes
     ]
 
 
@@ -191,6 +190,26 @@ class NodeRow:
     def failed(self) -> bool:
         """Whether the agent reported a failure (phase ``failed``, or an old ``ok: false``)."""
         return self.phase == "failed" or bool(self.reason)
+
+    def runtimes_cell(self) -> str:
+        """``handler@sha256[:12]`` per runtime, with the shim version where the status has it."""
+        versions = {str(s.get("handler")): str(s.get("version") or "") for s in self.shims}
+        cells = []
+        for x in self.runtimes:
+            handler = str(x.get("handler"))
+            version = versions.get(handler)
+            cells.append(f"{handler}@{str(x.get('sha256', ''))[:12]}" + (f" ({version})" if version else ""))
+        return " ".join(cells)
+
+    def kubelet_cell(self) -> str:
+        """The kubelet's view: per runtime whether status.runtimeHandlers lists it, or the
+        handlers it lists when none is installed; "not reported" without the field."""
+        if self.kubelet is None:
+            return "not reported"
+        handlers = [str(x.get("handler")) for x in self.runtimes]
+        if not handlers:
+            return ",".join(h or "(default)" for h in self.kubelet)
+        return " ".join(h if h in self.kubelet else f"{h} missing" for h in handlers)
 
     def to_json(self) -> JSON:
         """Takes nothing; returns the row as the JSON object `kwasm-py status -o json` prints."""

@@ -96,7 +96,9 @@ class NodeWatch:
                     continue
                 failures += 1
                 delay = self.delay(failures)
-                self.log("api_error", level="warning", error=ex.message, status=ex.status, retry_in=f"{delay:.2f}s")
+                self.log(
+                    "api_error", level="warning", error=ex.message, status=ex.status, retry_in=f"{delay:.2f}s"
+                )
                 rv = ""
                 self._pause(delay)
 

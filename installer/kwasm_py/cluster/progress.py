@@ -29,7 +29,8 @@ class Progress:
 
     ``versions`` maps handler -> shim version (recorded with the runtimes). ``last`` is the
     status annotation as last written (or read off the Node), so consecutive phases of one
-    round keep their times without re-reading the Node.
+    round keep their times without re-reading the Node. ``floor`` is the time of this
+    process's latest write of the annotation (or its removal): see :meth:`stale`.
     """
 
     api: AgentApi
@@ -38,6 +39,17 @@ class Progress:
     versions: Mapping[str, str] = field(default_factory=dict)
     wall_clock: Callable[[], float] = time.time
     last: JSON = field(default_factory=dict)
+    floor: str = ""
+    _pending: tuple[str, str] = ("", "")
+
+    def stale(self, node: JSON) -> bool:
+        """Takes a Node object; returns whether it predates this process's latest write: its
+        status annotation is older than ``floor``. The watch delivers the updates our own
+        phase patches caused after the fact; acting on one of those (a snapshot from before
+        the label) would install again for nothing. A Node without the annotation is never
+        stale (it was removed, by us or by someone else, after any write of ours)."""
+        when = nodeview.status_of(node).get("time")
+        return bool(self.floor) and isinstance(when, str) and bool(when) and when < self.floor
 
     def seen(self, node: JSON) -> None:
         """Takes a Node object the agent saw; adopts its status annotation when this process has
@@ -54,23 +66,33 @@ class Progress:
         step: str = "",
         reason: str = "",
     ) -> str:
+        now = micro_time(self.wall_clock())
         text = nodeview.phase_status(
             self.last,
             phase=phase,
-            now=micro_time(self.wall_clock()),
+            now=now,
             runtimes=runtimes,
             shims=nodeview.shim_entries(runtimes, self.versions),
             check=check,
             step=step,
             reason=reason,
         )
-        self.last = nodeview.status_of({"metadata": {"annotations": {STATUS_ANNOTATION: text}}})
+        self._pending = (text, now)
         return text
+
+    def _written(self) -> None:
+        """The patch carrying the annotation built last succeeded: it is what the Node says."""
+        text, now = self._pending
+        self.last = nodeview.status_of({"metadata": {"annotations": {STATUS_ANNOTATION: text}}})
+        self.floor = now
 
     def phase(self, phase: nodeview.Phase) -> None:
         """Takes an intermediate phase (waiting, installing, verifying, removing); records it in
         the status annotation. Raises KubeError when the patch fails."""
-        self.api.patch_node(self.name, {"metadata": {"annotations": {STATUS_ANNOTATION: self._annotation(phase)}}})
+        self.api.patch_node(
+            self.name, {"metadata": {"annotations": {STATUS_ANNOTATION: self._annotation(phase)}}}
+        )
+        self._written()
         self.log("phase", phase=phase)
 
     def try_phase(self, phase: nodeview.Phase) -> None:
@@ -96,6 +118,7 @@ class Progress:
                 }
             },
         )
+        self._written()
         handlers = ",".join(r.handler for r in runtimes)
         how = "containerd and the kubelet" if check == "kubelet" else "containerd"
         self.condition(node, "provisioned", f"runtimes {handlers} verified by {how}")
@@ -109,6 +132,7 @@ class Progress:
         self.api.patch_node(
             self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: text}}}
         )
+        self._written()
         self.condition(node, "failed", f"{step}: {reason}")
 
     def removed(self, node: JSON) -> None:
@@ -119,6 +143,7 @@ class Progress:
             {"metadata": {"labels": {PROVISIONED_LABEL: None}, "annotations": {STATUS_ANNOTATION: None}}},
         )
         self.last = {}
+        self.floor = micro_time(self.wall_clock())
         if nodeview.condition_of(node) is not None:
             self._status_patch(nodeview.condition_delete_patch(), "removed")
 
