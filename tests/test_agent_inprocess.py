@@ -13,6 +13,7 @@ from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
 from kwasm_py.cluster.agentlog import Logger
 from kwasm_py.cluster.engine_proc import EngineFailed
 from kwasm_py.contract import EngineResult, Runtime
+from kwasm_py.errors import KubeError
 from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
 from tests.harness.kube_standin import strategic_node_patch
 
@@ -173,7 +174,8 @@ def _with_handlers(node: dict, *handlers: str) -> dict:
 def _clocked(result: EngineResult | EngineFailed, **cfg: object) -> tuple[Agent, FakeApi, Clock]:
     agent, api = _agent(result)
     clock = Clock()
-    config = AgentConfig(node_name="n1", namespace="kwasm-system", backoff=Backoff(scale=0), **cfg)  # type: ignore[arg-type]
+    settings: dict = {"backoff": Backoff(scale=0), **cfg}
+    config = AgentConfig(node_name="n1", namespace="kwasm-system", **settings)
     agent = Agent(api, agent.engine, config, log=Logger(io.StringIO()), sleep=lambda s: None, clock=clock)
     return agent, api, clock
 
@@ -407,3 +409,28 @@ def test_an_update_caused_by_our_own_earlier_patch_does_not_install_again():
 
 def nodeview_phase(node: dict) -> str:
     return json.loads(node["metadata"]["annotations"][STATUS_ANNOTATION])["phase"]
+
+
+def test_api_error_at_the_kubelet_deadline_backs_off():
+    """Reading the Node at the kubelet deadline fails: the agent does not retry at once (no hot
+    loop of GETs), but after the backoff, and then fails the node at step kubelet."""
+    agent, api, clock = _clocked(GOOD, kubelet_timeout=10.0, backoff=Backoff(initial=2.0, scale=1.0))
+    api.node = _with_handlers(api.node, "runc")
+    agent.reconcile(api.get_node("n1"))
+    clock.now += 10
+    real_get = api.get_node
+
+    def down(name: str) -> dict:
+        raise KubeError("GET /api/v1/nodes/n1: 503", status=503)
+
+    api.get_node = down  # type: ignore[method-assign]
+    try:
+        agent.tick()
+    except KubeError as ex:
+        agent._api_failed(ex)
+    wait = agent._until_timer()
+    assert wait is not None and wait > 1.0  # the backoff, not the overdue deadline
+    api.get_node = real_get  # type: ignore[method-assign]
+    clock.now += wait
+    agent.tick()
+    assert _status(api)["step"] == "kubelet" and PROVISIONED_LABEL not in api.node["metadata"]["labels"]

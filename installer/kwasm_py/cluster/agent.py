@@ -202,8 +202,10 @@ class Agent:
         self.next_retry = self.clock() + delay
 
     def _until_timer(self) -> float | None:
-        """Seconds until the next timer is due (0 when overdue), None when none is set."""
-        timers = [t for t in (self.next_retry, self.next_drift, self.kubelet.deadline) if t is not None]
+        """Seconds until the next timer is due (0 when overdue), None when none is set. A retry
+        after an API error comes before the kubelet deadline (whose handling reads the Node)."""
+        first = self.next_retry if self.next_retry is not None else self.kubelet.deadline
+        timers = [t for t in (first, self.next_drift) if t is not None]
         return max(0.0, min(timers) - self.clock()) if timers else None
 
     def tick(self) -> None:
@@ -213,7 +215,7 @@ class Agent:
         if self.next_retry is not None and now >= self.next_retry:
             self.next_retry = None
             self.reconcile(self.api.get_node(self.cfg.node_name))
-        if self.kubelet.due():
+        if self.next_retry is None and self.kubelet.due():
             self._kubelet_timed_out()
         if self.next_drift is not None and now >= self.next_drift:
             self.check_drift()
