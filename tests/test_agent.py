@@ -163,6 +163,7 @@ def test_two_nodes_share_one_restart_lease(standin: StandIn, agents, tmp_path):
     b = agents("b", KWASM_FAKE_LOG=str(shared))
     standin.patch_node("b", OPT_IN)
     wait_until(lambda: b.events("lease_wait"), what="b waiting for the lease")
+    standin.wait_for(lambda: status(standin, "b").get("phase") == "waiting", what="b in phase waiting")
     assert "start b" not in shared.read_text()
     with (root_a / "hold-install").open("w") as fifo:  # let a's install finish
         fifo.write("go")
@@ -427,13 +428,22 @@ def test_kubelet_confirms_before_the_label(standin: StandIn, agents):
     the kubelet's Ready condition."""
     standin.add_node("n1")
     standin.set_runtime_handlers("n1", ["", "runc"])
+    at_label: list[list[str]] = []
+
+    def on_write(res, kind, obj):  # what the Node says at the moment the label is written
+        if res.plural == "nodes" and obj["metadata"].get("labels", {}).get(PROVISIONED_LABEL) == "true":
+            at_label.append([h["name"] for h in obj.get("status", {}).get("runtimeHandlers") or []])
+
+    standin.on_write = on_write
     agent = agents("n1", KWASM_KUBELET_TIMEOUT="60")
     standin.patch_node("n1", OPT_IN)
     standin.wait_for(lambda: status(standin, "n1").get("phase") == "verifying", what="phase verifying")
     assert agent.events("kubelet_wait") and not labelled(standin, "n1")
     assert [c["verb"] for c in agent.calls() if c["verb"] == "install"] == ["install"]
+    assert not at_label
     standin.set_runtime_handlers("n1", ["", "runc", "spin"])
     wait_labelled(standin, "n1")
+    assert at_label and all("spin" in handlers for handlers in at_label)
     st = status(standin, "n1")
     assert st["phase"] == "provisioned" and st["check"] == "kubelet"
     assert {"installing", "verifying", "provisioned"} <= set(st["phases"])
@@ -517,3 +527,53 @@ def test_failure_after_provisioning_removes_label_and_sets_condition_false(stand
     standin.wait_for(
         lambda: (condition(standin, "n1") or {}).get("status") == "False", what="condition False"
     )
+
+
+def test_unverified_install_is_never_labelled(standin: StandIn, agents, tmp_path):
+    """The engine installs but containerd did not confirm (verified false): no label is ever
+    written (checked at every write), the failure names step verify; once the engine
+    verifies, the node is labelled."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    label_writes: list[str] = []
+
+    def on_write(res, kind, obj):
+        if res.plural == "nodes" and obj["metadata"].get("labels", {}).get(PROVISIONED_LABEL) == "true":
+            label_writes.append(status_of_obj(obj).get("phase", ""))
+
+    standin.on_write = on_write
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "unverified").write_text("")
+    agents("n1", root=root)
+    standin.wait_for(lambda: len(standin.events("ProvisionFailed", "n1")) >= 2, what="two failed attempts")
+    assert not label_writes and status(standin, "n1")["step"] == "verify"
+    (root / "unverified").unlink()
+    wait_labelled(standin, "n1")
+    assert label_writes[0] == "provisioned"
+
+
+def test_failed_step_from_the_engine_is_the_phase_step(standin: StandIn, agents, tmp_path):
+    """The engine fails at step restart: the status, the condition and `kwasm-py wait` name
+    restart."""
+    from tests.harness.cli import invoke
+
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "fail-install").write_text("containerd did not come back")
+    (root / "fail-step").write_text("restart")
+    agents("n1", root=root, KWASM_BACKOFF_SCALE="50")  # the retry is far off
+    standin.wait_for(lambda: status(standin, "n1").get("phase") == "failed", what="phase failed")
+    assert status(standin, "n1")["step"] == "restart"
+    standin.wait_for(
+        lambda: (condition(standin, "n1") or {}).get("status") == "False", what="condition False"
+    )
+    assert condition(standin, "n1")["message"] == "restart: containerd did not come back"  # type: ignore[index]
+    kubeconfig = standin.kubeconfig(tmp_path / "kubeconfig")
+    res = invoke("wait", "n1", "--timeout", "60", "--kubeconfig", str(kubeconfig))
+    assert res.code == 1 and "node 'n1' failed at step restart: containerd did not come back" in res.err
+
+
+def status_of_obj(obj: dict) -> dict:
+    raw = (obj["metadata"].get("annotations") or {}).get(STATUS_ANNOTATION)
+    return json.loads(raw) if raw else {}
