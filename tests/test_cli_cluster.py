@@ -128,7 +128,7 @@ def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path):
     standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     res = invoke("wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
-    assert "node 'n2' not ready: runtime missing" in res.err and "'n1'" not in res.err
+    assert "node 'n2' failed at step verify: runtime missing" in res.err and "'n1'" not in res.err
     standin.patch_node("n2", {"metadata": {"labels": {PROVISIONED_LABEL: "true"}}})
     res = invoke("wait", "n1", "n2", "--timeout", "5", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
@@ -168,3 +168,62 @@ def test_manifests_options():
     assert rcs == [("wasmtime-slight", "slight")]
     res = invoke("manifests", "--runtime-class", "nohandler")
     assert res.code == 2 and "NAME=HANDLER" in res.err
+
+
+def test_status_shows_phase_versions_and_the_kubelets_view(standin: StandIn, kubeconfig: Path):
+    """status prints each node's phase, shim versions, the failed step, and whether the
+    kubelet lists the handler (or does not report handlers at all)."""
+    sha = "ab" * 32
+    good = {
+        "ok": True,
+        "phase": "provisioned",
+        "time": "t3",
+        "phases": {"installing": "t1", "verifying": "t2", "provisioned": "t3"},
+        "runtimes": [{"handler": "spin", "sha256": sha}],
+        "shims": [{"handler": "spin", "version": "v0.15.1", "sha256": sha}],
+        "check": "kubelet",
+    }
+    standin.add_node(
+        "good",
+        labels={PROVISIONED_LABEL: "true"},
+        annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(good)},
+    )
+    standin.set_runtime_handlers("good", ["", "runc", "spin"])
+    verifying = {**good, "ok": False, "phase": "verifying", "time": "t2", "check": None}
+    standin.add_node("slow", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(verifying)})
+    standin.set_runtime_handlers("slow", ["runc"])
+    failed = {"ok": False, "phase": "failed", "time": "t4", "step": "kubelet", "reason": "spin not listed"}
+    standin.add_node("bad", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(failed)})
+    res = invoke("status", "-o", "json", "--kubeconfig", str(kubeconfig))
+    rows = {r["name"]: r for r in json.loads(res.out)}
+    assert rows["good"]["phase"] == "provisioned" and rows["good"]["check"] == "kubelet"
+    assert (
+        rows["good"]["kubelet_handlers"] == ["", "runc", "spin"]
+        and rows["good"]["phases"]["verifying"] == "t2"
+    )
+    assert rows["slow"]["phase"] == "verifying" and not rows["slow"]["reason"]
+    assert rows["bad"]["step"] == "kubelet" and rows["bad"]["kubelet_handlers"] is None
+    res = invoke("status", "--kubeconfig", str(kubeconfig))
+    lines = {ln.split()[0]: ln for ln in res.out.splitlines()[1:]}
+    assert "provisioned" in lines["good"] and "spin@abababababab (v0.15.1)" in lines["good"]
+    assert "verifying" in lines["slow"] and "spin missing" in lines["slow"]
+    assert "not reported" in lines["bad"] and "kubelet: spin not listed" in lines["bad"]
+
+
+def test_wait_exits_as_soon_as_a_node_fails_naming_the_step(standin: StandIn, kubeconfig: Path):
+    """A failed node ends `wait` at once (well before its timeout) with the step and reason;
+    phases are printed as they are."""
+    installing = {"ok": False, "phase": "installing", "time": "t1", "phases": {"installing": "t1"}}
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(installing)})
+    failed = {
+        "ok": False,
+        "phase": "failed",
+        "time": "t2",
+        "step": "restart",
+        "reason": "containerd did not come back",
+    }
+    standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(failed)})
+    res = invoke("wait", "--all", "--timeout", "120", "--kubeconfig", str(kubeconfig))
+    assert res.code == 1
+    assert "node 'n2' failed at step restart: containerd did not come back" in res.err
+    assert "node n1: installing (t1)" in res.err and "'n1'" not in res.err

@@ -94,6 +94,7 @@ def test_installer_contents():
     (role,) = by_kind(objs, "ClusterRole")
     assert sorted((r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]) == [
         ("nodes", ("get", "patch", "watch")),
+        ("nodes/status", ("patch",)),  # the KwasmProvisioned condition
     ]
     (ns_role,) = by_kind(objs, "Role")
     assert ns_role["metadata"]["namespace"] == ns["metadata"]["name"]

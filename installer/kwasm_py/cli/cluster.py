@@ -38,9 +38,13 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _stdout_console() -> Any:
+def _stdout_console(*, wide: bool = False) -> Any:
+    """Rich console on stdout; ``wide``: a table is never folded when stdout is no terminal
+    (a pipe or a file gets whole lines, as kubectl prints them)."""
     from rich.console import Console
 
+    if wide and not sys.stdout.isatty():
+        return Console(soft_wrap=True, width=1000)
     return Console(soft_wrap=True)
 
 
@@ -177,7 +181,8 @@ def status(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Every node: opted in, provisioned, runtimes and versions, last failure."""
+    """Every node: opted in, provisioned, phase, runtimes and versions, the kubelet's view of
+    the handlers, last failure."""
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
     from kwasm_py.cluster import official
@@ -189,26 +194,32 @@ def status(
         return
     from rich.table import Table
 
-    table = Table("NODE", "OPTED-IN", "PROVISIONED", "RUNTIMES", "SINCE", "LAST FAILURE", box=None)
+    table = Table(
+        "NODE", "OPTED-IN", "PROVISIONED", "PHASE", "RUNTIMES", "KUBELET", "SINCE", "LAST FAILURE", box=None
+    )
     for r in rows:
-        runtimes = " ".join(f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes)
         table.add_row(
             r.name,
             "yes" if r.opted_in else "no",
             "yes" if r.provisioned else "no",
-            runtimes or "-",
+            r.phase or "-",
+            r.runtimes_cell() or "-",
+            r.kubelet_cell(),
             r.time or "-",
-            r.reason or "-",
+            (f"{r.step}: {r.reason}" if r.step else r.reason) or "-",
         )
-    _stdout_console().print(table)
+    _stdout_console(wide=True).print(table)
 
 
 def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
-    """Poll until the nodes are provisioned (want) or cleaned up (not want); pending names."""
+    """Poll until the nodes are provisioned (want) or cleaned up (not want), printing each
+    node's phase as it changes; returns the names not done: at the deadline, or at once when
+    an agent reports a failure (naming the failed step)."""
     from kwasm_py.cluster import nodeview
 
     deadline = time.monotonic() + timeout
     interval = 0.5
+    phases: dict[str, str] = {}
     while True:
         nodes = {nodeview.name_of(n): n for n in api.list_nodes()}
         if names is None:
@@ -230,10 +241,21 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
             return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (meta.get("annotations") or {})
 
         pending = [t for t in targets if not done(nodes[t])]
+        _print_phases(phases, {t: nodeview.row(nodes[t]) for t in targets})
         if not pending:
             what = "provisioned" if want else "unprovisioned"
             print(f"{len(targets)} node(s) {what}", file=sys.stderr)
             return []
+        failed = [t for t in pending if nodeview.row(nodes[t]).failed]
+        if failed:
+            for name in failed:
+                row = nodeview.row(nodes[name])
+                where = f" at step {row.step}" if row.step else ""
+                print(
+                    f"error: node {name!r} failed{where}: {row.reason or 'no reason recorded'}",
+                    file=sys.stderr,
+                )
+            return pending
         if time.monotonic() >= deadline:
             for name in pending:
                 row = nodeview.row(nodes[name])
@@ -244,6 +266,16 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
         interval = min(interval * 1.5, 5.0)
 
 
+def _print_phases(seen: dict[str, str], rows: dict[str, NodeRow]) -> None:
+    """Print ``node NAME: PHASE (TIME)`` on stderr for each node whose phase changed since
+    the last poll (``seen`` is updated)."""
+    for name, row in rows.items():
+        if row.phase and seen.get(name) != row.phase:
+            when = row.phases.get(row.phase) or row.time
+            print(f"node {name}: {row.phase}" + (f" ({when})" if when else ""), file=sys.stderr)
+        seen[name] = row.phase
+
+
 def wait(
     nodes: Annotated[list[str] | None, typer.Argument(help="node names")] = None,
     all_nodes: Annotated[bool, typer.Option("--all", help="every opted-in node")] = False,
@@ -251,7 +283,8 @@ def wait(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Wait until opted-in nodes are provisioned; exit 1 naming the ones that are not."""
+    """Wait until opted-in nodes are provisioned, printing their phases; exit 1 naming the
+    ones that are not, at once when a node fails (with the failed step)."""
     if bool(nodes) == all_nodes:
         raise UsageError("name the nodes or pass --all (one of them)")
     from kwasm_py.cluster import official
@@ -359,6 +392,15 @@ def agent(
     watch_timeout: Annotated[
         int, typer.Option("--watch-timeout", envvar="KWASM_WATCH_TIMEOUT", min=1, hidden=True)
     ] = 300,
+    kubelet_timeout: Annotated[
+        float,
+        typer.Option(
+            "--kubelet-timeout",
+            envvar="KWASM_KUBELET_TIMEOUT",
+            min=0,
+            help="seconds to wait for the kubelet to list a new handler in status.runtimeHandlers",
+        ),
+    ] = 120.0,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -378,7 +420,7 @@ def agent(
     from kwasm_py.cluster import kube, lean
     from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
     from kwasm_py.cluster.agentlog import Logger
-    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
+    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shim_versions, default_node_command
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -388,9 +430,12 @@ def agent(
     # engine gets each shim as its own argument.
     shims = [p for value in shim or [] for p in value.split(",") if p]
     handlers: list[str] = []
+    versions: dict[str, str] = {}
     if not shims:  # from the image, a download, or a directory on the node
         try:
-            shims, handlers = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
+            found = agent_shim_versions(shim_source, shim_dir=shim_dir, host_root=host_root)
+            shims, handlers = [p for p, _, _ in found], [h for _, h, _ in found]
+            versions = {h: v for _, h, v in found}
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
             log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
@@ -412,6 +457,8 @@ def agent(
         drift_interval=drift_interval,
         watch_timeout=watch_timeout,
         backoff=Backoff(scale=backoff_scale),
+        kubelet_timeout=kubelet_timeout,
+        shim_versions=versions,
     )
     the_agent = Agent(
         api,

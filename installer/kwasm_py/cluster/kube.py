@@ -48,11 +48,14 @@ class NodeApi(Protocol):
 
 
 class AgentApi(Protocol):
-    """What the agent needs: its Node, a watch on it, Node events and restart Leases."""
+    """What the agent needs: its Node (and its ``nodes/status`` subresource, strategic merge),
+    a watch on it, Node events and restart Leases."""
 
     def get_node(self, name: str) -> JSON: ...
 
     def patch_node(self, name: str, patch: JSON) -> None: ...
+
+    def patch_node_status(self, name: str, patch: JSON) -> None: ...
 
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]: ...
 

@@ -32,7 +32,8 @@ class RestartLeases:
     """N restart Leases for one agent (``identity``, its node name) in ``namespace``.
 
     ``delay(attempt)`` is the backoff between polls for a free Lease; ``check_stop`` is called
-    before each poll and raises to abandon the wait (the agent's stop request).
+    before each poll and raises to abandon the wait (the agent's stop request); ``on_wait`` is
+    called once when every Lease is held by others (the agent records phase waiting).
     """
 
     api: AgentApi
@@ -45,6 +46,7 @@ class RestartLeases:
     wall_clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     check_stop: Callable[[], None] = _no_stop
+    on_wait: Callable[[], None] = _no_stop
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[str]:
@@ -79,6 +81,7 @@ class RestartLeases:
             attempt += 1
             if attempt == 1:
                 self.log("lease_wait", leases=self.count)
+                self.on_wait()
             self.check_stop()
             # Poll no faster than every 50 ms, no slower than a third of a lease term.
             self.sleep(max(0.05, min(self.duration / 3, self.delay(attempt))))

@@ -98,14 +98,16 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
     }
     # Exactly what the agent calls (tests/test_agent.py records every request against the
     # stand-in API and fails on a grant never used or a use never granted). Nodes: get its Node,
-    # watch it (fieldSelector metadata.name), merge-patch it; which Node and which keys is the
-    # admission policy's job (cluster/policy.py), since RBAC cannot say "my node".
+    # watch it (fieldSelector metadata.name), merge-patch it, and patch nodes/status for its
+    # KwasmProvisioned condition; which Node and which keys is the admission policy's job
+    # (cluster/policy.py), since RBAC cannot say "my node".
     cluster_role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": _meta(APP_NAME, p, namespaced=False),
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch", "patch"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
         ],
     }
     subject = [{"kind": "ServiceAccount", "name": APP_NAME, "namespace": ns}]

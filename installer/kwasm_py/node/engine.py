@@ -766,6 +766,7 @@ def _rollback(
         notes.append(f"rollback incomplete: {second.message}")
     err.message = f"{failed_step}: {err.message}; " + "; ".join(notes)
     err.args = (err.message,)
+    err.step = failed_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,6 +841,7 @@ def uninstall(
                 )
                 outcome.verified = True
         except KwasmError as err:
+            err.step = err.step or node.step
             if changed and old is not None:
                 fs.atomic_write(cfg_path, old.data, mode=old.mode)
                 err.message += "; put the config back as it was"
