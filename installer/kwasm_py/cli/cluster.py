@@ -359,6 +359,15 @@ def agent(
     watch_timeout: Annotated[
         int, typer.Option("--watch-timeout", envvar="KWASM_WATCH_TIMEOUT", min=1, hidden=True)
     ] = 300,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            envvar="KWASM_MAX_ATTEMPTS",
+            min=1,
+            help="install attempts (containerd restarts) for unchanged inputs before giving up",
+        ),
+    ] = 3,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -379,6 +388,7 @@ def agent(
     from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
     from kwasm_py.cluster.agentlog import Logger
     from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
+    from kwasm_py.cluster.inputs import FileStore, NodeInputs
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -412,12 +422,15 @@ def agent(
         drift_interval=drift_interval,
         watch_timeout=watch_timeout,
         backoff=Backoff(scale=backoff_scale),
+        max_attempts=max_attempts,
     )
     the_agent = Agent(
         api,
         SubprocessEngine(default_node_command(), request),
         config,
         log=log,
+        inputs=NodeInputs(shims, host_root, options=_install_options(request)),
+        store=FileStore(host_root),
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -427,6 +440,15 @@ def agent(
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     raise typer.Exit(the_agent.run())
+
+
+def _install_options(request: Any) -> list[str]:
+    """The engine's install argv (part of the disruption budget's inputs); [] for a request
+    the engine will refuse anyway (it then fails before any restart)."""
+    try:
+        return list(request.argv("install"))
+    except KwasmError:
+        return []
 
 
 def register(app: typer.Typer) -> None:

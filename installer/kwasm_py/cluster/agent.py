@@ -27,18 +27,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from kwasm_py.cluster import nodeview
+from kwasm_py.cluster import disruption, nodeview, safeguards, untaint
 from kwasm_py.cluster.agentlog import Logger, micro_time, node_event
 from kwasm_py.cluster.engine_proc import Engine, EngineFailed
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.cluster.leases import RestartLeases
+from kwasm_py.cluster.safeguards import AgentStopped
 from kwasm_py.contract import EngineResult
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON, PROVISIONED_LABEL, STATUS_ANNOTATION
-
-
-class AgentStopped(BaseException):
-    """Raised (from the SIGTERM handler or after a critical section) to end the agent."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,8 @@ class AgentConfig:
     drift_interval: float = 300.0
     watch_timeout: int = 300
     backoff: Backoff = Backoff()
+    max_attempts: int = disruption.DEFAULT_MAX_ATTEMPTS  # install attempts per unchanged inputs
+    stop_lease_wait: float = 60.0  # on SIGTERM, wait this long for a restart Lease to uninstall
 
 
 class Agent:
@@ -88,8 +87,17 @@ class Agent:
         log: Logger | None = None,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        inputs: Callable[[JSON], str] | None = None,
+        store: disruption.AttemptStore | None = None,
     ) -> None:
         self.api = api
+        # The digest of what an install depends on (cluster/inputs.py); by default only the
+        # Node's retry annotation, so a bump still re-arms the budget.
+        self.inputs = inputs or (lambda n: disruption.fingerprint(retry=disruption.retry_token(n)))
+        self.attempts: disruption.Attempts | None = None  # this process's last recorded attempt
+        self.held: str | None = None  # the inputs digest the agent gave up on
+        self.held_retry = ""  # the retry annotation when it gave up
+        self.store = store or disruption.MemoryStore()
         self.engine = engine
         self.cfg = config
         self.log = log or Logger(node=config.node_name)
@@ -104,6 +112,7 @@ class Agent:
         self.next_drift: float | None = None
         self.api_failures = 0
         self.stopping = False
+        self.final_deadline: float | None = None  # set while finishing after SIGTERM
         self._critical = 0
         self.node: JSON = {}
         self.leases = RestartLeases(
@@ -129,6 +138,10 @@ class Agent:
             raise AgentStopped
 
     def _check_stop(self) -> None:
+        if self.final_deadline is not None:  # finishing: wait for a Lease until the deadline
+            if time.monotonic() > self.final_deadline:
+                raise AgentStopped
+            return
         if self.stopping:
             raise AgentStopped
 
@@ -141,7 +154,7 @@ class Agent:
             yield
         finally:
             self._critical -= 1
-        if self.stopping and self._critical == 0:
+        if self.stopping and self._critical == 0 and self.final_deadline is None:
             raise AgentStopped
 
     # -- main loop
@@ -188,6 +201,7 @@ class Agent:
                     self.sleep(delay)
         except AgentStopped:
             pass
+        safeguards.finish(self)
         self.log("stop")
         return 0
 
@@ -236,19 +250,23 @@ class Agent:
         self.node = node
         if nodeview.opted_in(node):
             if self.provisioned_ok and nodeview.provisioned(node):
+                untaint.remove_startup_taint(self.api, self.cfg.node_name, node, log=self.log)
                 return
-            if self.next_retry is not None and time.monotonic() < self.next_retry:
+            due = self.next_retry is None or time.monotonic() >= self.next_retry
+            if not due and not safeguards.retry_requested(self, node):
                 return
             self.provision(node)
         else:
             self.next_retry = None
             self.next_drift = None
             if self.installed is None:
-                self.installed = self._engine_says_installed()
+                self.installed = self.engine_says_installed()
             if self.installed or nodeview.provisioned(node) or nodeview.status_of(node):
                 self.unprovision(node)
 
-    def _engine_says_installed(self) -> bool:
+    def engine_says_installed(self) -> bool:
+        """Takes nothing; returns whether the engine's status says something is installed
+        (True when the engine cannot tell: uninstall is idempotent)."""
         try:
             return self.engine.status().installed
         except EngineFailed as ex:
@@ -261,23 +279,27 @@ class Agent:
         when the label patch fails (the watch loop retries, the engine run is idempotent)."""
         with self.critical():
             self.provisioned_ok = False
+            if not safeguards.attempt_allowed(self, node):
+                return
             try:
                 result = self._install(repair=repair)
             except EngineFailed as ex:
                 self._failed(node, "ProvisionFailed", ex)
                 return
+            safeguards.no_restart(self, restarted=result.restarted)
             now = micro_time(self.wall_clock())
             self.api.patch_node(
                 self.cfg.node_name,
                 {
                     "metadata": {
-                        "labels": {PROVISIONED_LABEL: "true"},
+                        "labels": nodeview.label_patch(node, [r.handler for r in result.runtimes]),
                         "annotations": {
                             STATUS_ANNOTATION: nodeview.provisioned_status(result.runtimes, now=now)
                         },
                     }
                 },
             )
+            safeguards.forget_attempts(self)
             runtimes = ",".join(f"{r.handler}@{r.sha256[:12]}" for r in result.runtimes)
             reason = "Repaired" if repair else "Provisioned"
             self.emit(
@@ -295,6 +317,7 @@ class Agent:
             self.failures = 0
             self.next_retry = None
             self.next_drift = time.monotonic() + self.cfg.drift_interval
+            untaint.remove_startup_taint(self.api, self.cfg.node_name, node, log=self.log)
 
     def _install(self, *, repair: bool) -> EngineResult:
         with self.leases.slot():
@@ -311,7 +334,7 @@ class Agent:
         self.next_retry = time.monotonic() + delay
         self.next_drift = None
         now = micro_time(self.wall_clock())
-        labels = {PROVISIONED_LABEL: None} if nodeview.provisioned(node) else {}
+        labels = nodeview.unlabel_patch(node)
         self.api.patch_node(
             self.cfg.node_name,
             {
@@ -350,13 +373,14 @@ class Agent:
                 self.cfg.node_name,
                 {
                     "metadata": {
-                        "labels": {PROVISIONED_LABEL: None},
+                        "labels": {PROVISIONED_LABEL: None, **nodeview.unlabel_patch(node)},
                         "annotations": {STATUS_ANNOTATION: None},
                     }
                 },
             )
             self.failures = 0
             self.next_retry = None
+            safeguards.forget_attempts(self)
             self.emit("Unprovisioned", "kwasm runtimes removed from containerd")
             self.log("unprovisioned")
 
