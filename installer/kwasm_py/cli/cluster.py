@@ -102,7 +102,21 @@ def annotate_node(
     ] = None,
     remove: Annotated[bool, typer.Option("--remove", help="opt the nodes out")] = False,
     as_label: Annotated[
-        bool, typer.Option("--label", help="opt in with a label instead of an annotation")
+        bool, typer.Option("--label", help="opt in with the label only (no annotation)")
+    ] = False,
+    annotation_only: Annotated[
+        bool,
+        typer.Option(
+            "--annotation-only",
+            help="opt in with the annotation only (installer rendered with --all-nodes)",
+        ),
+    ] = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="ask the agents of held nodes to try again (bumps kwasm.sh/kwasm-retry)",
+        ),
     ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until the agents finished")] = False,
     timeout: TimeoutOpt = 300.0,
@@ -110,28 +124,32 @@ def annotate_node(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
+    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true as label and annotation.
+
+    The label is what the agent DaemonSet's node affinity selects; the annotation is the
+    KWasm-compatible opt-in (an installer rendered with --all-nodes needs only that).
+    """
     from kwasm_py.cluster import official
+
+    if sum([remove, retry, as_label or annotation_only]) > 1 or (as_label and annotation_only):
+        raise UsageError(
+            "--remove, --retry and --label/--annotation-only exclude each other",
+            hint="kwasm-py annotate-node --retry NODE",
+        )
 
     with contextlib.closing(official.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
         names = _targets(api, nodes or [], all_nodes, selector)
         if not names:
             _stderr_console().print("no node matched: nothing to do")
             return
-        part = "labels" if as_label else "annotations"
-        if remove:  # opt out whichever way the node opted in
-            patch: dict[str, Any] = {
-                "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
-            }
-        else:
-            patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
+        patch = _opt_in_patch(remove=remove, retry=retry, label=not annotation_only, annotation=not as_label)
         results = _patch_all(api, names, patch, parallel)
         failed = {n: e for n, e in results.items() if e is not None}
         if failed and len(failed) == len(names):
             first = next(iter(failed.values()))
             if first is not None and first.status in (None, 401, 403):
                 raise first  # one clear line for a cluster-wide problem
-        _summary(names, results, "opted out" if remove else "opted in")
+        _summary(names, results, "opted out" if remove else ("retried" if retry else "opted in"))
         for name, err in failed.items():
             if err is not None and err.status == 404:
                 print(f"error: node {name!r} not found", file=sys.stderr)
@@ -144,6 +162,25 @@ def annotate_node(
             code = code or (1 if pending else 0)
         if code:
             raise typer.Exit(code)
+
+
+def _opt_in_patch(*, remove: bool, retry: bool, label: bool, annotation: bool) -> dict[str, Any]:
+    """The Node merge patch of annotate-node: opt out (both keys, whichever way the node opted
+    in), ask for a retry (a fresh kwasm.sh/kwasm-retry value) or opt in (label and/or
+    annotation)."""
+    if remove:
+        return {"metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}}
+    if retry:
+        from kwasm_py.cluster import disruption
+
+        token = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
+        return {"metadata": {"annotations": {disruption.RETRY_ANNOTATION: token}}}
+    meta: dict[str, Any] = {}
+    if label:
+        meta["labels"] = {OPT_IN_KEY: "true"}
+    if annotation:
+        meta["annotations"] = {OPT_IN_KEY: "true"}
+    return {"metadata": meta}
 
 
 def _summary(names: list[str], results: dict[str, KubeError | None], done: str) -> None:

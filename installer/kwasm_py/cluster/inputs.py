@@ -13,6 +13,7 @@ under the host root), so a new pod of the agent continues the count.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -111,6 +112,8 @@ class FileStore:
         same directory, fsync, rename). Raises OSError when the node path is not writable."""
         if record is None:
             self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # leave no empty directory of ours behind
+                self.path.parent.rmdir()
             return
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".agent-attempts.")
