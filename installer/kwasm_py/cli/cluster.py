@@ -314,9 +314,24 @@ def manifests(
     max_parallel_restarts: Annotated[
         int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
     ] = 1,
+    toleration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--toleration",
+            help="KEY[=VALUE][:EFFECT] the RuntimeClasses (and the agent) tolerate (repeat)",
+        ),
+    ] = None,
+    all_nodes: Annotated[
+        bool,
+        typer.Option(
+            "--all-nodes",
+            help="run the agent on every Linux node; nodes opt in by annotation (KWasm's flow)",
+        ),
+    ] = False,
 ) -> None:
     """Print the installer manifests (manifests/installer.yaml is the default output)."""
     from kwasm_py.cluster import manifests as m
+    from kwasm_py.shims.source import read_catalog
 
     classes: list[tuple[str, str]] = []
     for spec in runtime_class or []:
@@ -331,7 +346,10 @@ def manifests(
         shims=tuple(shim) if shim else defaults.shims,
         runtime_classes=tuple(classes) if classes else defaults.runtime_classes,
         max_parallel_restarts=max_parallel_restarts,
+        all_nodes=all_nodes,
+        tolerations=tuple(toleration or ()),
     )
+    m.check_runtime_classes(params.runtime_classes, m.provided_handlers(params.shims, read_catalog()))
     sys.stdout.write(m.render_yaml(m.installer_objects(params)))
 
 
