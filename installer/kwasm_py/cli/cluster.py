@@ -513,3 +513,6 @@ def register(app: typer.Typer) -> None:
     app.command("wait")(wait)
     app.command("manifests")(manifests)
     app.command("agent")(agent)
+    from kwasm_py.cli.uninstall import uninstall
+
+    app.command("uninstall")(uninstall)

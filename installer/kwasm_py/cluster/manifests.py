@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from kwasm_py.cluster import nodeview, policy
+from kwasm_py.cluster import policy
 from kwasm_py.errors import UsageError
-from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX
 from kwasm_py.shims.catalog import Catalog
 
 # The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
@@ -303,7 +303,7 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
             # The agent sets kwasm.sh/runtime-<handler> only once containerd verified that
             # handler: a class whose handler this node lacks never lands there.
             "scheduling": {
-                "nodeSelector": {PROVISIONED_LABEL: "true", nodeview.runtime_label(handler): "true"},
+                "nodeSelector": {PROVISIONED_LABEL: "true", f"{RUNTIME_LABEL_PREFIX}{handler}": "true"},
                 **({"tolerations": user_tolerations} if user_tolerations else {}),
             },
         }
@@ -323,6 +323,32 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         daemonset,
         *runtime_classes,
     ]
+
+
+# Kind -> resource (plural) of every object installer_objects() creates.
+PLURALS = {
+    "Namespace": "namespaces",
+    "ResourceQuota": "resourcequotas",
+    "ServiceAccount": "serviceaccounts",
+    "ClusterRole": "clusterroles",
+    "ClusterRoleBinding": "clusterrolebindings",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
+    "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
+    "DaemonSet": "daemonsets",
+    "RuntimeClass": "runtimeclasses",
+}
+
+
+def object_path(obj: JSON) -> str:
+    """Takes one of the installer's objects; returns its API path (``/api/v1/namespaces/NAME``,
+    ``/apis/apps/v1/namespaces/NS/daemonsets/NAME``, ...). Raises KeyError for another kind."""
+    api_version = str(obj["apiVersion"])
+    base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    meta = obj["metadata"]
+    ns = meta.get("namespace")
+    return base + (f"/namespaces/{ns}" if ns else "") + f"/{PLURALS[obj['kind']]}/{meta['name']}"
 
 
 HEADER = (

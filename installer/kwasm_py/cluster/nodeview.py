@@ -7,11 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kwasm_py.cluster.policy import KEY_PREFIX, STARTUP_TAINT_KEY
+from kwasm_py.cluster.policy import STARTUP_TAINT_KEY
 from kwasm_py.contract import Runtime
-from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX, STATUS_ANNOTATION
 
-RUNTIME_LABEL_PREFIX = f"{KEY_PREFIX}runtime-"
 STARTUP_TAINT_EFFECT = "NoSchedule"
 
 
