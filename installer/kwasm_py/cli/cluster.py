@@ -423,6 +423,15 @@ def agent(
             help="install attempts (containerd restarts) for unchanged inputs before giving up",
         ),
     ] = 3,
+    attempts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--attempts-file",
+            envvar="KWASM_ATTEMPTS_FILE",
+            help="node path of the attempt count kept across agent restarts"
+            " (default /var/lib/kwasm-py/agent-attempts.json)",
+        ),
+    ] = None,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -443,7 +452,7 @@ def agent(
     from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
     from kwasm_py.cluster.agentlog import Logger
     from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
-    from kwasm_py.cluster.inputs import FileStore, NodeInputs
+    from kwasm_py.cluster.inputs import ATTEMPTS_FILE, FileStore, NodeInputs
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -485,7 +494,7 @@ def agent(
         config,
         log=log,
         inputs=NodeInputs(shims, host_root, options=_install_options(request)),
-        store=FileStore(host_root),
+        store=FileStore(host_root, attempts_file or ATTEMPTS_FILE),
     )
 
     def on_term(signum: int, frame: object) -> None:

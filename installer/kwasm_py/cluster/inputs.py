@@ -91,14 +91,16 @@ ATTEMPTS_FILE = "/var/lib/kwasm-py/agent-attempts.json"
 
 @dataclass(frozen=True)
 class FileStore:
-    """The attempt record in a file on the node (:data:`ATTEMPTS_FILE` under ``host_root``)."""
+    """The attempt record in a file on the node: ``node_path`` (default :data:`ATTEMPTS_FILE`)
+    under ``host_root``."""
 
     host_root: str | None
+    node_path: str = ATTEMPTS_FILE
 
     @property
     def path(self) -> Path:
         """Takes nothing; returns the record file's path in this process's filesystem."""
-        return Path(self.host_root or "/") / ATTEMPTS_FILE.lstrip("/")
+        return Path(self.host_root or "/") / self.node_path.lstrip("/")
 
     def load(self) -> disruption.Attempts | None:
         """Takes nothing; returns the stored record, None when absent or unreadable."""
