@@ -279,3 +279,32 @@ def test_finish_leaves_an_opted_in_node_and_says_so():
     safeguards.finish(agent)
     assert engine.calls == [] and api.patches == []
     assert [e["reason"] for e in api.events] == ["AgentStopped"]
+
+
+def test_untaint_rereads_after_a_conflict_and_keeps_a_taint_added_meanwhile():
+    """The taint patch carries the resourceVersion; on 409 (someone added a taint) the agent
+    re-reads the Node and removes only ours from the new list."""
+    import io
+
+    from kwasm_py.cluster import untaint
+    from kwasm_py.cluster.agentlog import Logger
+    from kwasm_py.errors import KubeError
+
+    added = {"key": "example.com/new", "effect": "NoExecute"}
+    old = {"metadata": {"name": "n1", "resourceVersion": "5"}, "spec": {"taints": [OURS, FOREIGN]}}
+    new = {"metadata": {"name": "n1", "resourceVersion": "6"}, "spec": {"taints": [OURS, FOREIGN, added]}}
+
+    class Api(_Api):
+        def patch_node(self, name: str, patch: dict) -> None:
+            self.patches.append(patch)
+            if patch["metadata"].get("resourceVersion") != self.node["metadata"]["resourceVersion"]:
+                raise KubeError("conflict", status=409)
+
+    api = Api(new)
+    assert untaint.remove_startup_taint(api, "n1", old, log=Logger(io.StringIO())) is True
+    assert [p["metadata"]["resourceVersion"] for p in api.patches] == ["5", "6"]
+    assert api.patches[-1]["spec"]["taints"] == [FOREIGN, added]
+    assert (
+        untaint.remove_startup_taint(api, "n1", {"spec": {"taints": [FOREIGN]}}, log=Logger(io.StringIO()))
+        is False
+    )
