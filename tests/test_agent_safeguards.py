@@ -308,3 +308,21 @@ def test_untaint_rereads_after_a_conflict_and_keeps_a_taint_added_meanwhile():
         untaint.remove_startup_taint(api, "n1", {"spec": {"taints": [FOREIGN]}}, log=Logger(io.StringIO()))
         is False
     )
+
+
+def test_untaint_failure_is_logged_not_raised():
+    """A refused taint patch (say a policy denies it) does not break the agent's loop."""
+    import io
+
+    from kwasm_py.cluster import untaint
+    from kwasm_py.cluster.agentlog import Logger
+    from kwasm_py.errors import KubeError
+
+    class Api(_Api):
+        def patch_node(self, name: str, patch: dict) -> None:
+            raise KubeError("denied", status=403)
+
+    out = io.StringIO()
+    node = {"metadata": {"name": "n1", "resourceVersion": "1"}, "spec": {"taints": [OURS]}}
+    assert untaint.remove_startup_taint(Api(node), "n1", node, log=Logger(out)) is False
+    assert "event=untaint_failed" in out.getvalue()

@@ -21,7 +21,8 @@ CONFLICT_RETRIES = 3
 def remove_startup_taint(api: AgentApi, name: str, node: JSON, *, log: Logger) -> bool:
     """Takes the API, the Node's name and the last Node object seen; removes the startup taint
     if the Node carries it, re-reading the Node after a conflict (at most CONFLICT_RETRIES
-    times). Returns whether a taint was removed; raises KubeError for other API errors."""
+    times). Returns whether a taint was removed. Best effort: other API errors are logged and
+    the next Node event tries again (the provisioned label is already set), nothing is raised."""
     current = node
     for attempt in range(CONFLICT_RETRIES + 1):
         patch = nodeview.untaint_patch(current)
@@ -31,9 +32,14 @@ def remove_startup_taint(api: AgentApi, name: str, node: JSON, *, log: Logger) -
             api.patch_node(name, patch)
         except KubeError as ex:
             if ex.status != 409 or attempt == CONFLICT_RETRIES:
-                raise
+                log("untaint_failed", level="warning", error=ex.message, status=ex.status)
+                return False
             log("untaint_conflict", attempt=attempt + 1)
-            current = api.get_node(name)
+            try:
+                current = api.get_node(name)
+            except KubeError as again:
+                log("untaint_failed", level="warning", error=again.message, status=again.status)
+                return False
             continue
         log("untainted", taint=f"{policy.STARTUP_TAINT_KEY}:{nodeview.STARTUP_TAINT_EFFECT}")
         return True
