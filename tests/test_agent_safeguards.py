@@ -326,3 +326,29 @@ def test_untaint_failure_is_logged_not_raised():
     node = {"metadata": {"name": "n1", "resourceVersion": "1"}, "spec": {"taints": [OURS]}}
     assert untaint.remove_startup_taint(Api(node), "n1", node, log=Logger(out)) is False
     assert "event=untaint_failed" in out.getvalue()
+
+
+def test_a_failing_uninstall_is_bounded_too(standin: StandIn, agents, kubeconfig):
+    """Opted out, uninstall fails every time: exactly KWASM_MAX_ATTEMPTS uninstalls (each may
+    restart containerd), one UnprovisionHeld, no label; --retry once it works cleans up."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    # Above 1 s, so the provisioned agent still watches (below it the loop only ticks).
+    agent = agents("n1", KWASM_MAX_ATTEMPTS="2", KWASM_DRIFT_INTERVAL="1.1")
+    standin.wait_for(lambda: labels(standin, "n1").get(PROVISIONED_LABEL) == "true", what="label")
+    (agent.root / "fail-uninstall").write_text("containerd did not come back")
+    standin.patch_node("n1", {"metadata": {"annotations": {OPT_IN_KEY: None}}})
+    standin.wait_for(lambda: standin.events("UnprovisionHeld", "n1"), what="UnprovisionHeld")
+    # The held agent keeps re-reading its Node (each read runs the opt-out path again) and
+    # starts no further uninstall.
+    seen = node_gets(standin)
+    standin.wait_for(lambda: node_gets(standin) >= seen + 3, 15, "three re-checks while held")
+    uninstalls = [c for c in agent.calls() if c["verb"] == "uninstall"]
+    assert len(uninstalls) == 2
+    assert PROVISIONED_LABEL not in labels(standin, "n1") and SPIN_LABEL not in labels(standin, "n1")
+    assert status(standin, "n1")["step"] == "budget"
+    (agent.root / "fail-uninstall").unlink()
+    res = invoke("annotate-node", "--retry", "n1", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), what="Unprovisioned")
+    assert len([c for c in agent.calls() if c["verb"] == "uninstall"]) == 3
+    assert not status(standin, "n1")

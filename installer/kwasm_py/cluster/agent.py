@@ -361,6 +361,8 @@ class Agent:
         with self.critical():
             self.provisioned_ok = False
             if self.installed:
+                if not safeguards.attempt_allowed(self, node, verb="uninstall"):
+                    return
                 try:
                     with self.leases.slot():
                         self.log("uninstall_start")

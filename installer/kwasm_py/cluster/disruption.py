@@ -123,10 +123,10 @@ def next_attempt(record: Attempts | None, inputs: str) -> Attempts:
     return Attempts(inputs=inputs, count=1)
 
 
-def held_reason(record: Attempts, *, limit: int) -> str:
-    """Takes the exhausted record and the limit; returns the one-line reason for the status."""
-    del record
+def held_reason(*, limit: int, verb: str = "install") -> str:
+    """Takes the limit and the engine verb (install or uninstall); returns the one-line reason
+    for the status."""
     return (
-        f"gave up after {limit} install attempts with unchanged inputs (shims, node config,"
+        f"gave up after {limit} {verb} attempts with unchanged inputs (shims, node config,"
         " options); change them or run `kwasm-py annotate-node --retry NODE`"
     )

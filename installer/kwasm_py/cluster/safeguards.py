@@ -65,13 +65,17 @@ class AgentView(Protocol):
     def engine_says_installed(self) -> bool: ...
 
 
-def attempt_allowed(agent: AgentView, node: JSON) -> bool:
-    """Takes the agent and its Node; records one more install attempt in the store *before* the
-    attempt (an agent killed by its own restart still counts it) and returns True; or, when
+def attempt_allowed(agent: AgentView, node: JSON, *, verb: str = "install") -> bool:
+    """Takes the agent, its Node and the engine verb (install, or uninstall: a failing uninstall
+    restarts containerd too); records one more attempt in the store *before* the attempt (an
+    agent killed by its own restart still counts it) and returns True; or, when
     ``max_attempts`` were made for these inputs, holds the node (labels removed, status failed
-    at step ``budget``, one Warning ``ProvisionHeld``; the inputs are re-checked every drift
-    interval) and returns False. Raises KubeError when a patch fails."""
+    at step ``budget``, one Warning ``ProvisionHeld`` / ``UnprovisionHeld``; the inputs are
+    re-checked every drift interval, or on the next Node event for an uninstall) and returns
+    False. Raises KubeError when a patch fails."""
     inputs = agent.inputs(node)
+    if verb != "install":  # a separate budget: an opt-out after failed installs starts afresh
+        inputs = disruption.fingerprint(options=[verb, inputs])
     # This process wrote every record since it started, so its own is authoritative; the store
     # holds what earlier pods of this agent attempted.
     record = agent.attempts if agent.attempts is not None else agent.store.load()
@@ -81,7 +85,7 @@ def attempt_allowed(agent: AgentView, node: JSON) -> bool:
         agent.next_retry = time.monotonic() + agent.cfg.drift_interval
         agent.next_drift = None
         if agent.held != inputs:
-            reason = disruption.held_reason(record, limit=limit)
+            reason = disruption.held_reason(limit=limit, verb=verb)
             status = nodeview.failed_status(step="budget", reason=reason, now=micro_time(agent.wall_clock()))
             agent.api.patch_node(
                 name,
@@ -94,14 +98,14 @@ def attempt_allowed(agent: AgentView, node: JSON) -> bool:
             )
             agent.held = inputs
             agent.held_retry = disruption.retry_token(node)
-            agent.emit("ProvisionHeld", reason, warning=True)
-            agent.log("held", level="warning", attempts=record.count, inputs=inputs[:12])
+            agent.emit("ProvisionHeld" if verb == "install" else "UnprovisionHeld", reason, warning=True)
+            agent.log("held", level="warning", verb=verb, attempts=record.count, inputs=inputs[:12])
         return False
     agent.held = None
     attempt = disruption.next_attempt(record, inputs)
     agent.attempts = attempt
     _save(agent, attempt)
-    agent.log("attempt", count=attempt.count, limit=limit, inputs=inputs[:12])
+    agent.log("attempt", verb=verb, count=attempt.count, limit=limit, inputs=inputs[:12])
     return True
 
 
