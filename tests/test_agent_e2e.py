@@ -28,7 +28,12 @@ pytestmark = [pytest.mark.root, pytest.mark.containerd]
 def engine_env(ctd: PrivateContainerd, shim: Path) -> dict[str, str]:
     """Point the real engine at a private containerd: the agent passes host root, PID, restart,
     install dir and shim on as arguments; KWASM_CONFIG and KWASM_SOCKET reach it by inheritance."""
-    return {"KWASM_NODE_COMMAND": f"{sys.executable} -m kwasm_py node", **ctd.engine_env(shim)}
+    return {
+        "KWASM_NODE_COMMAND": f"{sys.executable} -m kwasm_py node",
+        # The host root is this machine's /: keep the agent's attempt count with this containerd.
+        "KWASM_ATTEMPTS_FILE": str(ctd.dir / "agent-attempts.json"),
+        **ctd.engine_env(shim),
+    }
 
 
 def labelled(api: StandIn, node: str) -> bool:
@@ -194,3 +199,28 @@ def test_containerd2_handlers_reach_the_label_through_the_kubelet(
     assert "spin" in (cri_runtime_handlers(ctd2) or [])
     status = json.loads(standin.node("n1")["metadata"]["annotations"][STATUS_ANNOTATION])
     assert status["check"] == "kubelet" and status["phase"] == "provisioned"
+
+
+def test_real_engine_failures_are_bounded_until_an_input_changes(standin: StandIn, agents, ctd16, tmp_path):
+    """The real engine fails every attempt (its shim is not there yet): exactly
+    KWASM_MAX_ATTEMPTS attempts, then held; once the shim appears (a changed input) the agent
+    provisions by itself, with no retry request."""
+    late = tmp_path / "late"
+    shim = late / "containerd-shim-spin-v2"
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    env = {**engine_env(ctd16, shim), "KWASM_MAX_ATTEMPTS": "2", "KWASM_DRIFT_INTERVAL": "0.2"}
+    agent = agents("n1", **env)
+    standin.wait_for(lambda: standin.events("ProvisionHeld", "n1"), 60, "ProvisionHeld")
+    assert len(agent.events("install_start")) == 2 and len(agent.events("provision_failed")) == 2
+    assert not labelled(standin, "n1")
+    seen = len([r for r in standin.recorded("GET", "nodes") if not r.query.get("watch")])
+    standin.wait_for(
+        lambda: len([r for r in standin.recorded("GET", "nodes") if not r.query.get("watch")]) >= seen + 3,
+        10,
+        "re-checks while held",
+    )
+    assert len(agent.events("install_start")) == 2
+    fake_shim(late)
+    standin.wait_for(lambda: labelled(standin, "n1"), 60, "n1 labelled")
+    assert len(agent.events("install_start")) == 3
+    assert ctd16.cri_status().runtimes.get("spin") == str(ctd16.dir / "kwasm/bin/containerd-shim-spin-v2")

@@ -40,12 +40,20 @@ class FakeApi:
         self.calls.append("patch_node")
         meta = self.node.setdefault("metadata", {})
         for part, values in patch.get("metadata", {}).items():
+            if not isinstance(values, dict):  # resourceVersion (a precondition here)
+                continue
             target = meta.setdefault(part, {})
             for key, value in values.items():
                 if value is None:
                     target.pop(key, None)
                 else:
                     target[key] = value
+        for key, value in patch.get("spec", {}).items():  # taints: a merge patch replaces lists
+            spec = self.node.setdefault("spec", {})
+            if value is None:
+                spec.pop(key, None)
+            else:
+                spec[key] = value
 
     def patch_node_status(self, name: str, patch: dict) -> None:
         self.calls.append("patch_status")
@@ -434,3 +442,45 @@ def test_api_error_at_the_kubelet_deadline_backs_off():
     clock.now += wait
     agent.tick()
     assert _status(api)["step"] == "kubelet" and PROVISIONED_LABEL not in api.node["metadata"]["labels"]
+
+
+# -- the merge of kubelet confirmation and phases with the safeguards (budget, labels, taint)
+
+STARTUP = {"key": "kwasm.sh/kwasm-not-ready", "value": "true", "effect": "NoSchedule"}
+FOREIGN = {"key": "dedicated", "value": "wasm", "effect": "NoSchedule"}
+
+
+def test_handler_label_and_untaint_wait_for_the_kubelet():
+    """Verified by containerd while the kubelet does not list spin yet: no provisioned or
+    handler label and the startup taint stays; once the kubelet lists spin, both labels come
+    with phase provisioned and only our taint goes."""
+    agent, api, _clock = _clocked(GOOD, kubelet_timeout=120.0)
+    api.node = _with_handlers(api.node, "runc")
+    api.node["spec"] = {"taints": [FOREIGN, STARTUP]}
+    agent.reconcile(api.get_node("n1"))
+    assert _status(api)["phase"] == "verifying"
+    assert not api.node["metadata"]["labels"] and api.node["spec"]["taints"] == [FOREIGN, STARTUP]
+    api.node = _with_handlers(api.node, "runc", "spin")
+    agent.reconcile(api.get_node("n1"))
+    labels = api.node["metadata"]["labels"]
+    assert labels == {PROVISIONED_LABEL: "true", "kwasm.sh/runtime-spin": "true"}
+    assert _status(api)["phase"] == "provisioned" and api.node["spec"]["taints"] == [FOREIGN]
+
+
+def test_held_node_is_phase_failed_at_step_budget_with_condition_false():
+    """Installs that keep failing: after max_attempts the node is held through the same
+    progress path (phase failed, step budget, condition False, handler labels gone), and the
+    held agent does not call the engine again for the same inputs."""
+    failure = EngineFailed("restart", "containerd did not come back")
+    agent, api, clock = _clocked(failure, max_attempts=2)
+    api.node["metadata"]["labels"] = {PROVISIONED_LABEL: "true", "kwasm.sh/runtime-spin": "true"}
+    for _ in range(3):
+        agent.reconcile(api.get_node("n1"))
+        clock.now += 1000
+    assert api.calls.count("engine:install") == 2
+    st = _status(api)
+    assert st["phase"] == "failed" and st["step"] == "budget" and "--retry" in st["reason"]
+    cond = _condition(api)
+    assert cond is not None and cond["status"] == "False" and cond["message"].startswith("budget: ")
+    assert not api.node["metadata"]["labels"]
+    assert [e["reason"] for e in api.events].count("ProvisionHeld") == 1

@@ -29,6 +29,31 @@ def test_annotate_named_nodes(standin: StandIn, kubeconfig: Path):
     assert "2 of 2 nodes opted in" in res.out
 
 
+def test_opt_in_sets_label_and_annotation(standin: StandIn, kubeconfig: Path):
+    """By default both keys (the DaemonSet's affinity needs the label); --annotation-only for an
+    installer rendered with --all-nodes; --retry bumps the retry annotation and nothing else."""
+    standin.add_node("n1")
+    standin.add_node("n2")
+    res = invoke("annotate-node", "n1", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    meta = standin.node("n1")["metadata"]
+    assert meta["labels"][OPT_IN_KEY] == "true" and meta["annotations"][OPT_IN_KEY] == "true"
+    res = invoke("annotate-node", "n2", "--annotation-only", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    meta = standin.node("n2")["metadata"]
+    assert OPT_IN_KEY not in meta["labels"] and meta["annotations"][OPT_IN_KEY] == "true"
+    before = standin.node("n2")["metadata"]
+    res = invoke("annotate-node", "n2", "--retry", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    after = standin.node("n2")["metadata"]
+    first = after["annotations"].pop("kwasm.sh/kwasm-retry")
+    assert after["labels"] == before["labels"] and after["annotations"] == before["annotations"]
+    res = invoke("annotate-node", "n2", "--retry", "--kubeconfig", str(kubeconfig))
+    assert standin.node("n2")["metadata"]["annotations"]["kwasm.sh/kwasm-retry"] != first
+    res = invoke("annotate-node", "n2", "--retry", "--remove", "--kubeconfig", str(kubeconfig))
+    assert res.code == 2 and "exclude each other" in res.err
+
+
 def test_unknown_node_is_named_others_still_done(standin: StandIn, kubeconfig: Path):
     """An unknown node gives a clear error naming it and exit 1; the known ones are annotated."""
     standin.add_node("n1")
@@ -168,6 +193,17 @@ def test_manifests_options():
     assert rcs == [("wasmtime-slight", "slight")]
     res = invoke("manifests", "--runtime-class", "nohandler")
     assert res.code == 2 and "NAME=HANDLER" in res.err
+    res = invoke("manifests", "--runtime-class", "wasmtime-slight=slight")  # the image has spin only
+    assert res.code == 2 and "no shim of this install provides handler 'slight'" in res.err
+    res = invoke("manifests", "--toleration", "pool=wasm:NoSchedule", "--all-nodes")
+    assert res.code == 0, res.err
+    objs = list(yaml.safe_load_all(res.out))
+    rc = next(o for o in objs if o["kind"] == "RuntimeClass")
+    assert rc["scheduling"]["tolerations"] == [
+        {"key": "pool", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}
+    ]
+    pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert "affinity" not in pod and pod["tolerations"] == [{"operator": "Exists"}]
 
 
 def test_status_shows_phase_versions_and_the_kubelets_view(standin: StandIn, kubeconfig: Path):

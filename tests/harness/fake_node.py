@@ -7,6 +7,7 @@ scratch directory that plays the node. State lives in ``<root>/state.json``. Con
 * ``fail-install``: install fails with its content as the error (step "verify", or the content
   of ``fail-step`` when that file exists);
 * ``unverified``: install succeeds but reports ``verified: false`` (containerd did not confirm);
+* ``fail-uninstall``: uninstall fails with its content as the error (step "uninstall");
 * ``drift``: status reports its content as drift (until the next install);
 * ``hold-install``: a FIFO; install blocks opening it until the test writes to it;
 * ``bad-result``: every command prints its content instead of a result, exit 0 (a malformed or
@@ -124,6 +125,12 @@ def main() -> int:
         print(result.dumps())
         return 0
     shared_note("start")  # uninstall
+    fail = root / "fail-uninstall"
+    if fail.exists():
+        note({"ok": False})
+        shared_note("end")
+        print(EngineResult.failed("uninstall", step="uninstall", error=fail.read_text().strip()).dumps())
+        return 1
     changed = state["installed"]
     state_file.write_text(json.dumps({"installed": False}))
     note({"changed": changed})

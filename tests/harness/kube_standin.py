@@ -56,6 +56,30 @@ RESOURCES = [
     Resource("", "v1", "events", "Event", True, ("ev",)),
     Resource("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
+    # What installer.yaml creates (for `kwasm-py uninstall`): stored, listed and deleted as is.
+    Resource("", "v1", "namespaces", "Namespace", False, ("ns",)),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    Resource("", "v1", "resourcequotas", "ResourceQuota", True, ("quota",)),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
+    Resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicy",
+        False,
+    ),
+    Resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        False,
+    ),
+    Resource("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",)),
+    Resource("node.k8s.io", "v1", "runtimeclasses", "RuntimeClass", False),
 ]
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 REASONS = {
@@ -446,8 +470,9 @@ class StandIn:
         *,
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
+        taints: list[JSON] | None = None,
     ) -> JSON:
-        """Seed a complete Node (all NodeSystemInfo fields, a Ready condition)."""
+        """Seed a complete Node (all NodeSystemInfo fields, a Ready condition, the taints)."""
         node = {
             "metadata": {
                 "name": name,
@@ -458,7 +483,7 @@ class StandIn:
                 },
                 "annotations": dict(annotations or {}),
             },
-            "spec": {},
+            "spec": {"taints": list(taints)} if taints else {},
             "status": {
                 "conditions": [
                     {

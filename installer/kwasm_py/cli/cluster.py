@@ -106,7 +106,21 @@ def annotate_node(
     ] = None,
     remove: Annotated[bool, typer.Option("--remove", help="opt the nodes out")] = False,
     as_label: Annotated[
-        bool, typer.Option("--label", help="opt in with a label instead of an annotation")
+        bool, typer.Option("--label", help="opt in with the label only (no annotation)")
+    ] = False,
+    annotation_only: Annotated[
+        bool,
+        typer.Option(
+            "--annotation-only",
+            help="opt in with the annotation only (installer rendered with --all-nodes)",
+        ),
+    ] = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="ask the agents of held nodes to try again (bumps kwasm.sh/kwasm-retry)",
+        ),
     ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until the agents finished")] = False,
     timeout: TimeoutOpt = 300.0,
@@ -114,28 +128,32 @@ def annotate_node(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
+    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true as label and annotation.
+
+    The label is what the agent DaemonSet's node affinity selects; the annotation is the
+    KWasm-compatible opt-in (an installer rendered with --all-nodes needs only that).
+    """
     from kwasm_py.cluster import official
+
+    if sum([remove, retry, as_label or annotation_only]) > 1 or (as_label and annotation_only):
+        raise UsageError(
+            "--remove, --retry and --label/--annotation-only exclude each other",
+            hint="kwasm-py annotate-node --retry NODE",
+        )
 
     with contextlib.closing(official.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
         names = _targets(api, nodes or [], all_nodes, selector)
         if not names:
             _stderr_console().print("no node matched: nothing to do")
             return
-        part = "labels" if as_label else "annotations"
-        if remove:  # opt out whichever way the node opted in
-            patch: dict[str, Any] = {
-                "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
-            }
-        else:
-            patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
+        patch = _opt_in_patch(remove=remove, retry=retry, label=not annotation_only, annotation=not as_label)
         results = _patch_all(api, names, patch, parallel)
         failed = {n: e for n, e in results.items() if e is not None}
         if failed and len(failed) == len(names):
             first = next(iter(failed.values()))
             if first is not None and first.status in (None, 401, 403):
                 raise first  # one clear line for a cluster-wide problem
-        _summary(names, results, "opted out" if remove else "opted in")
+        _summary(names, results, "opted out" if remove else ("retried" if retry else "opted in"))
         for name, err in failed.items():
             if err is not None and err.status == 404:
                 print(f"error: node {name!r} not found", file=sys.stderr)
@@ -148,6 +166,25 @@ def annotate_node(
             code = code or (1 if pending else 0)
         if code:
             raise typer.Exit(code)
+
+
+def _opt_in_patch(*, remove: bool, retry: bool, label: bool, annotation: bool) -> dict[str, Any]:
+    """The Node merge patch of annotate-node: opt out (both keys, whichever way the node opted
+    in), ask for a retry (a fresh kwasm.sh/kwasm-retry value) or opt in (label and/or
+    annotation)."""
+    if remove:
+        return {"metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}}
+    if retry:
+        from kwasm_py.cluster import disruption
+
+        token = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
+        return {"metadata": {"annotations": {disruption.RETRY_ANNOTATION: token}}}
+    meta: dict[str, Any] = {}
+    if label:
+        meta["labels"] = {OPT_IN_KEY: "true"}
+    if annotation:
+        meta["annotations"] = {OPT_IN_KEY: "true"}
+    return {"metadata": meta}
 
 
 def _summary(names: list[str], results: dict[str, KubeError | None], done: str) -> None:
@@ -310,9 +347,24 @@ def manifests(
     max_parallel_restarts: Annotated[
         int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
     ] = 1,
+    toleration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--toleration",
+            help="KEY[=VALUE][:EFFECT] the RuntimeClasses (and the agent) tolerate (repeat)",
+        ),
+    ] = None,
+    all_nodes: Annotated[
+        bool,
+        typer.Option(
+            "--all-nodes",
+            help="run the agent on every Linux node; nodes opt in by annotation (KWasm's flow)",
+        ),
+    ] = False,
 ) -> None:
     """Print the installer manifests (manifests/installer.yaml is the default output)."""
     from kwasm_py.cluster import manifests as m
+    from kwasm_py.shims.source import read_catalog
 
     classes: list[tuple[str, str]] = []
     for spec in runtime_class or []:
@@ -327,7 +379,10 @@ def manifests(
         shims=tuple(shim) if shim else defaults.shims,
         runtime_classes=tuple(classes) if classes else defaults.runtime_classes,
         max_parallel_restarts=max_parallel_restarts,
+        all_nodes=all_nodes,
+        tolerations=tuple(toleration or ()),
     )
+    m.check_runtime_classes(params.runtime_classes, m.provided_handlers(params.shims, read_catalog()))
     sys.stdout.write(m.render_yaml(m.installer_objects(params)))
 
 
@@ -401,6 +456,24 @@ def agent(
             help="seconds to wait for the kubelet to list a new handler in status.runtimeHandlers",
         ),
     ] = 120.0,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            envvar="KWASM_MAX_ATTEMPTS",
+            min=1,
+            help="install attempts (containerd restarts) for unchanged inputs before giving up",
+        ),
+    ] = 3,
+    attempts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--attempts-file",
+            envvar="KWASM_ATTEMPTS_FILE",
+            help="node path of the attempt count kept across agent restarts"
+            " (default /var/lib/kwasm-py/agent-attempts.json)",
+        ),
+    ] = None,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -418,9 +491,11 @@ def agent(
     import signal
 
     from kwasm_py.cluster import kube, lean
-    from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
+    from kwasm_py.cluster.agent import Agent, AgentConfig
     from kwasm_py.cluster.agentlog import Logger
+    from kwasm_py.cluster.disruption import Backoff
     from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shim_versions, default_node_command
+    from kwasm_py.cluster.inputs import ATTEMPTS_FILE, FileStore, NodeInputs
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -459,12 +534,15 @@ def agent(
         backoff=Backoff(scale=backoff_scale),
         kubelet_timeout=kubelet_timeout,
         shim_versions=versions,
+        max_attempts=max_attempts,
     )
     the_agent = Agent(
         api,
         SubprocessEngine(default_node_command(), request),
         config,
         log=log,
+        inputs=NodeInputs(shims, host_root, options=_install_options(request)),
+        store=FileStore(host_root, attempts_file or ATTEMPTS_FILE),
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -476,6 +554,15 @@ def agent(
     raise typer.Exit(the_agent.run())
 
 
+def _install_options(request: Any) -> list[str]:
+    """The engine's install argv (part of the disruption budget's inputs); [] for a request
+    the engine will refuse anyway (it then fails before any restart)."""
+    try:
+        return list(request.argv("install"))
+    except KwasmError:
+        return []
+
+
 def register(app: typer.Typer) -> None:
     """Add the cluster-side commands to the root app."""
     app.command("annotate-node")(annotate_node)
@@ -483,3 +570,6 @@ def register(app: typer.Typer) -> None:
     app.command("wait")(wait)
     app.command("manifests")(manifests)
     app.command("agent")(agent)
+    from kwasm_py.cli.uninstall import uninstall
+
+    app.command("uninstall")(uninstall)

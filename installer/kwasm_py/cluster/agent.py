@@ -2,66 +2,48 @@
 
 It watches its own Node and converges the node to the opt-in the Node carries:
 
-* opted in (annotation or label ``kwasm.sh/kwasm-node=true``): run the node engine's install;
-  only once the engine reports containerd verified the runtime and, where the Node reports
-  ``status.runtimeHandlers``, the kubelet lists it too (waiting at most ``kubelet_timeout``),
-  label the node ``kwasm.sh/kwasm-provisioned=true``, write the status annotation, the
-  ``KwasmProvisioned`` condition and an Event ``Provisioned``. The phases on the way are in
-  the status annotation (:mod:`~kwasm_py.cluster.progress`).
-  A failure (including an engine answer outside the contract) removes the label, records the
-  reason, emits a Warning ``ProvisionFailed`` and retries with backoff.
-* not opted in: uninstall what the engine recorded, remove label and status, Event
-  ``Unprovisioned``.
+* opted in (annotation or label ``kwasm.sh/kwasm-node=true``): run the node engine's install
+  (at most ``max_attempts`` attempts for unchanged inputs, then held:
+  :mod:`~kwasm_py.cluster.safeguards`); only once the engine reports containerd verified the
+  runtime and, where the Node reports ``status.runtimeHandlers``, the kubelet lists it too
+  (waiting at most ``kubelet_timeout``), label the node ``kwasm.sh/kwasm-provisioned=true`` and
+  ``kwasm.sh/runtime-<handler>=true``, write the status annotation, the ``KwasmProvisioned``
+  condition and an Event ``Provisioned``, and remove the startup taint. Phases, labels,
+  condition and taint are written by :mod:`~kwasm_py.cluster.progress`. A failure (including
+  an engine answer outside the contract) removes the labels, records the step and reason,
+  emits a Warning ``ProvisionFailed`` and retries with backoff.
+* not opted in: uninstall what the engine recorded, remove labels and status, Event
+  ``Unprovisioned``; on SIGTERM after an opt-out, uninstall before exiting.
 * provisioned: every ``drift_interval`` ask the engine for drift; repair and emit ``Repaired``.
 
 Its parts: this loop of timers and Node objects, the watch itself in a thread of its own
 (:mod:`~kwasm_py.cluster.nodewatch`), so retries, drift checks and the kubelet deadline fire
-when due; :mod:`~kwasm_py.cluster.leases` (installs and uninstalls may restart
-containerd, so each holds one of N restart Leases); :mod:`~kwasm_py.cluster.engine_proc` (the
-engine as a child process, through :mod:`kwasm_py.contract`, which keeps this resident process
-small: it never imports the engine, grpc, tomlkit or the kubernetes client); and
-:mod:`~kwasm_py.cluster.agentlog` (log lines and Events).
+when due; :mod:`~kwasm_py.cluster.leases` (each install or uninstall holds one of N restart
+Leases); :mod:`~kwasm_py.cluster.engine_proc` (the engine as a child process, through
+:mod:`kwasm_py.contract`: this resident process never imports the engine, grpc, tomlkit or the
+kubernetes client); :mod:`~kwasm_py.cluster.agentlog` (log lines and Events).
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from kwasm_py.cluster import kubelet, nodeview
-from kwasm_py.cluster.agentlog import Logger, node_event
+from kwasm_py.cluster import disruption, kubelet, nodeview, safeguards
+from kwasm_py.cluster.agentlog import Logger, node_event, send_event
+from kwasm_py.cluster.disruption import Backoff
 from kwasm_py.cluster.engine_proc import Engine, EngineFailed
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.cluster.kubelet import KubeletGate
 from kwasm_py.cluster.leases import RestartLeases
 from kwasm_py.cluster.nodewatch import NodeWatch
 from kwasm_py.cluster.progress import Progress
+from kwasm_py.cluster.safeguards import AgentStopped
 from kwasm_py.contract import EngineResult
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
-
-
-class AgentStopped(BaseException):
-    """Raised (from the SIGTERM handler or after a critical section) to end the agent."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter; ``scale=0`` turns waiting off (tests)."""
-
-    initial: float = 2.0
-    factor: float = 2.0
-    maximum: float = 300.0
-    scale: float = 1.0
-
-    def delay(self, attempt: int) -> float:
-        """Takes the attempt number (1 for the first retry); returns seconds to wait: initial *
-        factor^(attempt-1), capped at maximum, times scale, with +-20% jitter."""
-        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
-        return base * self.scale * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
 
 @dataclass(frozen=True)
@@ -78,9 +60,11 @@ class AgentConfig:
     lease_duration: int = 60
     drift_interval: float = 300.0
     watch_timeout: int = 300
-    backoff: Backoff = Backoff()
+    backoff: Backoff = field(default_factory=Backoff)
     kubelet_timeout: float = kubelet.DEFAULT_TIMEOUT
     shim_versions: Mapping[str, str] = field(default_factory=dict)
+    max_attempts: int = disruption.DEFAULT_MAX_ATTEMPTS  # install attempts per unchanged inputs
+    stop_lease_wait: float = 60.0  # on SIGTERM, wait this long for a restart Lease to uninstall
 
 
 class Agent:
@@ -101,8 +85,15 @@ class Agent:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        inputs: Callable[[JSON], str] | None = None,
+        store: disruption.AttemptStore | None = None,
     ) -> None:
         self.api = api
+        self.inputs = inputs or disruption.retry_inputs  # what an install depends on (cluster/inputs.py)
+        self.attempts: disruption.Attempts | None = None  # this process's last recorded attempt
+        self.held: str | None = None  # the inputs digest the agent gave up on
+        self.held_retry = ""  # the retry annotation when it gave up
+        self.store = store or disruption.MemoryStore()
         self.engine = engine
         self.cfg = config
         self.log = log or Logger(node=config.node_name)
@@ -119,7 +110,8 @@ class Agent:
         self.kubelet = KubeletGate(config.kubelet_timeout, clock)
         self.api_failures = 0
         self.stopping = False
-        self._critical = 0
+        self.final_deadline: float | None = None  # set while finishing after SIGTERM
+        self.critical_depth = 0  # critical sections running (SIGTERM waits for them)
         self.node: JSON = {}
         self.progress = Progress(
             api, config.node_name, self.log, versions=config.shim_versions, wall_clock=wall_clock
@@ -134,7 +126,7 @@ class Agent:
             duration=config.lease_duration,
             wall_clock=wall_clock,
             sleep=sleep,
-            check_stop=self._check_stop,
+            check_stop=lambda: safeguards.check_stop(self),
             on_wait=lambda: self.progress.try_phase("waiting"),  # every slot held by others
         )
 
@@ -144,24 +136,12 @@ class Agent:
         """SIGTERM: stop now, or as soon as the engine call in flight finished. Takes nothing;
         raises AgentStopped when no critical section runs."""
         self.stopping = True
-        if self._critical == 0:
+        if self.critical_depth == 0:
             raise AgentStopped
 
-    def _check_stop(self) -> None:
-        if self.stopping:
-            raise AgentStopped
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        """A section SIGTERM must not cut short (an engine run and the patch that records it).
-        Raises AgentStopped on leaving it when a stop was requested meanwhile."""
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        if self.stopping and self._critical == 0:
-            raise AgentStopped
+    def critical(self) -> contextlib.AbstractContextManager[None]:
+        """A section SIGTERM must not cut short (:func:`~kwasm_py.cluster.safeguards.critical`)."""
+        return safeguards.critical(self)
 
     # -- main loop
 
@@ -191,6 +171,7 @@ class Agent:
             pass
         finally:
             watch.stop()
+        safeguards.finish(self)
         self.log("stop")
         return 0
 
@@ -234,8 +215,10 @@ class Agent:
                 self._kubelet_update(node)
                 return
             if self.provisioned_ok and nodeview.provisioned(node):
+                self.progress.untaint(node)  # a startup taint added after the label
                 return
-            if self.next_retry is not None and self.clock() < self.next_retry:
+            due = self.next_retry is None or self.clock() >= self.next_retry
+            if not due and not safeguards.retry_requested(self, node):
                 return
             self.provision(node)
         else:
@@ -243,11 +226,13 @@ class Agent:
             self.next_drift = None
             self.kubelet.cancel()
             if self.installed is None:
-                self.installed = self._engine_says_installed()
+                self.installed = self.engine_says_installed()
             if self.installed or nodeview.provisioned(node) or nodeview.status_of(node):
                 self.unprovision(node)
 
-    def _engine_says_installed(self) -> bool:
+    def engine_says_installed(self) -> bool:
+        """Takes nothing; returns whether the engine's status says something is installed
+        (True when the engine cannot tell: uninstall is idempotent)."""
         try:
             return self.engine.status().installed
         except EngineFailed as ex:
@@ -260,17 +245,21 @@ class Agent:
         when the label patch fails (the watch loop retries, the engine run is idempotent)."""
         with self.critical():
             self.provisioned_ok = False
+            if not safeguards.attempt_allowed(self, node):
+                return
             try:
                 result = self._install(repair=repair)
             except EngineFailed as ex:
                 self._failed(node, "ProvisionFailed", ex)
                 return
+            safeguards.no_restart(self, restarted=result.restarted)
             self._confirm(node, result, repair=repair)
 
     def _labelled(self, node: JSON, result: EngineResult, *, repair: bool, check: nodeview.Check) -> None:
         """Verified (and confirmed by the kubelet where it reports handlers): label and record."""
         self.kubelet.cancel()
         self.progress.provisioned(node, result.runtimes, check=check)
+        safeguards.forget_attempts(self)
         runtimes = ",".join(f"{r.handler}@{r.sha256[:12]}" for r in result.runtimes)
         reason = "Repaired" if repair else "Provisioned"
         by = "containerd and the kubelet" if check == "kubelet" else "containerd"
@@ -351,6 +340,8 @@ class Agent:
         with self.critical():
             self.provisioned_ok = False
             if self.installed:
+                if not safeguards.attempt_allowed(self, node, verb="uninstall"):
+                    return
                 try:
                     with self.leases.slot():
                         self.log("uninstall_start")
@@ -363,6 +354,7 @@ class Agent:
             self.progress.removed(node)
             self.failures = 0
             self.next_retry = None
+            safeguards.forget_attempts(self)
             self.emit("Unprovisioned", "kwasm runtimes removed from containerd")
             self.log("unprovisioned")
 
@@ -394,17 +386,14 @@ class Agent:
     def emit(self, reason: str, message: str, *, warning: bool = False) -> None:
         """Takes the reason, message and whether it is a Warning; creates a core/v1 Event on the
         Node. Best effort: a lost Event is logged, nothing is raised."""
-        meta = self.node.get("metadata") or {}
+        uid = str((self.node.get("metadata") or {}).get("uid", self.cfg.node_name))
         event = node_event(
             node_name=self.cfg.node_name,
-            node_uid=str(meta.get("uid", self.cfg.node_name)),
+            node_uid=uid,
             namespace=self.cfg.event_namespace,
             reason=reason,
             message=message,
             warning=warning,
             now=self.wall_clock(),
         )
-        try:
-            self.api.create_event(self.cfg.event_namespace, event)
-        except KubeError as ex:
-            self.log("event_lost", level="warning", reason=reason, error=ex.message)
+        send_event(self.api, event, log=self.log)

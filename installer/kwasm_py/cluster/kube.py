@@ -47,6 +47,15 @@ class NodeApi(Protocol):
     def close(self) -> None: ...
 
 
+class ObjectApi(Protocol):
+    """What `kwasm-py uninstall` needs beyond nodes: delete an object by its API path."""
+
+    def delete_path(self, path: str) -> bool:
+        """Takes an object's API path; deletes it; returns False when it did not exist.
+        Raises KubeError for any other failure."""
+        ...
+
+
 class AgentApi(Protocol):
     """What the agent needs: its Node (and its ``nodes/status`` subresource, strategic merge),
     a watch on it, Node events and restart Leases."""

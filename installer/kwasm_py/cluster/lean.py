@@ -196,6 +196,16 @@ class LeanKube:
         path = f"/api/v1/nodes/{urllib.parse.quote(name)}/status"
         self.request("PATCH", path, body=patch, content_type=STRATEGIC)
 
+    def delete_path(self, path: str) -> bool:
+        """Takes an object's API path; deletes it; returns False on 404. Raises KubeError."""
+        try:
+            self.request("DELETE", path)
+        except KubeError as ex:
+            if ex.status == 404:
+                return False
+            raise
+        return True
+
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]:
         """Stream watch events of one Node; an ERROR event raises KubeError (410 when stale)."""
         query = {

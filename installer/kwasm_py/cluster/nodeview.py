@@ -7,9 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kwasm_py.cluster.policy import CONDITION_TYPE
+from kwasm_py.cluster.policy import CONDITION_TYPE, STARTUP_TAINT_KEY
 from kwasm_py.contract import Runtime
-from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, STATUS_ANNOTATION
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX, STATUS_ANNOTATION
+
+STARTUP_TAINT_EFFECT = "NoSchedule"
 
 #: Where a node is on its way, as the status annotation names it (``phase``).
 Phase = Literal["waiting", "installing", "verifying", "provisioned", "failed", "removing"]
@@ -41,6 +43,64 @@ def opted_in(node: JSON) -> bool:
 def provisioned(node: JSON) -> bool:
     """Takes a Node object; returns whether it carries ``kwasm.sh/kwasm-provisioned=true``."""
     return _meta(node, "labels").get(PROVISIONED_LABEL) == "true"
+
+
+def runtime_label(handler: str) -> str:
+    """Takes a runtime handler; returns its node label key, ``kwasm.sh/runtime-<handler>``."""
+    return f"{RUNTIME_LABEL_PREFIX}{handler}"
+
+
+def runtime_labels(node: JSON) -> list[str]:
+    """Takes a Node object; returns the per-handler label keys it carries (sorted)."""
+    return sorted(k for k in _meta(node, "labels") if k.startswith(RUNTIME_LABEL_PREFIX))
+
+
+def label_patch(node: JSON, handlers: Sequence[str]) -> dict[str, str | None]:
+    """Takes the Node and the handlers now verified; returns the merge-patch ``labels`` that set
+    the provisioned label and one label per handler, and remove the handler labels of runtimes
+    no longer installed."""
+    want = {runtime_label(h): "true" for h in handlers}
+    stale: dict[str, str | None] = {k: None for k in runtime_labels(node) if k not in want}
+    return {PROVISIONED_LABEL: "true", **want, **stale}
+
+
+def unlabel_patch(node: JSON) -> dict[str, str | None]:
+    """Takes the Node; returns the merge-patch ``labels`` removing the provisioned label and
+    every per-handler label it carries ({} when it carries none)."""
+    keys = runtime_labels(node) + ([PROVISIONED_LABEL] if provisioned(node) else [])
+    return dict.fromkeys(keys)
+
+
+def _taints(node: JSON) -> list[JSON]:
+    spec = node.get("spec") or {}
+    taints = (spec.get("taints") or []) if isinstance(spec, dict) else []
+    return [t for t in taints if isinstance(t, dict)] if isinstance(taints, list) else []
+
+
+def is_startup_taint(taint: JSON) -> bool:
+    """Takes a taint; returns whether it is exactly ours: key ``kwasm.sh/kwasm-not-ready``,
+    effect ``NoSchedule`` (any value)."""
+    return taint.get("key") == STARTUP_TAINT_KEY and taint.get("effect") == STARTUP_TAINT_EFFECT
+
+
+def has_startup_taint(node: JSON) -> bool:
+    """Takes a Node object; returns whether it carries the startup taint."""
+    return any(is_startup_taint(t) for t in _taints(node))
+
+
+def untaint_patch(node: JSON) -> JSON | None:
+    """Takes a Node object; returns the merge patch that removes the startup taint and keeps
+    every other taint as it is, guarded by the Node's resourceVersion (a taint added meanwhile
+    makes it fail with 409 instead of being dropped); None when there is no startup taint."""
+    taints = _taints(node)
+    if not any(is_startup_taint(t) for t in taints):
+        return None
+    rest = [t for t in taints if not is_startup_taint(t)]
+    meta: JSON = {}
+    rv = (node.get("metadata") or {}).get("resourceVersion")
+    if rv:
+        meta["resourceVersion"] = str(rv)
+    return {"metadata": meta, "spec": {"taints": rest or None}}
 
 
 def status_of(node: JSON) -> JSON:

@@ -1,5 +1,7 @@
 """EFFECTS: what the agent records on its Node about where it is: the phase in the status
-annotation and the ``KwasmProvisioned`` condition (through the ``nodes/status`` subresource).
+annotation, the labels (``kwasm.sh/kwasm-provisioned`` and one ``kwasm.sh/runtime-<handler>``
+per runtime), the ``KwasmProvisioned`` condition (through the ``nodes/status`` subresource), and
+the removal of its startup taint once provisioned (:mod:`~kwasm_py.cluster.untaint`).
 
 Each phase (:data:`~kwasm_py.cluster.nodeview.Phase`) is one merge patch of the status
 annotation, built by :func:`~kwasm_py.cluster.nodeview.phase_status` from the annotation the
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kwasm_py.cluster import nodeview
+from kwasm_py.cluster import nodeview, untaint
 from kwasm_py.cluster.agentlog import Logger, micro_time
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.contract import Runtime
@@ -105,13 +107,14 @@ class Progress:
 
     def provisioned(self, node: JSON, runtimes: Sequence[Runtime], *, check: nodeview.Check) -> None:
         """Takes the Node, the verified runtimes and the check that confirmed them; labels the
-        Node, records phase provisioned and sets the condition True. Raises KubeError when the
-        label patch fails (nothing is labelled then)."""
+        Node (provisioned, and one label per handler; handler labels of runtimes no longer
+        installed go), records phase provisioned, sets the condition True and removes the
+        startup taint. Raises KubeError when the label patch fails (nothing is labelled then)."""
         self.api.patch_node(
             self.name,
             {
                 "metadata": {
-                    "labels": {PROVISIONED_LABEL: "true"},
+                    "labels": nodeview.label_patch(node, [r.handler for r in runtimes]),
                     "annotations": {
                         STATUS_ANNOTATION: self._annotation("provisioned", runtimes=runtimes, check=check)
                     },
@@ -122,12 +125,19 @@ class Progress:
         handlers = ",".join(r.handler for r in runtimes)
         how = "containerd and the kubelet" if check == "kubelet" else "containerd"
         self.condition(node, "provisioned", f"runtimes {handlers} verified by {how}")
+        self.untaint(node)
+
+    def untaint(self, node: JSON) -> bool:
+        """Takes the last Node seen; removes the startup taint when it carries it (exactly that
+        taint, :mod:`~kwasm_py.cluster.untaint`). Returns whether it did; best effort, nothing
+        is raised."""
+        return untaint.remove_startup_taint(self.api, self.name, node, log=self.log)
 
     def failed(self, node: JSON, *, step: str, reason: str) -> None:
-        """Takes the Node, the failed step and its reason; removes the label (when the Node has
-        it), records phase failed and sets the condition False. Raises KubeError when the
-        patch fails."""
-        labels = {PROVISIONED_LABEL: None} if nodeview.provisioned(node) else {}
+        """Takes the Node, the failed step and its reason; removes the provisioned and handler
+        labels (those the Node has), records phase failed and sets the condition False. Raises
+        KubeError when the patch fails."""
+        labels = nodeview.unlabel_patch(node)
         text = self._annotation("failed", step=step, reason=reason)
         self.api.patch_node(
             self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: text}}}
@@ -136,11 +146,11 @@ class Progress:
         self.condition(node, "failed", f"{step}: {reason}")
 
     def removed(self, node: JSON) -> None:
-        """Takes the Node; removes label, status annotation and condition. Raises KubeError when
-        the label patch fails."""
+        """Takes the Node; removes the labels (provisioned and per handler), status annotation
+        and condition. Raises KubeError when the label patch fails."""
+        labels = {PROVISIONED_LABEL: None, **nodeview.unlabel_patch(node)}
         self.api.patch_node(
-            self.name,
-            {"metadata": {"labels": {PROVISIONED_LABEL: None}, "annotations": {STATUS_ANNOTATION: None}}},
+            self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: None}}}
         )
         self.last = {}
         self.floor = micro_time(self.wall_clock())
