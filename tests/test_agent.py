@@ -98,7 +98,9 @@ def test_drift_is_repaired(standin: StandIn, agents, tmp_path):
 def test_api_500_on_label_patch_is_retried(standin: StandIn, agents):
     """500s on the Node PATCH after a good install: the agent backs off and labels later."""
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
-    standin.inject(500, 3, method="PATCH", plural="nodes")
+    # Each attempt patches twice (phase installing, best effort; then the label): six faults
+    # make the label patch fail three times.
+    standin.inject(500, 6, method="PATCH", plural="nodes")
     agent = agents("n1")
     wait_labelled(standin, "n1")
     assert len(agent.events("api_error")) >= 3
@@ -161,6 +163,7 @@ def test_two_nodes_share_one_restart_lease(standin: StandIn, agents, tmp_path):
     b = agents("b", KWASM_FAKE_LOG=str(shared))
     standin.patch_node("b", OPT_IN)
     wait_until(lambda: b.events("lease_wait"), what="b waiting for the lease")
+    standin.wait_for(lambda: status(standin, "b").get("phase") == "waiting", what="b in phase waiting")
     assert "start b" not in shared.read_text()
     with (root_a / "hold-install").open("w") as fifo:  # let a's install finish
         fifo.write("go")
@@ -410,3 +413,167 @@ def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, ag
         used.add((group, resource, verb))
     unused = {(g, r, v) for g, r, v, _, _ in grants} - used
     assert not unused, f"installer.yaml grants what the agent never uses: {sorted(unused)}"
+
+
+def condition(api: StandIn, node: str) -> dict | None:
+    conds = api.node(node).get("status", {}).get("conditions") or []
+    found = [c for c in conds if c["type"] == "KwasmProvisioned"]
+    return found[0] if found else None
+
+
+def test_kubelet_confirms_before_the_label(standin: StandIn, agents):
+    """The Node reports runtime handlers (1.30+ kubelet, containerd 2.x) without spin: the
+    agent installs, records phase verifying and does not label; once the kubelet lists spin
+    the node is labelled, the status says check kubelet, and KwasmProvisioned is True next to
+    the kubelet's Ready condition."""
+    standin.add_node("n1")
+    standin.set_runtime_handlers("n1", ["", "runc"])
+    at_label: list[list[str]] = []
+
+    def on_write(res, kind, obj):  # what the Node says at the moment the label is written
+        if res.plural == "nodes" and obj["metadata"].get("labels", {}).get(PROVISIONED_LABEL) == "true":
+            at_label.append([h["name"] for h in obj.get("status", {}).get("runtimeHandlers") or []])
+
+    standin.on_write = on_write
+    agent = agents("n1", KWASM_KUBELET_TIMEOUT="60")
+    standin.patch_node("n1", OPT_IN)
+    standin.wait_for(lambda: status(standin, "n1").get("phase") == "verifying", what="phase verifying")
+    assert agent.events("kubelet_wait") and not labelled(standin, "n1")
+    assert [c["verb"] for c in agent.calls() if c["verb"] == "install"] == ["install"]
+    assert not at_label
+    standin.set_runtime_handlers("n1", ["", "runc", "spin"])
+    wait_labelled(standin, "n1")
+    assert at_label and all("spin" in handlers for handlers in at_label)
+    st = status(standin, "n1")
+    assert st["phase"] == "provisioned" and st["check"] == "kubelet"
+    assert {"installing", "verifying", "provisioned"} <= set(st["phases"])
+    # The condition follows the label (a second request, to nodes/status).
+    standin.wait_for(lambda: (condition(standin, "n1") or {}).get("status") == "True", what="condition True")
+    assert [c["type"] for c in standin.node("n1")["status"]["conditions"]] == ["Ready", "KwasmProvisioned"]
+    standin.wait_for(lambda: standin.events("Provisioned", "n1"), what="Provisioned event")
+    ev = standin.events("Provisioned", "n1")[0]
+    assert "verified by containerd and the kubelet" in ev["message"]
+
+
+def test_kubelet_that_never_lists_the_handler_fails_the_node(standin: StandIn, agents):
+    """The field is present and spin never appears: after KWASM_KUBELET_TIMEOUT the node fails
+    at step kubelet: no label, condition False, a Warning naming the kubelet."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    standin.set_runtime_handlers("n1", ["runc"])
+    agents("n1", KWASM_KUBELET_TIMEOUT="0.3")
+    standin.wait_for(lambda: standin.events("ProvisionFailed", "n1"), what="ProvisionFailed")
+    ev = standin.events("ProvisionFailed", "n1")[0]
+    assert ev["message"].startswith("kubelet: the kubelet does not report runtime handler spin")
+    assert not labelled(standin, "n1")
+    st = status(standin, "n1")
+    assert st["phase"] == "failed" and st["step"] == "kubelet"
+    cond = condition(standin, "n1")
+    assert cond is not None and cond["status"] == "False" and cond["reason"] == "Failed"
+
+
+def test_without_the_field_cri_decides_and_status_says_so(standin: StandIn, agents):
+    """No status.runtimeHandlers (kubelet < 1.30 or containerd 1.x): labelled on containerd's
+    word, check cri, condition True."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    agents("n1")
+    wait_labelled(standin, "n1")
+    assert status(standin, "n1")["check"] == "cri"
+    standin.wait_for(lambda: (condition(standin, "n1") or {}).get("status") == "True", what="condition True")
+
+
+def test_retry_runs_on_time_while_the_watch_is_idle(standin: StandIn, agents, tmp_path):
+    """A failure handled from a watch event schedules a retry in milliseconds; it runs then,
+    not at the end of the agent's 300 s watch (the Node stays untouched meanwhile)."""
+    standin.add_node("n1")
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "fail-install").write_text("containerd does not list runtime spin")
+    agent = agents("n1", root=root, KWASM_WATCH_TIMEOUT="300", KWASM_BACKOFF_SCALE="0.5")
+    standin.wait_for(
+        lambda: any(r.query.get("watch") for r in standin.recorded("GET", "nodes")), what="a watch"
+    )
+    standin.patch_node("n1", OPT_IN)
+    standin.wait_for(lambda: standin.events("ProvisionFailed", "n1"), what="ProvisionFailed")
+    (root / "fail-install").unlink()  # the node heals; nothing writes to the Node
+    wait_labelled(standin, "n1", timeout=20)
+    assert len([c for c in agent.calls() if c["verb"] == "install"]) >= 2
+
+
+def test_drift_check_runs_on_time_while_the_watch_is_idle(standin: StandIn, agents):
+    """Opted in through the watch, then the drift check (every 0.2 s) runs although no Node
+    event arrives within the 300 s watch."""
+    standin.add_node("n1")
+    agent = agents("n1", KWASM_WATCH_TIMEOUT="300", KWASM_DRIFT_INTERVAL="0.2")
+    standin.wait_for(
+        lambda: any(r.query.get("watch") for r in standin.recorded("GET", "nodes")), what="a watch"
+    )
+    standin.patch_node("n1", OPT_IN)
+    wait_labelled(standin, "n1")
+    (agent.root / "drift").write_text("runtime spin missing from config")
+    standin.wait_for(lambda: standin.events("Repaired", "n1"), timeout=20, what="Repaired event")
+
+
+def test_failure_after_provisioning_removes_label_and_sets_condition_false(standin: StandIn, agents):
+    """Provisioned, then drift whose repair fails: the label goes, the condition turns False,
+    the phase is failed with the engine's step and reason."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    agent = agents("n1", KWASM_DRIFT_INTERVAL="0.2")
+    wait_labelled(standin, "n1")
+    (agent.root / "fail-install").write_text("containerd does not list runtime spin")
+    (agent.root / "drift").write_text("runtime spin missing from config")
+    standin.wait_for(lambda: not labelled(standin, "n1"), what="label removed")
+    st = status(standin, "n1")
+    assert st["phase"] == "failed" and st["step"] == "verify"
+    standin.wait_for(
+        lambda: (condition(standin, "n1") or {}).get("status") == "False", what="condition False"
+    )
+
+
+def test_unverified_install_is_never_labelled(standin: StandIn, agents, tmp_path):
+    """The engine installs but containerd did not confirm (verified false): no label is ever
+    written (checked at every write), the failure names step verify; once the engine
+    verifies, the node is labelled."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    label_writes: list[str] = []
+
+    def on_write(res, kind, obj):
+        if res.plural == "nodes" and obj["metadata"].get("labels", {}).get(PROVISIONED_LABEL) == "true":
+            label_writes.append(status_of_obj(obj).get("phase", ""))
+
+    standin.on_write = on_write
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "unverified").write_text("")
+    agents("n1", root=root)
+    standin.wait_for(lambda: len(standin.events("ProvisionFailed", "n1")) >= 2, what="two failed attempts")
+    assert not label_writes and status(standin, "n1")["step"] == "verify"
+    (root / "unverified").unlink()
+    wait_labelled(standin, "n1")
+    assert label_writes[0] == "provisioned"
+
+
+def test_failed_step_from_the_engine_is_the_phase_step(standin: StandIn, agents, tmp_path):
+    """The engine fails at step restart: the status, the condition and `kwasm-py wait` name
+    restart."""
+    from tests.harness.cli import invoke
+
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    (root / "fail-install").write_text("containerd did not come back")
+    (root / "fail-step").write_text("restart")
+    agents("n1", root=root, KWASM_BACKOFF_SCALE="50")  # the retry is far off
+    standin.wait_for(lambda: status(standin, "n1").get("phase") == "failed", what="phase failed")
+    assert status(standin, "n1")["step"] == "restart"
+    standin.wait_for(
+        lambda: (condition(standin, "n1") or {}).get("status") == "False", what="condition False"
+    )
+    assert condition(standin, "n1")["message"] == "restart: containerd did not come back"  # type: ignore[index]
+    kubeconfig = standin.kubeconfig(tmp_path / "kubeconfig")
+    res = invoke("wait", "n1", "--timeout", "60", "--kubeconfig", str(kubeconfig))
+    assert res.code == 1 and "node 'n1' failed at step restart: containerd did not come back" in res.err
+
+
+def status_of_obj(obj: dict) -> dict:
+    raw = (obj["metadata"].get("annotations") or {}).get(STATUS_ANNOTATION)
+    return json.loads(raw) if raw else {}

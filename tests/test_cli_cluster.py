@@ -29,6 +29,31 @@ def test_annotate_named_nodes(standin: StandIn, kubeconfig: Path):
     assert "2 of 2 nodes opted in" in res.out
 
 
+def test_opt_in_sets_label_and_annotation(standin: StandIn, kubeconfig: Path):
+    """By default both keys (the DaemonSet's affinity needs the label); --annotation-only for an
+    installer rendered with --all-nodes; --retry bumps the retry annotation and nothing else."""
+    standin.add_node("n1")
+    standin.add_node("n2")
+    res = invoke("annotate-node", "n1", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    meta = standin.node("n1")["metadata"]
+    assert meta["labels"][OPT_IN_KEY] == "true" and meta["annotations"][OPT_IN_KEY] == "true"
+    res = invoke("annotate-node", "n2", "--annotation-only", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    meta = standin.node("n2")["metadata"]
+    assert OPT_IN_KEY not in meta["labels"] and meta["annotations"][OPT_IN_KEY] == "true"
+    before = standin.node("n2")["metadata"]
+    res = invoke("annotate-node", "n2", "--retry", "--kubeconfig", str(kubeconfig))
+    assert res.code == 0, res.err
+    after = standin.node("n2")["metadata"]
+    first = after["annotations"].pop("kwasm.sh/kwasm-retry")
+    assert after["labels"] == before["labels"] and after["annotations"] == before["annotations"]
+    res = invoke("annotate-node", "n2", "--retry", "--kubeconfig", str(kubeconfig))
+    assert standin.node("n2")["metadata"]["annotations"]["kwasm.sh/kwasm-retry"] != first
+    res = invoke("annotate-node", "n2", "--retry", "--remove", "--kubeconfig", str(kubeconfig))
+    assert res.code == 2 and "exclude each other" in res.err
+
+
 def test_unknown_node_is_named_others_still_done(standin: StandIn, kubeconfig: Path):
     """An unknown node gives a clear error naming it and exit 1; the known ones are annotated."""
     standin.add_node("n1")
@@ -128,7 +153,7 @@ def test_wait_reports_failing_nodes(standin: StandIn, kubeconfig: Path):
     standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(bad_status)})
     res = invoke("wait", "--all", "--timeout", "0", "--kubeconfig", str(kubeconfig))
     assert res.code == 1
-    assert "node 'n2' not ready: runtime missing" in res.err and "'n1'" not in res.err
+    assert "node 'n2' failed at step verify: runtime missing" in res.err and "'n1'" not in res.err
     standin.patch_node("n2", {"metadata": {"labels": {PROVISIONED_LABEL: "true"}}})
     res = invoke("wait", "n1", "n2", "--timeout", "5", "--kubeconfig", str(kubeconfig))
     assert res.code == 0, res.err
@@ -168,3 +193,73 @@ def test_manifests_options():
     assert rcs == [("wasmtime-slight", "slight")]
     res = invoke("manifests", "--runtime-class", "nohandler")
     assert res.code == 2 and "NAME=HANDLER" in res.err
+    res = invoke("manifests", "--runtime-class", "wasmtime-slight=slight")  # the image has spin only
+    assert res.code == 2 and "no shim of this install provides handler 'slight'" in res.err
+    res = invoke("manifests", "--toleration", "pool=wasm:NoSchedule", "--all-nodes")
+    assert res.code == 0, res.err
+    objs = list(yaml.safe_load_all(res.out))
+    rc = next(o for o in objs if o["kind"] == "RuntimeClass")
+    assert rc["scheduling"]["tolerations"] == [
+        {"key": "pool", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}
+    ]
+    pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert "affinity" not in pod and pod["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_status_shows_phase_versions_and_the_kubelets_view(standin: StandIn, kubeconfig: Path):
+    """status prints each node's phase, shim versions, the failed step, and whether the
+    kubelet lists the handler (or does not report handlers at all)."""
+    sha = "ab" * 32
+    good = {
+        "ok": True,
+        "phase": "provisioned",
+        "time": "t3",
+        "phases": {"installing": "t1", "verifying": "t2", "provisioned": "t3"},
+        "runtimes": [{"handler": "spin", "sha256": sha}],
+        "shims": [{"handler": "spin", "version": "v0.15.1", "sha256": sha}],
+        "check": "kubelet",
+    }
+    standin.add_node(
+        "good",
+        labels={PROVISIONED_LABEL: "true"},
+        annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(good)},
+    )
+    standin.set_runtime_handlers("good", ["", "runc", "spin"])
+    verifying = {**good, "ok": False, "phase": "verifying", "time": "t2", "check": None}
+    standin.add_node("slow", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(verifying)})
+    standin.set_runtime_handlers("slow", ["runc"])
+    failed = {"ok": False, "phase": "failed", "time": "t4", "step": "kubelet", "reason": "spin not listed"}
+    standin.add_node("bad", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(failed)})
+    res = invoke("status", "-o", "json", "--kubeconfig", str(kubeconfig))
+    rows = {r["name"]: r for r in json.loads(res.out)}
+    assert rows["good"]["phase"] == "provisioned" and rows["good"]["check"] == "kubelet"
+    assert (
+        rows["good"]["kubelet_handlers"] == ["", "runc", "spin"]
+        and rows["good"]["phases"]["verifying"] == "t2"
+    )
+    assert rows["slow"]["phase"] == "verifying" and not rows["slow"]["reason"]
+    assert rows["bad"]["step"] == "kubelet" and rows["bad"]["kubelet_handlers"] is None
+    res = invoke("status", "--kubeconfig", str(kubeconfig))
+    lines = {ln.split()[0]: ln for ln in res.out.splitlines()[1:]}
+    assert "provisioned" in lines["good"] and "spin@abababababab (v0.15.1)" in lines["good"]
+    assert "verifying" in lines["slow"] and "spin missing" in lines["slow"]
+    assert "not reported" in lines["bad"] and "kubelet: spin not listed" in lines["bad"]
+
+
+def test_wait_exits_as_soon_as_a_node_fails_naming_the_step(standin: StandIn, kubeconfig: Path):
+    """A failed node ends `wait` at once (well before its timeout) with the step and reason;
+    phases are printed as they are."""
+    installing = {"ok": False, "phase": "installing", "time": "t1", "phases": {"installing": "t1"}}
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(installing)})
+    failed = {
+        "ok": False,
+        "phase": "failed",
+        "time": "t2",
+        "step": "restart",
+        "reason": "containerd did not come back",
+    }
+    standin.add_node("n2", annotations={OPT_IN_KEY: "true", STATUS_ANNOTATION: json.dumps(failed)})
+    res = invoke("wait", "--all", "--timeout", "120", "--kubeconfig", str(kubeconfig))
+    assert res.code == 1
+    assert "node 'n2' failed at step restart: containerd did not come back" in res.err
+    assert "node n1: installing (t1)" in res.err and "'n1'" not in res.err

@@ -190,7 +190,7 @@ def test_node_cli_prints_contract_results(tmp_path: Path):
     assert status.containerd is None and status.runtimes == installed.runtimes
     res = invoke("node", "install", *common, "--shim", str(tmp_path / "containerd-shim-nope-v2"))
     failed = EngineResult.loads(res.out, command="install")
-    assert res.code != 0 and not failed.ok and failed.error and failed.step == "install"
+    assert res.code != 0 and not failed.ok and failed.error and failed.step == "pre-flight"
     res = invoke("node", "uninstall", *common)
     assert res.code == 0, res.err
     removed = EngineResult.loads(res.out, command="uninstall")

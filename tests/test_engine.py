@@ -239,6 +239,7 @@ def test_json_failure_shape(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
     r = kwasm("node", "install", *args(root, shim), "-o", "json")
     out = json.loads(r.stdout)
     assert r.returncode == 1 and out["ok"] is False and "version = 9" in out["error"]
+    assert out["step"] == "pre-flight"  # refused before anything changed
 
 
 def test_sha256_accepted(node: Path, shim: Path, kwasm: Kwasm) -> None:

@@ -120,6 +120,7 @@ def test_runtime_never_listed_rolls_back(tmp_path: Path, root: Path, shim: Path)
         fake.install(options(root, shim, timeout=0.2))
     message = caught.value.message
     assert message.startswith("verify: containerd runs but does not report the runtime")
+    assert caught.value.step == "verify"  # what the agent records as the failed step
     assert "rolled back the config and shim binaries" in message
     assert "containerd runs again with the previous config" in message
     assert fake.ctd.restarts == [SYSTEMD_RESTART, SYSTEMD_RESTART]
@@ -136,6 +137,8 @@ def test_containerd_not_coming_back_rolls_back(tmp_path: Path, root: Path, shim:
     with pytest.raises(RestartError, match="did not come back after the restart") as caught:
         fake.install(options(root, shim, timeout=0.2))
     assert "containerd runs again with the previous config" in caught.value.message
+    # containerd not answering after the restart is found while verifying; message and step agree
+    assert caught.value.step == "verify" and caught.value.message.startswith("verify: ")
     assert len(fake.ctd.restarts) == 2 and fake.ctd.up and "spin" not in fake.ctd.runtimes
     assert tree_hash(root) == before
 

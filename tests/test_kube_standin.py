@@ -171,3 +171,43 @@ def test_real_kubectl_annotates_and_selects(standin: StandIn, kubeconfig: Path):
     assert res.stdout.split() == ["node/n2"]
     res = kubectl(kubeconfig, "get", "nodes", "-l", "kwasm.sh/kwasm-provisioned=true")
     assert res.returncode == 0 and "n2" in res.stdout and "n1" not in res.stdout
+
+
+def test_node_status_subresource_and_condition_merge(standin: StandIn):
+    """nodes/NAME/status changes only the status, conditions merge by type ($patch: delete
+    removes one); a patch of nodes/NAME leaves the status alone, as kube-apiserver does."""
+    standin.add_node("n1")
+    smp = "application/strategic-merge-patch+json"
+    cond = {"type": "KwasmProvisioned", "status": "True", "reason": "Provisioned"}
+    code, doc = call(
+        standin,
+        "PATCH",
+        "/api/v1/nodes/n1/status",
+        {"status": {"conditions": [cond]}, "metadata": {"labels": {"x": "y"}}},
+        smp,
+    )
+    assert code == 200 and [c["type"] for c in doc["status"]["conditions"]] == ["Ready", "KwasmProvisioned"]
+    assert "x" not in doc["metadata"]["labels"]
+    code, doc = call(
+        standin,
+        "PATCH",
+        "/api/v1/nodes/n1/status",
+        {"status": {"conditions": [{**cond, "status": "False"}]}},
+        smp,
+    )
+    assert [c["status"] for c in doc["status"]["conditions"]] == ["True", "False"]
+    code, doc = call(
+        standin,
+        "PATCH",
+        "/api/v1/nodes/n1",
+        {"metadata": {"labels": {"x": "y"}}, "status": {"conditions": []}},
+        smp,
+    )
+    assert code == 200 and doc["metadata"]["labels"]["x"] == "y" and len(doc["status"]["conditions"]) == 2
+    delete = {"status": {"conditions": [{"type": "KwasmProvisioned", "$patch": "delete"}]}}
+    code, doc = call(standin, "PATCH", "/api/v1/nodes/n1/status", delete, smp)
+    assert [c["type"] for c in doc["status"]["conditions"]] == ["Ready"]
+    standin.set_runtime_handlers("n1", ["runc", "spin"])
+    assert [h["name"] for h in standin.node("n1")["status"]["runtimeHandlers"]] == ["runc", "spin"]
+    code, _ = call(standin, "PUT", "/api/v1/nodes/n1/status", {})
+    assert code == 405

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kwasm_py.cluster import manifests, policy
-from kwasm_py.model import PROVISIONED_LABEL
+from kwasm_py.model import OPT_IN_KEY, PROVISIONED_LABEL
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((REPO / "manifests").rglob("*.yaml"))
@@ -94,6 +94,7 @@ def test_installer_contents():
     (role,) = by_kind(objs, "ClusterRole")
     assert sorted((r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]) == [
         ("nodes", ("get", "patch", "watch")),
+        ("nodes/status", ("patch",)),  # the KwasmProvisioned condition
     ]
     (ns_role,) = by_kind(objs, "Role")
     assert ns_role["metadata"]["namespace"] == ns["metadata"]["name"]
@@ -109,7 +110,14 @@ def test_installer_contents():
     (ctr,) = pod["containers"]
     assert pod["hostPID"] is True and ctr["securityContext"]["privileged"] is True
     assert pod["priorityClassName"] == "system-node-critical"
-    assert pod["tolerations"] == [{"operator": "Exists"}]
+    # Only where asked (issue 14.2): the opt-in label, no blanket toleration, only our startup taint.
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert term == {"matchExpressions": [{"key": OPT_IN_KEY, "operator": "In", "values": ["true"]}]}
+    assert pod["tolerations"] == [
+        {"key": "kwasm.sh/kwasm-not-ready", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     assert pod["volumes"][0]["hostPath"]["path"] == "/"
     env = {e["name"]: e for e in ctr["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -120,7 +128,9 @@ def test_installer_contents():
     assert ctr["image"] == manifests.DEFAULT_IMAGE and ":" in ctr["image"]
     (rc,) = by_kind(objs, "RuntimeClass")
     assert (rc["metadata"]["name"], rc["handler"]) == ("wasmtime-spin", "spin")
-    assert rc["scheduling"]["nodeSelector"] == {PROVISIONED_LABEL: "true"}
+    # Each RuntimeClass selects its handler's label (issue 13.8), set only with that runtime.
+    assert rc["scheduling"]["nodeSelector"] == {PROVISIONED_LABEL: "true", "kwasm.sh/runtime-spin": "true"}
+    assert "tolerations" not in rc["scheduling"]
 
 
 def test_examples_contents():
@@ -326,3 +336,46 @@ def test_cli_options_reach_quota_rbac_and_policy():
     assert (
         "'system:serviceaccount:wasm:kwasm-node-installer'" in vap["spec"]["matchConditions"][0]["expression"]
     )
+
+
+def test_all_nodes_keeps_the_annotation_only_flow():
+    """--all-nodes: no affinity, every taint tolerated (KWasm's flow); the default is opt-in only."""
+    objs = manifests.installer_objects(manifests.InstallerParams(all_nodes=True))
+    (ds,) = by_kind(objs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert "affinity" not in pod and pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["terminationGracePeriodSeconds"] >= 240  # lease wait + restart + rollback
+
+
+def test_tolerations_reach_runtime_classes_and_agent():
+    """--toleration KEY[=VALUE][:EFFECT] lands in each RuntimeClass's scheduling.tolerations and
+    lets the agent onto that pool; bad ones are usage errors."""
+    from kwasm_py.errors import UsageError
+
+    params = manifests.InstallerParams(tolerations=("pool=wasm:NoSchedule", "gpu"))
+    objs = manifests.installer_objects(params)
+    want = [
+        {"key": "pool", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"},
+        {"key": "gpu", "operator": "Exists"},
+    ]
+    (rc,) = by_kind(objs, "RuntimeClass")
+    assert rc["scheduling"]["tolerations"] == want
+    (ds,) = by_kind(objs, "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["tolerations"][1:] == want
+    for bad in ("", ":NoSchedule", "k:Sometimes"):
+        with pytest.raises(UsageError, match="KEY"):
+            manifests.parse_toleration(bad)
+
+
+def test_runtime_class_needs_a_handler_the_install_provides():
+    """A RuntimeClass whose handler no shim of the install provides is refused (the image's
+    default shims, or the --shim paths)."""
+    from kwasm_py.errors import UsageError
+    from kwasm_py.shims.source import read_catalog
+
+    catalog = read_catalog()
+    assert manifests.provided_handlers((), catalog) == ["spin"]
+    assert manifests.provided_handlers(("/s/containerd-shim-slight-v2",), catalog) == ["slight"]
+    manifests.check_runtime_classes([("wasmtime-spin", "spin")], ["spin"])
+    with pytest.raises(UsageError, match="'spni'"):
+        manifests.check_runtime_classes([("typo", "spni")], ["spin"])

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 
 class KwasmError(Exception):
-    """Root of every expected failure."""
+    """Root of every expected failure. ``step`` names where a multi-step operation failed
+    when that is known (the engine's ``binary``, ``config``, ``restart``, ``verify``, ...)."""
 
     exit_code = 1
+    step = ""
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)

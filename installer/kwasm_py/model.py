@@ -14,6 +14,7 @@ JSON: TypeAlias = dict[str, Any]
 OPT_IN_KEY = "kwasm.sh/kwasm-node"
 PROVISIONED_LABEL = "kwasm.sh/kwasm-provisioned"
 STATUS_ANNOTATION = "kwasm.sh/kwasm-status"
+RUNTIME_LABEL_PREFIX = "kwasm.sh/runtime-"  # + handler: set once containerd verified that handler
 
 # Where things live on the node, as node paths (inside the host root).
 DEFAULT_INSTALL_DIR = PurePosixPath("/opt/kwasm")

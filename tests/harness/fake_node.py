@@ -4,7 +4,10 @@ Usage: ``python fake_node.py install|uninstall|status --host-root DIR [OPTIONS] 
 the options the real commands take (unknown ones exit 2, like the real CLI), with the host root a
 scratch directory that plays the node. State lives in ``<root>/state.json``. Control files:
 
-* ``fail-install``: install fails with its content as the error (step "verify");
+* ``fail-install``: install fails with its content as the error (step "verify", or the content
+  of ``fail-step`` when that file exists);
+* ``unverified``: install succeeds but reports ``verified: false`` (containerd did not confirm);
+* ``fail-uninstall``: uninstall fails with its content as the error (step "uninstall");
 * ``drift``: status reports its content as drift (until the next install);
 * ``hold-install``: a FIFO; install blocks opening it until the test writes to it;
 * ``bad-result``: every command prints its content instead of a result, exit 0 (a malformed or
@@ -98,14 +101,11 @@ def main() -> int:
             with hold.open() as f:  # blocks until the test opens the FIFO for writing
                 f.read()
         fail = root / "fail-install"
+        step = (root / "fail-step").read_text().strip() if (root / "fail-step").exists() else "verify"
         if fail.exists():
             note({"ok": False})
             shared_note("end")
-            print(
-                EngineResult.failed(
-                    "install", step="verify", error=fail.read_text().strip(), hint="h"
-                ).dumps()
-            )
+            print(EngineResult.failed("install", step=step, error=fail.read_text().strip(), hint="h").dumps())
             return 1
         drift = root / "drift"
         changed = not state["installed"] or drift.exists()
@@ -117,7 +117,7 @@ def main() -> int:
             command="install",
             changed=changed,
             restarted=changed,
-            verified=True,
+            verified=not (root / "unverified").exists(),
             layout="fake",
             config=CONFIG,
             runtimes=(RUNTIME,),
@@ -125,6 +125,12 @@ def main() -> int:
         print(result.dumps())
         return 0
     shared_note("start")  # uninstall
+    fail = root / "fail-uninstall"
+    if fail.exists():
+        note({"ok": False})
+        shared_note("end")
+        print(EngineResult.failed("uninstall", step="uninstall", error=fail.read_text().strip()).dumps())
+        return 1
     changed = state["installed"]
     state_file.write_text(json.dumps({"installed": False}))
     note({"changed": changed})

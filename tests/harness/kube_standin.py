@@ -6,7 +6,11 @@ discovery for real `kubectl`. Semantics that the tests rely on:
 * every write bumps a global resourceVersion; PUT or PATCH carrying a stale
   ``metadata.resourceVersion`` gets 409 Conflict, POST of an existing name 409 AlreadyExists;
 * PATCH: merge patch (RFC 7386), strategic merge patch (maps merge, ``null`` deletes, lists are
-  replaced), JSON patch (RFC 6902);
+  replaced, except a Node's ``status.conditions``, merged by ``type`` with ``$patch: delete``
+  as Kubernetes does), JSON patch (RFC 6902);
+* nodes have the ``status`` subresource: writes to ``/nodes/NAME`` keep the stored status, and
+  writes to ``/nodes/NAME/status`` change only the status (the API server's node strategies);
+  :meth:`StandIn.set_runtime_handlers` plays the kubelet reporting ``status.runtimeHandlers``;
 * list and watch honour ``fieldSelector`` (dotted paths, ``=``, ``==``, ``!=``) and
   ``labelSelector`` (``=``, ``==``, ``!=``, exists, ``!key``, ``in``, ``notin``);
 * watch streams chunked JSON lines from ``resourceVersion`` (or ADDED for the current state when
@@ -52,6 +56,30 @@ RESOURCES = [
     Resource("", "v1", "events", "Event", True, ("ev",)),
     Resource("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
+    # What installer.yaml creates (for `kwasm-py uninstall`): stored, listed and deleted as is.
+    Resource("", "v1", "namespaces", "Namespace", False, ("ns",)),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    Resource("", "v1", "resourcequotas", "ResourceQuota", True, ("quota",)),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
+    Resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicy",
+        False,
+    ),
+    Resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        False,
+    ),
+    Resource("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",)),
+    Resource("node.k8s.io", "v1", "runtimeclasses", "RuntimeClass", False),
 ]
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 REASONS = {
@@ -107,6 +135,39 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def merge_conditions(current: Any, patch: Any) -> Any:
+    """Strategic merge of a ``conditions`` list (patchMergeKey ``type``): each patch entry
+    updates the condition of its type (or is appended); ``$patch: delete`` removes it."""
+    result = [copy.deepcopy(c) for c in current or [] if isinstance(c, dict)]
+    for entry in patch or []:
+        if not isinstance(entry, dict):
+            raise ApiFailure(400, "a condition must be an object")
+        kind = entry.get("type")
+        index = next((i for i, c in enumerate(result) if c.get("type") == kind), None)
+        if entry.get("$patch") == "delete":
+            if index is not None:
+                result.pop(index)
+        elif index is None:
+            result.append({k: v for k, v in entry.items() if v is not None})
+        else:
+            result[index] = merge_patch(result[index], entry)
+    return result
+
+
+def strategic_node_patch(current: JSON, patch: JSON) -> JSON:
+    """Strategic merge for a Node: as :func:`merge_patch`, but ``status.conditions`` merge by
+    ``type`` (the only list merge kwasm-py relies on)."""
+    conditions = ((patch.get("status") or {}) if isinstance(patch.get("status"), dict) else {}).get(
+        "conditions"
+    )
+    new = merge_patch(current, patch)
+    if conditions is not None:
+        new.setdefault("status", {})["conditions"] = merge_conditions(
+            (current.get("status") or {}).get("conditions"), conditions
+        )
+    return new
 
 
 def _pointer(path: str) -> list[str]:
@@ -409,8 +470,9 @@ class StandIn:
         *,
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
+        taints: list[JSON] | None = None,
     ) -> JSON:
-        """Seed a complete Node (all NodeSystemInfo fields, a Ready condition)."""
+        """Seed a complete Node (all NodeSystemInfo fields, a Ready condition, the taints)."""
         node = {
             "metadata": {
                 "name": name,
@@ -421,7 +483,7 @@ class StandIn:
                 },
                 "annotations": dict(annotations or {}),
             },
-            "spec": {},
+            "spec": {"taints": list(taints)} if taints else {},
             "status": {
                 "conditions": [
                     {
@@ -460,6 +522,17 @@ class StandIn:
             obj = self.objects[(RESOURCES[0], "", name)]
             new = merge_patch(obj, patch)
             return copy.deepcopy(self._store(RESOURCES[0], new, "MODIFIED"))
+
+    def set_runtime_handlers(self, name: str, handlers: list[str] | None) -> JSON:
+        """Play the kubelet: report ``handlers`` in the Node's ``status.runtimeHandlers`` as a
+        1.30+ kubelet on containerd 2.x does (None removes the field, as older ones have it)."""
+        entries = None
+        if handlers is not None:
+            entries = [
+                {"name": h, "features": {"recursiveReadOnlyMounts": True, "userNamespaces": True}}
+                for h in handlers
+            ]
+        return self.patch_node(name, {"status": {"runtimeHandlers": entries}})
 
     def delete_node(self, name: str) -> None:
         with self.cond:
@@ -616,7 +689,9 @@ class StandIn:
                 meta["namespace"] = ns
             return copy.deepcopy(self._store(res, obj, "MODIFIED"))
 
-    def patch(self, res: Resource, ns: str, name: str, body: Any, content_type: str) -> JSON:
+    def patch(
+        self, res: Resource, ns: str, name: str, body: Any, content_type: str, *, subresource: str = ""
+    ) -> JSON:
         with self.cond:
             current = self.objects.get((res, ns, name))
             if current is None:
@@ -631,9 +706,16 @@ class StandIn:
                 if not isinstance(body, dict):
                     raise ApiFailure(400, "a merge patch must be an object")
                 self._check_rv(res, name, current, body)
-                new = merge_patch(current, body)
+                if res.plural == "nodes" and ctype == "application/strategic-merge-patch+json":
+                    new = strategic_node_patch(current, body)
+                else:
+                    new = merge_patch(current, body)
             else:
                 raise ApiFailure(415, f"unsupported patch type {ctype!r}", "UnsupportedMediaType")
+            if res.plural == "nodes" and subresource == "status":
+                new = {**copy.deepcopy(current), "status": new.get("status") or {}}
+            elif res.plural == "nodes":
+                new["status"] = copy.deepcopy(current.get("status") or {})
             meta = new.setdefault("metadata", {})
             meta["name"], meta["uid"] = name, current["metadata"]["uid"]
             if new == current:  # a no-op patch does not bump the resourceVersion
@@ -726,9 +808,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self._discovery(method, path):
                 rec.status = 200
                 return
-            res, ns, name = self._route(path)
+            res, ns, name, sub = self._route(path)
             watch = method == "GET" and not name and query.get("watch") in ("true", "True", "1")
-            fault = self.api.take_fault(method, res.plural, name, watch)
+            fault = self.api.take_fault(method, f"{res.plural}/{sub}" if sub else res.plural, name, watch)
             if fault is not None:
                 raise ApiFailure(fault.status, fault.message)
             if watch:
@@ -736,6 +818,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._watch(res, ns, query)
                 return
             rec.status = 200
+            if sub and method not in ("GET", "PATCH"):  # only these are modelled on nodes/status
+                raise ApiFailure(405, f"{method} not allowed on {path}", "MethodNotAllowed")
             if method == "GET":
                 doc = self.api.get(res, ns, name) if name else self.api.list(res, ns, query)
             elif method == "POST" and not name:
@@ -744,7 +828,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "PUT" and name:
                 doc = self.api.update(res, ns, name, rec.body or {})
             elif method == "PATCH" and name:
-                doc = self.api.patch(res, ns, name, rec.body, rec.content_type)
+                doc = self.api.patch(res, ns, name, rec.body, rec.content_type, subresource=sub)
             elif method == "DELETE" and name:
                 doc = self.api.delete(res, ns, name)
             else:
@@ -756,7 +840,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _route(self, path: str) -> tuple[Resource, str, str]:
+    def _route(self, path: str) -> tuple[Resource, str, str, str]:
+        """(resource, namespace, name, subresource) of an API path; only nodes/NAME/status is
+        a subresource here."""
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "v1"]:
             group, version, rest = "", "v1", parts[2:]
@@ -767,6 +853,9 @@ class _Handler(BaseHTTPRequestHandler):
         ns = ""
         if len(rest) >= 3 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
+        sub = ""
+        if len(rest) == 3 and rest[0] == "nodes" and rest[2] == "status" and group == "":
+            rest, sub = rest[:2], "status"
         if not rest or len(rest) > 2:
             raise ApiFailure(404, f"the server could not find the requested resource ({path})")
         res = BY_PATH.get((group, version, rest[0]))
@@ -774,7 +863,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiFailure(404, f"the server could not find the requested resource ({path})")
         if res.namespaced and len(rest) == 2 and not ns:
             raise ApiFailure(404, f"{res.plural} is namespaced ({path})")
-        return res, ns, rest[1] if len(rest) == 2 else ""
+        return res, ns, rest[1] if len(rest) == 2 else "", sub
 
     def _discovery(self, method: str, path: str) -> bool:
         if method != "GET":

@@ -38,9 +38,13 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _stdout_console() -> Any:
+def _stdout_console(*, wide: bool = False) -> Any:
+    """Rich console on stdout; ``wide``: a table is never folded when stdout is no terminal
+    (a pipe or a file gets whole lines, as kubectl prints them)."""
     from rich.console import Console
 
+    if wide and not sys.stdout.isatty():
+        return Console(soft_wrap=True, width=1000)
     return Console(soft_wrap=True)
 
 
@@ -102,7 +106,21 @@ def annotate_node(
     ] = None,
     remove: Annotated[bool, typer.Option("--remove", help="opt the nodes out")] = False,
     as_label: Annotated[
-        bool, typer.Option("--label", help="opt in with a label instead of an annotation")
+        bool, typer.Option("--label", help="opt in with the label only (no annotation)")
+    ] = False,
+    annotation_only: Annotated[
+        bool,
+        typer.Option(
+            "--annotation-only",
+            help="opt in with the annotation only (installer rendered with --all-nodes)",
+        ),
+    ] = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="ask the agents of held nodes to try again (bumps kwasm.sh/kwasm-retry)",
+        ),
     ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="wait until the agents finished")] = False,
     timeout: TimeoutOpt = 300.0,
@@ -110,28 +128,32 @@ def annotate_node(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true."""
+    """Opt nodes in (or out, with --remove): kwasm.sh/kwasm-node=true as label and annotation.
+
+    The label is what the agent DaemonSet's node affinity selects; the annotation is the
+    KWasm-compatible opt-in (an installer rendered with --all-nodes needs only that).
+    """
     from kwasm_py.cluster import official
+
+    if sum([remove, retry, as_label or annotation_only]) > 1 or (as_label and annotation_only):
+        raise UsageError(
+            "--remove, --retry and --label/--annotation-only exclude each other",
+            hint="kwasm-py annotate-node --retry NODE",
+        )
 
     with contextlib.closing(official.connect_cli(kubeconfig, context, pool_size=parallel)) as api:
         names = _targets(api, nodes or [], all_nodes, selector)
         if not names:
             _stderr_console().print("no node matched: nothing to do")
             return
-        part = "labels" if as_label else "annotations"
-        if remove:  # opt out whichever way the node opted in
-            patch: dict[str, Any] = {
-                "metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}
-            }
-        else:
-            patch = {"metadata": {part: {OPT_IN_KEY: "true"}}}
+        patch = _opt_in_patch(remove=remove, retry=retry, label=not annotation_only, annotation=not as_label)
         results = _patch_all(api, names, patch, parallel)
         failed = {n: e for n, e in results.items() if e is not None}
         if failed and len(failed) == len(names):
             first = next(iter(failed.values()))
             if first is not None and first.status in (None, 401, 403):
                 raise first  # one clear line for a cluster-wide problem
-        _summary(names, results, "opted out" if remove else "opted in")
+        _summary(names, results, "opted out" if remove else ("retried" if retry else "opted in"))
         for name, err in failed.items():
             if err is not None and err.status == 404:
                 print(f"error: node {name!r} not found", file=sys.stderr)
@@ -144,6 +166,25 @@ def annotate_node(
             code = code or (1 if pending else 0)
         if code:
             raise typer.Exit(code)
+
+
+def _opt_in_patch(*, remove: bool, retry: bool, label: bool, annotation: bool) -> dict[str, Any]:
+    """The Node merge patch of annotate-node: opt out (both keys, whichever way the node opted
+    in), ask for a retry (a fresh kwasm.sh/kwasm-retry value) or opt in (label and/or
+    annotation)."""
+    if remove:
+        return {"metadata": {"annotations": {OPT_IN_KEY: None}, "labels": {OPT_IN_KEY: None}}}
+    if retry:
+        from kwasm_py.cluster import disruption
+
+        token = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
+        return {"metadata": {"annotations": {disruption.RETRY_ANNOTATION: token}}}
+    meta: dict[str, Any] = {}
+    if label:
+        meta["labels"] = {OPT_IN_KEY: "true"}
+    if annotation:
+        meta["annotations"] = {OPT_IN_KEY: "true"}
+    return {"metadata": meta}
 
 
 def _summary(names: list[str], results: dict[str, KubeError | None], done: str) -> None:
@@ -177,7 +218,8 @@ def status(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Every node: opted in, provisioned, runtimes and versions, last failure."""
+    """Every node: opted in, provisioned, phase, runtimes and versions, the kubelet's view of
+    the handlers, last failure."""
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
     from kwasm_py.cluster import official
@@ -189,26 +231,32 @@ def status(
         return
     from rich.table import Table
 
-    table = Table("NODE", "OPTED-IN", "PROVISIONED", "RUNTIMES", "SINCE", "LAST FAILURE", box=None)
+    table = Table(
+        "NODE", "OPTED-IN", "PROVISIONED", "PHASE", "RUNTIMES", "KUBELET", "SINCE", "LAST FAILURE", box=None
+    )
     for r in rows:
-        runtimes = " ".join(f"{x.get('handler')}@{str(x.get('sha256', ''))[:12]}" for x in r.runtimes)
         table.add_row(
             r.name,
             "yes" if r.opted_in else "no",
             "yes" if r.provisioned else "no",
-            runtimes or "-",
+            r.phase or "-",
+            r.runtimes_cell() or "-",
+            r.kubelet_cell(),
             r.time or "-",
-            r.reason or "-",
+            (f"{r.step}: {r.reason}" if r.step else r.reason) or "-",
         )
-    _stdout_console().print(table)
+    _stdout_console(wide=True).print(table)
 
 
 def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool = True) -> list[str]:
-    """Poll until the nodes are provisioned (want) or cleaned up (not want); pending names."""
+    """Poll until the nodes are provisioned (want) or cleaned up (not want), printing each
+    node's phase as it changes; returns the names not done: at the deadline, or at once when
+    an agent reports a failure (naming the failed step)."""
     from kwasm_py.cluster import nodeview
 
     deadline = time.monotonic() + timeout
     interval = 0.5
+    phases: dict[str, str] = {}
     while True:
         nodes = {nodeview.name_of(n): n for n in api.list_nodes()}
         if names is None:
@@ -230,10 +278,21 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
             return not nodeview.provisioned(node) and STATUS_ANNOTATION not in (meta.get("annotations") or {})
 
         pending = [t for t in targets if not done(nodes[t])]
+        _print_phases(phases, {t: nodeview.row(nodes[t]) for t in targets})
         if not pending:
             what = "provisioned" if want else "unprovisioned"
             print(f"{len(targets)} node(s) {what}", file=sys.stderr)
             return []
+        failed = [t for t in pending if nodeview.row(nodes[t]).failed]
+        if failed:
+            for name in failed:
+                row = nodeview.row(nodes[name])
+                where = f" at step {row.step}" if row.step else ""
+                print(
+                    f"error: node {name!r} failed{where}: {row.reason or 'no reason recorded'}",
+                    file=sys.stderr,
+                )
+            return pending
         if time.monotonic() >= deadline:
             for name in pending:
                 row = nodeview.row(nodes[name])
@@ -244,6 +303,16 @@ def _wait(api: NodeApi, names: list[str] | None, timeout: float, *, want: bool =
         interval = min(interval * 1.5, 5.0)
 
 
+def _print_phases(seen: dict[str, str], rows: dict[str, NodeRow]) -> None:
+    """Print ``node NAME: PHASE (TIME)`` on stderr for each node whose phase changed since
+    the last poll (``seen`` is updated)."""
+    for name, row in rows.items():
+        if row.phase and seen.get(name) != row.phase:
+            when = row.phases.get(row.phase) or row.time
+            print(f"node {name}: {row.phase}" + (f" ({when})" if when else ""), file=sys.stderr)
+        seen[name] = row.phase
+
+
 def wait(
     nodes: Annotated[list[str] | None, typer.Argument(help="node names")] = None,
     all_nodes: Annotated[bool, typer.Option("--all", help="every opted-in node")] = False,
@@ -251,7 +320,8 @@ def wait(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Wait until opted-in nodes are provisioned; exit 1 naming the ones that are not."""
+    """Wait until opted-in nodes are provisioned, printing their phases; exit 1 naming the
+    ones that are not, at once when a node fails (with the failed step)."""
     if bool(nodes) == all_nodes:
         raise UsageError("name the nodes or pass --all (one of them)")
     from kwasm_py.cluster import official
@@ -290,6 +360,20 @@ def manifests(
     layout: Annotated[
         str, typer.Option("--layout", help="with --minimal: containerd, k3s, rke2, microk8s or k0s")
     ] = "containerd",
+    toleration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--toleration",
+            help="KEY[=VALUE][:EFFECT] the RuntimeClasses (and the agent) tolerate (repeat)",
+        ),
+    ] = None,
+    all_nodes: Annotated[
+        bool,
+        typer.Option(
+            "--all-nodes",
+            help="run the agent on every Linux node; nodes opt in by annotation (KWasm's flow)",
+        ),
+    ] = False,
 ) -> None:
     """Print the installer manifests (manifests/installer.yaml is the default output;
     manifests/installer-minimal.yaml the default with --minimal).
@@ -300,6 +384,7 @@ def manifests(
     from kwasm_py.cluster import manifests as m
     from kwasm_py.cluster import minimal as mini
     from kwasm_py.cluster import release
+    from kwasm_py.shims.source import read_catalog
 
     classes: list[tuple[str, str]] = []
     for spec in runtime_class or []:
@@ -318,7 +403,10 @@ def manifests(
         shims=tuple(shim) if shim else defaults.shims,
         runtime_classes=tuple(classes) if classes else defaults.runtime_classes,
         max_parallel_restarts=max_parallel_restarts,
+        all_nodes=all_nodes,
+        tolerations=tuple(toleration or ()),
     )
+    m.check_runtime_classes(params.runtime_classes, m.provided_handlers(params.shims, read_catalog()))
     if not minimal:
         sys.stdout.write(m.render_yaml(m.installer_objects(params)))
         return
@@ -388,6 +476,33 @@ def agent(
     watch_timeout: Annotated[
         int, typer.Option("--watch-timeout", envvar="KWASM_WATCH_TIMEOUT", min=1, hidden=True)
     ] = 300,
+    kubelet_timeout: Annotated[
+        float,
+        typer.Option(
+            "--kubelet-timeout",
+            envvar="KWASM_KUBELET_TIMEOUT",
+            min=0,
+            help="seconds to wait for the kubelet to list a new handler in status.runtimeHandlers",
+        ),
+    ] = 120.0,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            envvar="KWASM_MAX_ATTEMPTS",
+            min=1,
+            help="install attempts (containerd restarts) for unchanged inputs before giving up",
+        ),
+    ] = 3,
+    attempts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--attempts-file",
+            envvar="KWASM_ATTEMPTS_FILE",
+            help="node path of the attempt count kept across agent restarts"
+            " (default /var/lib/kwasm-py/agent-attempts.json)",
+        ),
+    ] = None,
     backoff_scale: Annotated[
         float,
         typer.Option(
@@ -405,9 +520,11 @@ def agent(
     import signal
 
     from kwasm_py.cluster import kube, lean
-    from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
+    from kwasm_py.cluster.agent import Agent, AgentConfig
     from kwasm_py.cluster.agentlog import Logger
-    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shims, default_node_command
+    from kwasm_py.cluster.disruption import Backoff
+    from kwasm_py.cluster.engine_proc import SubprocessEngine, agent_shim_versions, default_node_command
+    from kwasm_py.cluster.inputs import ATTEMPTS_FILE, FileStore, NodeInputs
     from kwasm_py.contract import EngineRequest
 
     if not node_name:
@@ -417,9 +534,12 @@ def agent(
     # engine gets each shim as its own argument.
     shims = [p for value in shim or [] for p in value.split(",") if p]
     handlers: list[str] = []
+    versions: dict[str, str] = {}
     if not shims:  # from the image, a download, or a directory on the node
         try:
-            shims, handlers = agent_shims(shim_source, shim_dir=shim_dir, host_root=host_root)
+            found = agent_shim_versions(shim_source, shim_dir=shim_dir, host_root=host_root)
+            shims, handlers = [p for p, _, _ in found], [h for _, h, _ in found]
+            versions = {h: v for _, h, v in found}
         except KwasmError as ex:  # the engine will report it on the Node as ProvisionFailed
             log("no_shims", level="warning", source=shim_source, error=ex.message)
     endpoint = kube.load_endpoint(kubeconfig, context)
@@ -441,12 +561,17 @@ def agent(
         drift_interval=drift_interval,
         watch_timeout=watch_timeout,
         backoff=Backoff(scale=backoff_scale),
+        kubelet_timeout=kubelet_timeout,
+        shim_versions=versions,
+        max_attempts=max_attempts,
     )
     the_agent = Agent(
         api,
         SubprocessEngine(default_node_command(), request),
         config,
         log=log,
+        inputs=NodeInputs(shims, host_root, options=_install_options(request)),
+        store=FileStore(host_root, attempts_file or ATTEMPTS_FILE),
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -458,6 +583,15 @@ def agent(
     raise typer.Exit(the_agent.run())
 
 
+def _install_options(request: Any) -> list[str]:
+    """The engine's install argv (part of the disruption budget's inputs); [] for a request
+    the engine will refuse anyway (it then fails before any restart)."""
+    try:
+        return list(request.argv("install"))
+    except KwasmError:
+        return []
+
+
 def register(app: typer.Typer) -> None:
     """Add the cluster-side commands to the root app."""
     app.command("annotate-node")(annotate_node)
@@ -465,3 +599,6 @@ def register(app: typer.Typer) -> None:
     app.command("wait")(wait)
     app.command("manifests")(manifests)
     app.command("agent")(agent)
+    from kwasm_py.cli.uninstall import uninstall
+
+    app.command("uninstall")(uninstall)

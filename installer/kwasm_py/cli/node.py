@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kwasm_py import contract
-from kwasm_py.errors import KwasmError, UsageError
+from kwasm_py.errors import (
+    ChecksumError,
+    ConfigError,
+    ConflictError,
+    KwasmError,
+    LayoutError,
+    LockHeld,
+    UsageError,
+)
 from kwasm_py.model import DEFAULT_INSTALL_DIR, InstallMode, OutputFormat, ShimSpec
 
 if TYPE_CHECKING:
@@ -223,6 +231,10 @@ def _status_result(report: Report) -> contract.EngineResult:
     )
 
 
+#: Errors the engine raises before it changes anything: the agent reports them as step pre-flight.
+PRE_FLIGHT = (UsageError, ChecksumError, ConfigError, ConflictError, LayoutError, LockHeld)
+
+
 def _run_step(step: contract.Command, output: OutputFormat, action: Callable[[], Any]) -> Any:
     """Run an engine action; JSON output prints the outcome (or the failure) as one object.
 
@@ -232,7 +244,8 @@ def _run_step(step: contract.Command, output: OutputFormat, action: Callable[[],
         outcome = action()
     except KwasmError as err:
         if output is OutputFormat.JSON:
-            _emit_result(contract.EngineResult.failed(step, step=step, error=err.message, hint=err.hint))
+            where = err.step or ("pre-flight" if isinstance(err, PRE_FLIGHT) else step)
+            _emit_result(contract.EngineResult.failed(step, step=where, error=err.message, hint=err.hint))
         raise
     if output is OutputFormat.JSON:
         _emit_result(_change_result(step, outcome))

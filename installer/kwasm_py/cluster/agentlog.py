@@ -15,6 +15,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import TextIO
 
+from kwasm_py.cluster.kube import AgentApi
+from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
 
 
@@ -90,3 +92,12 @@ def node_event(
         "reportingComponent": "kwasm.sh/kwasm-py-agent",
         "reportingInstance": node_name,
     }
+
+
+def send_event(api: AgentApi, event: JSON, *, log: Logger) -> None:
+    """Takes the API port, an Event (:func:`node_event`) and the log; creates the Event in its
+    namespace. Best effort: a lost Event is logged, nothing is raised."""
+    try:
+        api.create_event(str(event["metadata"]["namespace"]), event)
+    except KubeError as ex:
+        log("event_lost", level="warning", reason=event.get("reason"), error=ex.message)

@@ -141,8 +141,18 @@ class SubprocessEngine:
 
 
 def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> tuple[list[str], list[str]]:
+    """Takes what :func:`agent_shim_versions` takes; returns the shim paths and their
+    handlers, in catalog order (the same errors)."""
+    found = agent_shim_versions(source, shim_dir=shim_dir, host_root=host_root)
+    return [p for p, _, _ in found], [h for _, h, _ in found]
+
+
+def agent_shim_versions(
+    source: str, *, shim_dir: str | None, host_root: str | None
+) -> list[tuple[str, str, str]]:
     """Takes ``--shim-source`` (image, fetch or dir), ``--shim-dir`` and the host root; returns
-    the shim paths and their handlers, in catalog order; raises UsageError (dir without
+    per shim its path, handler and version (the catalog's, or the fetch record's), in catalog
+    order; raises UsageError (dir without
     --shim-dir) and the shim source's KwasmErrors (nothing found, a failed download).
 
     - image: baked into the installer image for this node's architecture (images/Dockerfile);
@@ -164,4 +174,4 @@ def agent_shims(source: str, *, shim_dir: str | None, host_root: str | None) -> 
             raise UsageError("--shim-source dir needs --shim-dir (a directory on the node)")
         directory = root / shim_dir.lstrip("/")
     resolved = shim_source.resolve_shims(source, directory=directory)  # type: ignore[arg-type]
-    return [str(s.path) for s in resolved], [s.handler for s in resolved]
+    return [(str(s.path), s.handler, s.version) for s in resolved]

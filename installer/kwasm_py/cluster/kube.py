@@ -47,12 +47,24 @@ class NodeApi(Protocol):
     def close(self) -> None: ...
 
 
+class ObjectApi(Protocol):
+    """What `kwasm-py uninstall` needs beyond nodes: delete an object by its API path."""
+
+    def delete_path(self, path: str) -> bool:
+        """Takes an object's API path; deletes it; returns False when it did not exist.
+        Raises KubeError for any other failure."""
+        ...
+
+
 class AgentApi(Protocol):
-    """What the agent needs: its Node, a watch on it, Node events and restart Leases."""
+    """What the agent needs: its Node (and its ``nodes/status`` subresource, strategic merge),
+    a watch on it, Node events and restart Leases."""
 
     def get_node(self, name: str) -> JSON: ...
 
     def patch_node(self, name: str, patch: JSON) -> None: ...
+
+    def patch_node_status(self, name: str, patch: JSON) -> None: ...
 
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]: ...
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kwasm_py.cluster.kube import MERGE, Endpoint, api_error
+from kwasm_py.cluster.kube import MERGE, STRATEGIC, Endpoint, api_error
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
 
@@ -220,6 +220,22 @@ class LeanKube:
 
     def patch_node(self, name: str, patch: JSON) -> None:
         self.request("PATCH", f"/api/v1/nodes/{urllib.parse.quote(name)}", body=patch, content_type=MERGE)
+
+    def patch_node_status(self, name: str, patch: JSON) -> None:
+        """Takes a node name and a strategic-merge patch of its status; sends it to the
+        ``nodes/status`` subresource (conditions merge by ``type``). Raises KubeError."""
+        path = f"/api/v1/nodes/{urllib.parse.quote(name)}/status"
+        self.request("PATCH", path, body=patch, content_type=STRATEGIC)
+
+    def delete_path(self, path: str) -> bool:
+        """Takes an object's API path; deletes it; returns False on 404. Raises KubeError."""
+        try:
+            self.request("DELETE", path)
+        except KubeError as ex:
+            if ex.status == 404:
+                return False
+            raise
+        return True
 
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]:
         """Stream watch events of one Node; an ERROR event raises KubeError (410 when stale)."""

@@ -33,7 +33,8 @@ class RestartLeases:
     """N restart Leases for one agent (``identity``, its node name) in ``namespace``.
 
     ``delay(attempt)`` is the backoff between polls for a free Lease; ``check_stop`` is called
-    before each poll and raises to abandon the wait (the agent's stop request).
+    before each poll and raises to abandon the wait (the agent's stop request); ``on_wait`` is
+    called once when every Lease is held by others (the agent records phase waiting).
     """
 
     api: AgentApi
@@ -46,6 +47,7 @@ class RestartLeases:
     wall_clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     check_stop: Callable[[], None] = _no_stop
+    on_wait: Callable[[], None] = _no_stop
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[str]:
@@ -80,6 +82,7 @@ class RestartLeases:
             attempt += 1
             if attempt == 1:
                 self.log("lease_wait", leases=self.count)
+                self.on_wait()
             self.check_stop()
             self.sleep(self.poll_delay(attempt))
 

@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from kwasm_py.cluster import policy
-from kwasm_py.model import JSON, PROVISIONED_LABEL
+from kwasm_py.errors import UsageError
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX
+from kwasm_py.shims.catalog import Catalog
 
 # The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
 DEFAULT_IMAGE = "ghcr.io/kwasm-py/installer:0.1.0"
@@ -29,6 +33,10 @@ HOST_ROOT = "/host"
 # capped at 1e9 and loses the kubelet's critical-pod handling (priority >= 2e9).
 PRIORITY_CLASS = "system-node-critical"
 CRITICAL_PODS_QUOTA = "1G"  # not a limit: the quota only has to exist and match (as GKE's own)
+# SIGTERM to exit: wait for a restart Lease (the agent's stop_lease_wait, 60 s), then an uninstall
+# whose containerd restart may time out (90 s, node/restart.py) and be rolled back (90 s again).
+TERMINATION_GRACE_SECONDS = 240
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def lease_names(max_parallel_restarts: int) -> list[str]:
@@ -43,12 +51,68 @@ class InstallerParams:
     shims: tuple[str, ...] = DEFAULT_SHIMS
     runtime_classes: tuple[tuple[str, str], ...] = DEFAULT_RUNTIME_CLASSES
     max_parallel_restarts: int = 1
+    # False: the agent runs only on nodes labelled kwasm.sh/kwasm-node=true (node affinity);
+    # True: on every Linux node, whatever its taints (the annotation-only flow of KWasm).
+    all_nodes: bool = False
+    tolerations: tuple[str, ...] = ()  # KEY[=VALUE][:EFFECT], for RuntimeClasses and agent
     labels: dict[str, str] = field(
         default_factory=lambda: {
             "app.kubernetes.io/name": APP_NAME,
             "app.kubernetes.io/part-of": "kwasm-py",
         }
     )
+
+
+def parse_toleration(spec: str) -> JSON:
+    """Takes ``KEY[=VALUE][:EFFECT]`` (kubectl's taint syntax); returns the toleration of that
+    taint (``Equal`` with a value, ``Exists`` without). Raises UsageError for an empty key or an
+    unknown effect."""
+    body, _, effect = spec.partition(":")
+    key, has_value, value = body.partition("=")
+    if not key or (effect and effect not in TAINT_EFFECTS):
+        raise UsageError(
+            f"--toleration wants KEY[=VALUE][:EFFECT], not {spec!r}",
+            hint=f"effects: {', '.join(TAINT_EFFECTS)}; e.g. --toleration pool=wasm:NoSchedule",
+        )
+    tol: JSON = {"key": key, "operator": "Equal" if has_value else "Exists"}
+    if has_value:
+        tol["value"] = value
+    if effect:
+        tol["effect"] = effect
+    return tol
+
+
+def handler_of(shim: str, catalog: Catalog) -> str:
+    """Takes a shim path and the catalog; returns the handler the engine registers it as (the
+    catalog's for a known binary name, else NAME of ``containerd-shim-NAME-vN``, else "")."""
+    base = PurePosixPath(shim).name
+    for entry in catalog.shims:
+        if entry.binary == base:
+            return entry.handler
+    stem = base.removeprefix("containerd-shim-")
+    name, _, version = stem.rpartition("-v")
+    return name if stem != base and name and version.isdigit() else ""
+
+
+def provided_handlers(shims: Sequence[str], catalog: Catalog) -> list[str]:
+    """Takes the install's shim paths (none: the image's default shims) and the catalog; returns
+    the handlers this install provides, in order."""
+    if shims:
+        return [h for h in (handler_of(s, catalog) for s in shims) if h]
+    return [s.handler for s in catalog.select()]
+
+
+def check_runtime_classes(classes: Sequence[tuple[str, str]], provided: Sequence[str]) -> None:
+    """Takes (RuntimeClass name, handler) pairs and the handlers the install provides; returns
+    nothing. Raises UsageError naming the first handler no shim of the install provides (its
+    pods would be scheduled onto nodes that cannot run them)."""
+    for name, handler in classes:
+        if handler not in provided:
+            raise UsageError(
+                f"RuntimeClass {name}: no shim of this install provides handler {handler!r}"
+                f" (it provides: {', '.join(provided) or 'none'})",
+                hint="add the shim with --shim, or fix the handler in --runtime-class NAME=HANDLER",
+            )
 
 
 def _meta(name: str, params: InstallerParams, *, namespaced: bool = True) -> JSON:
@@ -98,14 +162,16 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
     }
     # Exactly what the agent calls (tests/test_agent.py records every request against the
     # stand-in API and fails on a grant never used or a use never granted). Nodes: get its Node,
-    # watch it (fieldSelector metadata.name), merge-patch it; which Node and which keys is the
-    # admission policy's job (cluster/policy.py), since RBAC cannot say "my node".
+    # watch it (fieldSelector metadata.name), merge-patch it, and patch nodes/status for its
+    # KwasmProvisioned condition; which Node and which keys is the admission policy's job
+    # (cluster/policy.py), since RBAC cannot say "my node".
     cluster_role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": _meta(APP_NAME, p, namespaced=False),
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch", "patch"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
         ],
     }
     subject = [{"kind": "ServiceAccount", "name": APP_NAME, "namespace": ns}]
@@ -149,6 +215,28 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         },
         "subjects": subject,
     }
+    user_tolerations = [parse_toleration(t) for t in p.tolerations]
+    if p.all_nodes:
+        # Every node may opt in by annotation, whatever its taints.
+        placement: JSON = {"tolerations": [{"operator": "Exists"}]}
+    else:
+        # Only where asked: nodes labelled kwasm.sh/kwasm-node=true (annotate-node sets it), and
+        # there also before the startup taint is gone (the agent removes it) and in tainted pools.
+        placement = {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": OPT_IN_KEY, "operator": "In", "values": ["true"]}]}
+                        ]
+                    }
+                }
+            },
+            "tolerations": [
+                {"key": policy.STARTUP_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"},
+                *user_tolerations,
+            ],
+        }
     own_node = policy.own_node_policy(
         f"{APP_NAME}-own-node", namespace=ns, service_account=APP_NAME, labels=p.labels
     )
@@ -181,11 +269,11 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
                     "serviceAccountName": APP_NAME,
                     "hostPID": True,
                     "priorityClassName": PRIORITY_CLASS,
-                    # Every node may opt in, whatever its taints.
-                    "tolerations": [{"operator": "Exists"}],
+                    **placement,
                     "nodeSelector": {"kubernetes.io/os": "linux"},
-                    # An install in flight finishes (or rolls back) before the pod goes.
-                    "terminationGracePeriodSeconds": 120,
+                    # An install in flight finishes (or rolls back) before the pod goes, and a
+                    # node that opted out is uninstalled on SIGTERM (see the constant).
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                     "containers": [
                         {
                             "name": "agent",
@@ -217,7 +305,12 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
             "kind": "RuntimeClass",
             "metadata": {"name": name, "labels": dict(p.labels)},
             "handler": handler,
-            "scheduling": {"nodeSelector": {PROVISIONED_LABEL: "true"}},
+            # The agent sets kwasm.sh/runtime-<handler> only once containerd verified that
+            # handler: a class whose handler this node lacks never lands there.
+            "scheduling": {
+                "nodeSelector": {PROVISIONED_LABEL: "true", f"{RUNTIME_LABEL_PREFIX}{handler}": "true"},
+                **({"tolerations": user_tolerations} if user_tolerations else {}),
+            },
         }
         for name, handler in p.runtime_classes
     ]
@@ -235,6 +328,32 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         daemonset,
         *runtime_classes,
     ]
+
+
+# Kind -> resource (plural) of every object installer_objects() creates.
+PLURALS = {
+    "Namespace": "namespaces",
+    "ResourceQuota": "resourcequotas",
+    "ServiceAccount": "serviceaccounts",
+    "ClusterRole": "clusterroles",
+    "ClusterRoleBinding": "clusterrolebindings",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
+    "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
+    "DaemonSet": "daemonsets",
+    "RuntimeClass": "runtimeclasses",
+}
+
+
+def object_path(obj: JSON) -> str:
+    """Takes one of the installer's objects; returns its API path (``/api/v1/namespaces/NAME``,
+    ``/apis/apps/v1/namespaces/NS/daemonsets/NAME``, ...). Raises KeyError for another kind."""
+    api_version = str(obj["apiVersion"])
+    base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    meta = obj["metadata"]
+    ns = meta.get("namespace")
+    return base + (f"/namespaces/{ns}" if ns else "") + f"/{PLURALS[obj['kind']]}/{meta['name']}"
 
 
 HEADER = (

@@ -141,6 +141,24 @@ class ClientKube:
         # and a None value deletes the key.
         self._json(f"node {name}", self._core.patch_node, name, patch)
 
+    def delete_path(self, path: str) -> bool:
+        """Takes an object's API path; deletes it; returns False on 404. Raises KubeError."""
+        try:
+            resp = self._call(
+                f"DELETE {path}",
+                self._api_client.call_api,
+                path,
+                "DELETE",
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+            )
+        except KubeError as ex:
+            if ex.status == 404:
+                return False
+            raise
+        resp.release_conn()
+        return True
+
 
 def connect(kubeconfig: str | None = None, context: str | None = None, *, pool_size: int = 8) -> ClientKube:
     """Load credentials (kubeconfig, else in-cluster) into the official client."""

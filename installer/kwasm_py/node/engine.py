@@ -415,10 +415,7 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     containerd = node.containerd_version()
     if containerd is None and node.state is not None and node.state.containerd:
         containerd = cri.parse_version(node.state.containerd)
-    installed = {
-        bin_dir / s.binary_name: fs.sha256(bin_dir / s.binary_name)
-        for s, _ in shims
-    }
+    installed = {bin_dir / s.binary_name: fs.sha256(bin_dir / s.binary_name) for s, _ in shims}
     base_digests = None
     if reference is not None and lay.kind is ConfigKind.TEMPLATE:
         found = template.base_binaries(
@@ -883,6 +880,7 @@ def _rollback(
         notes.append(f"rollback incomplete: {second.message}")
     err.message = f"{failed_step}: {err.message}; " + "; ".join(notes)
     err.args = (err.message,)
+    err.step = failed_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,6 +958,7 @@ def uninstall(
                 )
                 outcome.verified = True
         except KwasmError as err:
+            err.step = err.step or node.step
             if main_fix is not None:
                 fs.atomic_write(main_fix[0], main_fix[1].encode(), mode=0o644)
             if the_plan.changed and old is not None:

@@ -1,0 +1,171 @@
+"""EFFECTS: what the agent records on its Node about where it is: the phase in the status
+annotation, the labels (``kwasm.sh/kwasm-provisioned`` and one ``kwasm.sh/runtime-<handler>``
+per runtime), the ``KwasmProvisioned`` condition (through the ``nodes/status`` subresource), and
+the removal of its startup taint once provisioned (:mod:`~kwasm_py.cluster.untaint`).
+
+Each phase (:data:`~kwasm_py.cluster.nodeview.Phase`) is one merge patch of the status
+annotation, built by :func:`~kwasm_py.cluster.nodeview.phase_status` from the annotation the
+Node carries. The condition is written for outcomes only (provisioned, failed, removed), so a
+provisioning costs one ``nodes/status`` request; it makes the outcome visible in ``kubectl
+describe node`` next to the kubelet's own conditions (a strategic-merge patch merges
+conditions by ``type``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kwasm_py.cluster import nodeview, untaint
+from kwasm_py.cluster.agentlog import Logger, micro_time
+from kwasm_py.cluster.kube import AgentApi
+from kwasm_py.contract import Runtime
+from kwasm_py.errors import KubeError
+from kwasm_py.model import JSON, PROVISIONED_LABEL, STATUS_ANNOTATION
+
+
+@dataclass
+class Progress:
+    """Records phases and the condition on the Node ``name`` through ``api``.
+
+    ``versions`` maps handler -> shim version (recorded with the runtimes). ``last`` is the
+    status annotation as last written (or read off the Node), so consecutive phases of one
+    round keep their times without re-reading the Node. ``floor`` is the time of this
+    process's latest write of the annotation (or its removal): see :meth:`stale`.
+    """
+
+    api: AgentApi
+    name: str
+    log: Logger
+    versions: Mapping[str, str] = field(default_factory=dict)
+    wall_clock: Callable[[], float] = time.time
+    last: JSON = field(default_factory=dict)
+    floor: str = ""
+    _pending: tuple[str, str] = ("", "")
+
+    def stale(self, node: JSON) -> bool:
+        """Takes a Node object; returns whether it predates this process's latest write: its
+        status annotation is older than ``floor``. The watch delivers the updates our own
+        phase patches caused after the fact; acting on one of those (a snapshot from before
+        the label) would install again for nothing. A Node without the annotation is never
+        stale (it was removed, by us or by someone else, after any write of ours)."""
+        when = nodeview.status_of(node).get("time")
+        return bool(self.floor) and isinstance(when, str) and bool(when) and when < self.floor
+
+    def seen(self, node: JSON) -> None:
+        """Takes a Node object the agent saw; adopts its status annotation when this process has
+        written none yet (a restarted agent continues the round the Node records)."""
+        if not self.last:
+            self.last = nodeview.status_of(node)
+
+    def _annotation(
+        self,
+        phase: nodeview.Phase,
+        *,
+        runtimes: Sequence[Runtime] = (),
+        check: nodeview.Check | None = None,
+        step: str = "",
+        reason: str = "",
+    ) -> str:
+        now = micro_time(self.wall_clock())
+        text = nodeview.phase_status(
+            self.last,
+            phase=phase,
+            now=now,
+            runtimes=runtimes,
+            shims=nodeview.shim_entries(runtimes, self.versions),
+            check=check,
+            step=step,
+            reason=reason,
+        )
+        self._pending = (text, now)
+        return text
+
+    def _written(self) -> None:
+        """The patch carrying the annotation built last succeeded: it is what the Node says."""
+        text, now = self._pending
+        self.last = nodeview.status_of({"metadata": {"annotations": {STATUS_ANNOTATION: text}}})
+        self.floor = now
+
+    def phase(self, phase: nodeview.Phase) -> None:
+        """Takes an intermediate phase (waiting, installing, verifying, removing); records it in
+        the status annotation. Raises KubeError when the patch fails."""
+        self.api.patch_node(
+            self.name, {"metadata": {"annotations": {STATUS_ANNOTATION: self._annotation(phase)}}}
+        )
+        self._written()
+        self.log("phase", phase=phase)
+
+    def try_phase(self, phase: nodeview.Phase) -> None:
+        """As :meth:`phase`, best effort: a failed patch is logged, nothing is raised (the
+        outcome is recorded anyway)."""
+        try:
+            self.phase(phase)
+        except KubeError as ex:
+            self.log("phase_lost", level="warning", phase=phase, error=ex.message)
+
+    def provisioned(self, node: JSON, runtimes: Sequence[Runtime], *, check: nodeview.Check) -> None:
+        """Takes the Node, the verified runtimes and the check that confirmed them; labels the
+        Node (provisioned, and one label per handler; handler labels of runtimes no longer
+        installed go), records phase provisioned, sets the condition True and removes the
+        startup taint. Raises KubeError when the label patch fails (nothing is labelled then)."""
+        self.api.patch_node(
+            self.name,
+            {
+                "metadata": {
+                    "labels": nodeview.label_patch(node, [r.handler for r in runtimes]),
+                    "annotations": {
+                        STATUS_ANNOTATION: self._annotation("provisioned", runtimes=runtimes, check=check)
+                    },
+                }
+            },
+        )
+        self._written()
+        handlers = ",".join(r.handler for r in runtimes)
+        how = "containerd and the kubelet" if check == "kubelet" else "containerd"
+        self.condition(node, "provisioned", f"runtimes {handlers} verified by {how}")
+        self.untaint(node)
+
+    def untaint(self, node: JSON) -> bool:
+        """Takes the last Node seen; removes the startup taint when it carries it (exactly that
+        taint, :mod:`~kwasm_py.cluster.untaint`). Returns whether it did; best effort, nothing
+        is raised."""
+        return untaint.remove_startup_taint(self.api, self.name, node, log=self.log)
+
+    def failed(self, node: JSON, *, step: str, reason: str) -> None:
+        """Takes the Node, the failed step and its reason; removes the provisioned and handler
+        labels (those the Node has), records phase failed and sets the condition False. Raises
+        KubeError when the patch fails."""
+        labels = nodeview.unlabel_patch(node)
+        text = self._annotation("failed", step=step, reason=reason)
+        self.api.patch_node(
+            self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: text}}}
+        )
+        self._written()
+        self.condition(node, "failed", f"{step}: {reason}")
+
+    def removed(self, node: JSON) -> None:
+        """Takes the Node; removes the labels (provisioned and per handler), status annotation
+        and condition. Raises KubeError when the label patch fails."""
+        labels = {PROVISIONED_LABEL: None, **nodeview.unlabel_patch(node)}
+        self.api.patch_node(
+            self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: None}}}
+        )
+        self.last = {}
+        self.floor = micro_time(self.wall_clock())
+        if nodeview.condition_of(node) is not None:
+            self._status_patch(nodeview.condition_delete_patch(), "removed")
+
+    def condition(self, node: JSON, phase: nodeview.Phase, message: str) -> None:
+        """Takes the Node, an outcome phase and its message; sets the ``KwasmProvisioned``
+        condition. Best effort: the label and annotation already say it, a lost condition is
+        logged and nothing is raised."""
+        now = micro_time(self.wall_clock())[:19] + "Z"  # conditions carry RFC 3339 seconds
+        self._status_patch(nodeview.condition_patch(node, phase=phase, message=message, now=now), phase)
+
+    def _status_patch(self, patch: JSON, what: str) -> None:
+        try:
+            self.api.patch_node_status(self.name, patch)
+        except KubeError as ex:
+            self.log("condition_lost", level="warning", phase=what, error=ex.message)
