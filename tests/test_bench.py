@@ -66,3 +66,17 @@ def test_bench_quick_engine(tmp_path):
         "CLI start-up: kwasm-py --help",
     }
     assert all(isinstance(r["met"], bool) for r in rows)
+
+
+@pytest.mark.root
+@pytest.mark.containerd
+def test_bench_quick_preflight(tmp_path):
+    """The pre-flight module's quick run: one row per containerd generation, each against one
+    `config dump` of the same (largest real) file, with a verdict on its target."""
+    for generation in ("1.6", "2.x"):
+        reason = available(generation)
+        if reason:
+            pytest.skip(reason)
+    rows = check_shape(run_bench(tmp_path, "preflight"), "preflight")
+    assert [r["figure"].rsplit("containerd ", 1)[-1] for r in rows] == ["1.6)", "2.x)"]
+    assert all(r["floor"] > 0 and r["ratio"] > 0 and isinstance(r["met"], bool) for r in rows)
