@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.containerd, pytest.mark.root]
 ETC = "/etc/containerd/config.toml"
 RUNTIME_TYPE = "/opt/kwasm/bin/containerd-shim-spin-v2"
 # Every distribution's root has /opt (FHS); without it, install creates /opt for /opt/kwasm and
-# uninstall leaves the empty /opt behind (reported, not asserted here).
+# uninstall leaves the empty /opt behind (the strict xfail in test_engine.py names that bug).
 NODE = {**SYSTEMD, "/opt/": ""}
 SYSTEMD_NODE = {**NODE, "/lib/systemd/system/containerd.service": UNIT}
 #: A base OCI spec where a config names one (kind, kubespray and EKS ship theirs beside it).
