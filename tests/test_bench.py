@@ -86,3 +86,17 @@ def test_bench_quick_rollout(tmp_path):
             most = int(r["note"].split("at most ")[1].split()[0])
             assert 1 <= most <= parallel, r
             assert r["value"] >= r["floor"] > 0, r  # never faster than P restarts at once allow
+
+
+@pytest.mark.root
+@pytest.mark.containerd
+def test_bench_quick_preflight(tmp_path):
+    """The pre-flight module's quick run: one row per containerd generation, each against one
+    `config dump` of the same (largest real) file, with a verdict on its target."""
+    for generation in ("1.6", "2.x"):
+        reason = available(generation)
+        if reason:
+            pytest.skip(reason)
+    rows = check_shape(run_bench(tmp_path, "preflight"), "preflight")
+    assert [r["figure"].rsplit("containerd ", 1)[-1] for r in rows] == ["1.6)", "2.x)"]
+    assert all(r["floor"] > 0 and r["ratio"] > 0 and isinstance(r["met"], bool) for r in rows)

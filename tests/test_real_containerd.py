@@ -17,7 +17,7 @@ import pytest
 
 from kwasm_py.containerd import tomlscan
 from tests.harness.cli import Kwasm, run_kwasm, start_kwasm
-from tests.harness.containerd import SHARED_CONFIGS, PrivateContainerd, fake_shim
+from tests.harness.containerd import PrivateContainerd, fake_shim
 from tests.harness.cri_client import run_pod
 from tests.harness.noderoot import tree_diff, tree_hash
 from tests.harness.ocitar import busybox_oci
@@ -263,46 +263,3 @@ def test_each_containerd_accepts_our_edit_of_its_own_default_config(generation: 
     assert runtimes["spin"]["runtime_type"] == entry.runtime_type
     assert "runc" in runtimes
     assert cc.remove_runtime(cc.load(edit.text, source="t"), "spin", schema=choice.schema).text == default
-
-
-SHARED_TOMLS = sorted(SHARED_CONFIGS.glob("*.toml")) if SHARED_CONFIGS.is_dir() else []
-
-
-@pytest.mark.skipif(not SHARED_TOMLS, reason="../shared/containerd-configs is absent")
-@pytest.mark.parametrize("path", SHARED_TOMLS, ids=[p.name for p in SHARED_TOMLS])
-def test_real_containerd_reads_our_edit_of_distribution_configs(path: Path, tmp_path: Path) -> None:
-    """Distribution configs, edited: the containerd generation that reads them (1.6 for version
-    2, 2.1 for version 3) parses the result and lists our runtime in its own `config dump`."""
-    from kwasm_py.containerd import config as cc
-    from kwasm_py.model import ContainerdVersion
-    from tests.harness.containerd import BINARIES, available
-
-    text = path.read_text()
-    doc = cc.load(text, source=path.name)
-    version = cc.config_version(doc.data)
-    generation = "2.x" if version == 3 else "1.6"
-    if version not in (2, 3) or available(generation):
-        pytest.skip(
-            f"version {version}: no matching containerd here"
-            if version not in (2, 3)
-            else available(generation)
-        )
-    if any(not Path(i).exists() for i in doc.data.get("imports", [])):
-        pytest.skip("imports files that only exist on its own nodes")
-    containerd = ContainerdVersion(2, 1) if generation == "2.x" else ContainerdVersion(1, 6)
-    choice = cc.choose_schema(doc.data, containerd=containerd)
-    if cc.find_runtime(doc.data, choice.schema, "spin") is not None:
-        pytest.skip("ships its own spin runtime (refused without --force, tested elsewhere)")
-    entry = cc.RuntimeEntry(
-        "spin", "/opt/kwasm/bin/containerd-shim-spin-v2", cc.runc_systemd_cgroup(doc.data, choice.schema)
-    )
-    edited = tmp_path / "config.toml"
-    edited.write_text(cc.add_runtime(doc, entry, schema=choice.schema).text)
-    binary = str(BINARIES[generation] / "containerd")
-    dump = subprocess.run(
-        [binary, "--config", str(edited), "config", "dump"], capture_output=True, text=True, check=False
-    )
-    assert dump.returncode == 0, dump.stderr
-    dumped = tomllib.loads(dump.stdout)["plugins"]
-    plugin = "io.containerd.cri.v1.runtime" if generation == "2.x" else "io.containerd.grpc.v1.cri"
-    assert dumped[plugin]["containerd"]["runtimes"]["spin"]["runtime_type"] == entry.runtime_type

@@ -4,6 +4,8 @@
   typer's CliRunner), `child_env`.
 - noderoot: `tree` (build a node root from a dict), `tree_hash` / `tree_diff` (the whole root).
 - containerd: `PrivateContainerd` (a real 1.6 or 2.x daemon in a temp dir), `fake_shim`.
+- distro_node: `DistroNode`, a real containerd chrooted into a distribution-shaped node root,
+  rendering the config before every start as k3s / microk8s do.
 - cri_client: `run_pod`, a CRI RunPodSandbox as the kubelet sends it.
 - ocitar: a busybox OCI image tarball, so CRI needs no registry.
 - kube_standin: `StandIn`, a stand-in Kubernetes API server (nodes, leases, events, watches).
