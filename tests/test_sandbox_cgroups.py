@@ -84,7 +84,7 @@ def test_a_cgroup_that_cannot_be_created_is_a_sandbox_error(tmp_path):
     """mkdir refused (a file where the parent should be): SandboxError naming the cgroup."""
     (tmp_path / "kwasm-sandbox").write_text("")
     group = tmp_path / "kwasm-sandbox" / "n1"
-    with pytest.raises(SandboxError, match="cannot create cgroup .*n1") as info:
+    with pytest.raises(SandboxError, match=r"cannot create cgroup .*n1") as info:
         host.in_cgroups(["true"], [group])
     assert isinstance(info.value.__cause__, OSError)
 
