@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import pytest
 from nodekit import KINDS, REPO, SPIN_RUNTIME_TYPE
 
 from kwasm_py import sandbox
+from kwasm_py.errors import SandboxError
+from kwasm_py.sandbox import host
 from tests.harness.cli import KWASM_ARGV, run_kwasm
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
@@ -79,6 +82,40 @@ def test_down_stops_exactly_its_processes_and_removes_the_copy(node_state, node_
         assert sandbox.ready(other)
     finally:
         sandbox.down("t-other", state=node_state)
+
+
+def _unit_cgroup(node: sandbox.Node) -> str:
+    """The cgroup2 path of NODE's containerd as this machine sees it (/proc/PID/cgroup `0::`)."""
+    proc = sandbox.containerd_process(node)
+    assert proc is not None, f"no containerd on {node.name}"
+    lines = Path(f"/proc/{proc[0]}/cgroup").read_text().splitlines()
+    return next(line[3:] for line in lines if line.startswith("0::"))
+
+
+def test_nodes_do_not_share_a_cgroup_tree(node_state, node_roots):
+    """Two nodes' containerd units live in different cgroups (one shared tree let one node's
+    systemd prune the other's containerd.service cgroup mid-start: status=219/CGROUP), each
+    below the node's own cgroups, which down removes."""
+    node_roots("bookworm")
+    node_roots("sid")
+    a = sandbox.up(suite="bookworm", name="t-cg-a", state=node_state)
+    b = sandbox.up(suite="sid", name="t-cg-b", state=node_state)
+    try:
+        ours = {n.name: host.node_cgroups(Path(n.dir)) for n in (a, b)}
+        where = {n.name: _unit_cgroup(n) for n in (a, b)}
+        assert where["t-cg-a"] != where["t-cg-b"], where
+        for name, path in where.items():
+            assert path.endswith("/system.slice/containerd.service"), path
+            unified = next(c for c in ours[name] if c.parent.parent.name != "systemd")
+            assert (unified.parent.parent / path.lstrip("/")).is_dir(), (unified, path)
+            assert path.startswith(f"/kwasm-sandbox/{unified.name}/"), (unified, path)
+        sandbox.down("t-cg-a", state=node_state)
+        assert ours["t-cg-a"] and not any(c.exists() for c in ours["t-cg-a"])
+        assert all(c.is_dir() for c in ours["t-cg-b"]) and sandbox.ready(b)
+    finally:
+        with contextlib.suppress(SandboxError):
+            sandbox.down("t-cg-a", state=node_state)
+        sandbox.down("t-cg-b", state=node_state)
 
 
 def test_node_root_is_what_the_node_sees(bookworm_node):

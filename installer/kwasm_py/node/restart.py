@@ -133,10 +133,53 @@ def restart(
         raise RestartError(f"`{command}` did not finish within {timeout:.0f} s") from err
     if child.returncode != 0:
         detail = (stderr or stdout).strip().splitlines()
+        why = ""
+        if spec.method is RestartMethod.SYSTEMD:
+            show = ["systemctl", "show", f"--property={','.join(UNIT_FAILURE_PROPERTIES)}", spec.target]
+            done = _run_quietly(in_node(pid, show), timeout=min(timeout, 15.0))
+            why = unit_failure(done.stdout) if done is not None and done.returncode == 0 else ""
         raise RestartError(
             f"`{command}` failed in the node (exit {child.returncode})"
-            + (f": {detail[0]}" if detail else ""),  # systemctl's first line names the cause
+            + (f": {detail[0]}" if detail else "")  # systemctl's first line names the cause
+            + (f" ({why})" if why else ""),
+            hint=f"see the node's log of it: journalctl -u {spec.target}"
+            if spec.method is RestartMethod.SYSTEMD
+            else "",
         )
+
+
+UNIT_FAILURE_PROPERTIES = ("Result", "ExecMainCode", "ExecMainStatus")
+# systemd's own exit statuses of a unit process it could not set up (the command never ran).
+# Source: systemd.exec(5), "Process Exit Codes"; the ones a containerd unit can meet.
+SYSTEMD_EXIT_STATUS = {
+    200: "CHDIR", 203: "EXEC", 204: "MEMORY", 205: "LIMITS", 206: "OOM_ADJUST", 207: "SIGNAL_MASK",
+    210: "CHROOT", 214: "SETSCHEDULER", 216: "GROUP", 217: "USER", 218: "CAPABILITIES",
+    219: "CGROUP", 220: "SETSID", 226: "NAMESPACE", 233: "RUNTIME_DIRECTORY", 238: "STATE_DIRECTORY",
+}  # fmt: skip
+_CLD = {"1": "exited", "2": "killed", "3": "dumped"}  # ExecMainCode: the CLD_* code of waitid(2)
+
+
+def unit_failure(show: str) -> str:
+    """What `systemctl show --property=Result,ExecMainCode,ExecMainStatus UNIT` printed (`show`)
+    says about a failed start, as one phrase ("" when it says nothing useful).
+
+    A status of systemd's own (200-245) means systemd could not set the process up, so the
+    program itself never ran; it is named as systemd names it (systemd.exec(5)).
+    """
+    props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+    result, code, status = (
+        props.get("Result", ""),
+        props.get("ExecMainCode", ""),
+        props.get("ExecMainStatus", ""),
+    )
+    parts = [f"unit result {result}"] if result and result != "success" else []
+    if code in _CLD and status.isdigit() and status != "0":
+        name = SYSTEMD_EXIT_STATUS.get(int(status)) if code == "1" else None
+        if name:
+            parts.append(f"main process status={status}/{name}: systemd could not set it up, it never ran")
+        else:
+            parts.append(f"main process {_CLD[code]}, {'signal' if code != '1' else 'status'} {status}")
+    return ", ".join(parts)
 
 
 def _run_quietly(argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str] | None:

@@ -8,6 +8,7 @@ leaked as zombies.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import time
@@ -141,3 +142,53 @@ def mount_overlay(lower: Path, node_dir: Path) -> Path:
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], "overlay mount")
     return merged
+
+
+CGROUP_FS = Path("/sys/fs/cgroup")
+
+
+def node_cgroups(node_dir: Path, *, fs: Path = CGROUP_FS) -> list[Path]:
+    """The cgroups of the sandbox node whose copy is NODE_DIR: one per hierarchy systemd tracks
+    processes in (cgroup2: FS itself, or FS/unified on a hybrid host; v1 FS/systemd), under
+    FS/.../kwasm-sandbox/, named after NODE_DIR; [] when FS has neither. Nothing is created.
+
+    Every node needs its own: `systemd-nspawn --keep-unit` puts the node's systemd in
+    `<nspawn's cgroup>/payload`, so nodes booted from one cgroup shared one tree, and one node's
+    systemd removed `system.slice/containerd.service` (pruned as empty) while another node's
+    containerd was being started into it: `status=219/CGROUP` (seen on a loaded machine).
+    """
+    digest = hashlib.sha256(str(node_dir.resolve()).encode()).hexdigest()[:8]
+    key = f"{node_dir.name}-{digest}"
+    mounts = [fs] if (fs / "cgroup.controllers").is_file() else [fs / "unified", fs / "systemd"]
+    return [m / "kwasm-sandbox" / key for m in mounts if (m / "cgroup.procs").is_file()]
+
+
+def in_cgroups(argv: Sequence[str], cgroups: Sequence[Path]) -> list[str]:
+    """ARGV wrapped to run in CGROUPS, which are created here: `sh` moves itself into each
+    (`cgroup.procs`) and then execs ARGV, so the PID Popen returns is ARGV's.
+
+    Raises SandboxError when a cgroup cannot be created.
+    """
+    for cg in cgroups:
+        try:
+            cg.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SandboxError(
+                f"cannot create cgroup {cg}: {err.strerror}", hint="sandbox nodes need root"
+            ) from err
+    script = (
+        'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
+    )
+    return ["sh", "-c", script, "sh", str(len(cgroups)), *(str(c / "cgroup.procs") for c in cgroups), *argv]
+
+
+def remove_cgroups(cgroups: Sequence[Path]) -> None:
+    """Remove CGROUPS and every cgroup below them, deepest first, once their processes are gone
+    (a cgroup that still has some stays: its removal is refused with EBUSY)."""
+    for cg in cgroups:
+        if not cg.is_dir():
+            continue
+        below = [p for p in cg.rglob("*") if p.is_dir() and not p.is_symlink()]
+        for d in [*sorted(below, key=lambda p: len(p.parts), reverse=True), cg]:
+            with contextlib.suppress(OSError):
+                d.rmdir()

@@ -273,7 +273,7 @@ def _boot(
     log(f"booting {name} ({suite}, {fl.name})")
     with (node_dir / "nspawn.log").open("wb") as out:
         proc = subprocess.Popen(
-            argv,
+            host.in_cgroups(argv, host.node_cgroups(node_dir)),  # nodes must not share a cgroup tree
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -379,6 +379,7 @@ def _teardown_dir(node_dir: Path) -> None:
     if node_file.is_file():
         with contextlib.suppress(SandboxError, OSError, ValueError, TypeError):
             stop(Node.from_json(json.loads(node_file.read_text())))
+    host.remove_cgroups(host.node_cgroups(node_dir))
     host.unmount_all(node_dir)
     if host.mountpoints_under(node_dir):
         raise SandboxError(
