@@ -379,3 +379,21 @@ def test_runtime_class_needs_a_handler_the_install_provides():
     manifests.check_runtime_classes([("wasmtime-spin", "spin")], ["spin"])
     with pytest.raises(UsageError, match="'spni'"):
         manifests.check_runtime_classes([("typo", "spni")], ["spin"])
+
+
+def test_mode_option_reaches_the_engine_through_the_daemonset():
+    """`manifests --mode dropin` sets KWASM_MODE on the agent (which its engine runs inherit);
+    the default render names no mode, so the engine's auto applies."""
+    from tests.harness.cli import invoke
+
+    def env(out: str) -> dict[str, str]:
+        ds = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet")
+        container = ds["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    default = invoke("manifests")
+    assert default.code == 0 and "KWASM_MODE" not in env(default.out)
+    dropin = invoke("manifests", "--mode", "dropin")
+    assert dropin.code == 0 and env(dropin.out)["KWASM_MODE"] == "dropin"
+    bad = invoke("manifests", "--mode", "sideways")
+    assert bad.code == 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kwasm_py.errors import KubeError, KwasmError, UsageError
-from kwasm_py.model import OPT_IN_KEY, STATUS_ANNOTATION
+from kwasm_py.model import OPT_IN_KEY, STATUS_ANNOTATION, InstallMode
 
 if TYPE_CHECKING:
     from kwasm_py.cluster.kube import NodeApi
@@ -353,6 +353,13 @@ def manifests(
     max_parallel_restarts: Annotated[
         int, typer.Option("--max-parallel-restarts", min=1, help="nodes restarting at once")
     ] = 1,
+    mode: Annotated[
+        InstallMode,
+        typer.Option(
+            "--mode",
+            help="the agent's engine --mode: auto (a drop-in where containerd merges it), dropin, edit",
+        ),
+    ] = InstallMode.AUTO,
     minimal: Annotated[
         bool,
         typer.Option("--minimal", help="no hostPID, not privileged: systemd nodes (installer-minimal.yaml)"),
@@ -405,6 +412,7 @@ def manifests(
         max_parallel_restarts=max_parallel_restarts,
         all_nodes=all_nodes,
         tolerations=tuple(toleration or ()),
+        mode=mode.value,
     )
     m.check_runtime_classes(params.runtime_classes, m.provided_handlers(params.shims, read_catalog()))
     if not minimal:

@@ -55,6 +55,7 @@ class InstallerParams:
     # True: on every Linux node, whatever its taints (the annotation-only flow of KWasm).
     all_nodes: bool = False
     tolerations: tuple[str, ...] = ()  # KEY[=VALUE][:EFFECT], for RuntimeClasses and agent
+    mode: str = "auto"  # the engine's --mode (KWASM_MODE): auto, dropin or edit
     labels: dict[str, str] = field(
         default_factory=lambda: {
             "app.kubernetes.io/name": APP_NAME,
@@ -256,6 +257,8 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
     ]
     if p.shims:
         env.append({"name": "KWASM_SHIM", "value": ",".join(p.shims)})
+    if p.mode != "auto":  # drop-in or edit where containerd merges imports (see `node plan`)
+        env.append({"name": "KWASM_MODE", "value": p.mode})
     daemonset = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
