@@ -452,7 +452,9 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     if eff is None:
         return the_plan
     if lay.kind is ConfigKind.TEMPLATE:  # after the plan: its base-render check names the cause
-        effective.check_handlers(eff, list(ours), edited=str(lay.config_path), merged_ours=merged)
+        # a base-render runtime the plan adopted (it runs the very shim asked for) is no conflict
+        added = [e.handler for e in the_plan.entries if e.runtime_type == ours.get(e.handler)]
+        effective.check_handlers(eff, added, edited=str(lay.config_path), merged_ours=merged)
     if lay.kind is not ConfigKind.DROP_IN:  # k0s merges its drop-ins itself
         effective.check_takes_effect(eff, the_plan.schema, edited=str(eff.main))
     if not eff.imports:
