@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import edit as ce
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
 from tests.harness.containerd import SHARED_CONFIGS
@@ -54,8 +55,8 @@ def test_shared_configs_add_idempotent_and_reversible(path: Path) -> None:
     assert runtime_at(edit.text, choice.schema) == entry.as_table()
     # everything else means the same
     before, after = tomllib.loads(text), tomllib.loads(edit.text)
-    cc._delete(after, (*choice.schema.runtimes_path(), "spin"))
-    assert cc._prune_empty(after) == cc._prune_empty(before)
+    ce._delete(after, (*choice.schema.runtimes_path(), "spin"))
+    assert ce._prune_empty(after) == ce._prune_empty(before)
     again = cc.add_runtime(cc.load(edit.text, source=path.name), entry, schema=choice.schema)
     assert not again.changed and again.text == edit.text
     removed = cc.remove_runtime(cc.load(edit.text, source=path.name), "spin", schema=choice.schema)
