@@ -81,6 +81,8 @@ def _minimise(pod: JSON, mounts: Mounts) -> None:
     env = [e for e in agent["env"] if e["name"] != "KWASM_PID"]  # no node PID: D-Bus instead
     env.append({"name": "KWASM_BUS", "value": SYSTEM_BUS})
     agent["env"] = env
+    # The pod's default too, for any container added later (the agent's own context says it again).
+    pod["securityContext"] = {"seccompProfile": {"type": "RuntimeDefault"}}
     agent["securityContext"] = {
         "privileged": False,
         "allowPrivilegeEscalation": False,
