@@ -314,7 +314,8 @@ def test_agent_code_path_does_not_load_the_kubernetes_client():
     from tests.harness.cli import child_env
 
     code = (
-        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cli.agent, kwasm_py.cluster.agent, kwasm_py.cluster.kube,"
+        "import sys, kwasm_py.cli, kwasm_py.cli.cluster, kwasm_py.cli.agent, kwasm_py.cluster.agent,"
+        " kwasm_py.cluster.kube,"
         " kwasm_py.cluster.engine_proc, kwasm_py.cluster.leases, kwasm_py.contract;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
     )
