@@ -122,6 +122,9 @@ def test_runtime_never_listed_rolls_back(tmp_path: Path, root: Path, shim: Path)
     assert message.startswith("verify: containerd runs but does not report the runtime")
     assert caught.value.step == "verify"  # what the agent records as the failed step
     assert "rolled back the config and shim binaries" in message
+    cause = caught.value.__cause__  # raised from the error as it happened, which is untouched
+    assert isinstance(cause, VerifyError) and cause.message.startswith("containerd runs but")
+    assert "rolled back" not in cause.message
     assert "containerd runs again with the previous config" in message
     assert fake.ctd.restarts == [SYSTEMD_RESTART, SYSTEMD_RESTART]
     second = fake.ctd.events.index("restart systemd:containerd", 1)

@@ -6,6 +6,9 @@ do. The CLI renders them once; anything else escaping is a bug and shows a trace
 
 from __future__ import annotations
 
+import copy
+from typing import Self
+
 
 class KwasmError(Exception):
     """Root of every expected failure. ``step`` names where a multi-step operation failed
@@ -21,6 +24,16 @@ class KwasmError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def amended(self, message: str, *, step: str | None = None) -> Self:
+        """A new error of the same kind (same hint and fields) saying `message`, and `step`
+        when given; the caller raises it ``from`` this one, which stays as it was raised."""
+        new = copy.copy(self)
+        new.message = message
+        new.args = (message,)
+        if step is not None:
+            new.step = step
+        return new
 
 
 class UsageError(KwasmError):

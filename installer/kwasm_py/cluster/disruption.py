@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kwasm_py import retry
 from kwasm_py.cluster.policy import KEY_PREFIX
 from kwasm_py.model import JSON
 
@@ -28,19 +28,16 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter; ``scale=0`` turns waiting off (tests)."""
+class Backoff(retry.Backoff):
+    """The agent's pacing of retries: the one policy (:mod:`kwasm_py.retry`) with the agent's
+    defaults, 2 s doubling to 5 min with +-20% jitter. ``retries`` is not used here: the attempt
+    budget (:mod:`kwasm_py.cluster.safeguards`) bounds containerd restarts, and API calls are
+    retried as long as the agent runs. ``scale=0`` turns waiting off (tests)."""
 
     initial: float = 2.0
     factor: float = 2.0
     maximum: float = 300.0
-    scale: float = 1.0
-
-    def delay(self, attempt: int) -> float:
-        """Takes the attempt number (1 for the first retry); returns seconds to wait: initial *
-        factor^(attempt-1), capped at maximum, times scale, with +-20% jitter."""
-        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
-        return base * self.scale * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+    jitter: tuple[float, float] = (0.8, 1.2)
 
 
 @dataclass(frozen=True)

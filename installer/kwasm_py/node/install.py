@@ -252,8 +252,7 @@ def _apply(node: Node, the_plan: plan.Plan, outcome: Outcome, *, log: Callable[[
             _wait_registered(node, the_plan, timeout=opts.verify_timeout)
             outcome.verified = True
     except KwasmError as err:
-        _rollback(node, err, old_info, previous_bins, prev_state, the_plan, outcome)
-        raise
+        raise _rollback(node, err, old_info, previous_bins, prev_state, the_plan, outcome) from err
     # 7. done: binaries of runtimes no longer asked for go, then the state forgets them
     kept = {r.shim for r in records}
     moved = own_prev.runtimes if own_prev is not None else ()  # a binary whose place changed

@@ -141,13 +141,13 @@ def uninstall(
                 )
                 outcome.verified = True
         except KwasmError as err:
-            err.step = err.step or node.step
+            notes = ""
             if main_fix is not None:
                 fs.atomic_write(main_fix[0], main_fix[1].encode(), mode=0o644)
             if the_plan.changed and old is not None:
                 fs.atomic_write(cfg_path, old.data, mode=old.mode)
             if changed:
-                err.message += "; put the config back as it was"
+                notes += "; put the config back as it was"
                 if lay.restart.method is not RestartMethod.NONE:
                     try:
                         node.restarter.restart(lay.restart, pid=opts.pid, timeout=opts.verify_timeout)
@@ -158,10 +158,10 @@ def uninstall(
                             what="containerd to run again with the previous config",
                             watch=restart.CrashWatch(lay.restart, pid=opts.pid, proc=node.proc),
                         )
-                        err.message += "; containerd runs again with the previous config"
+                        notes += "; containerd runs again with the previous config"
                     except KwasmError as again:
-                        err.message += f"; restart after that failed too: {again.message}"
-            raise
+                        notes += f"; restart after that failed too: {again.message}"
+            raise err.amended(err.message + notes, step=err.step or node.step) from err
         for record in chosen:
             if fs.remove(PurePosixPath(record.shim)):
                 log(f"step=binary action=remove path={record.shim}")

@@ -89,8 +89,11 @@ def _rollback(
     prev_state: st.State | None,
     the_plan: plan.Plan,
     outcome: Outcome,
-) -> None:
-    """Put back the previous config, binaries and state; restart; amend the error message."""
+) -> KwasmError:
+    """Put back the previous config, binaries and state; restart containerd on them.
+
+    Returns the error to raise (from `err`): `err`'s kind and hint, its message prefixed with the
+    failed step and followed by what the rollback did (or could not do)."""
     fs, lay = node.fs, node.layout
     failed_step = node.step
     notes = []
@@ -136,6 +139,4 @@ def _rollback(
             notes.append("containerd runs again with the previous config")
     except KwasmError as second:
         notes.append(f"rollback incomplete: {second.message}")
-    err.message = f"{failed_step}: {err.message}; " + "; ".join(notes)
-    err.args = (err.message,)
-    err.step = failed_step
+    return err.amended(f"{failed_step}: {err.message}; " + "; ".join(notes), step=failed_step)
