@@ -189,7 +189,14 @@ def test_k3s_render_that_imports_config_v3_toml_d(tmp_path, shim, kwasm):
     assert r.returncode == 0, r.stderr
     assert (root / K3S_NODE_DIR.lstrip("/") / "config-v3.toml.d/kwasm-py.toml").exists()
     assert not (root / K3S_NODE_DIR.lstrip("/") / "config-v3.toml.tmpl").exists()
+    r = kwasm("node", "plan", *base, "--shim", str(shim), "--mode", "edit")
+    assert r.returncode == 2 and "would move the runtime" in r.stderr and "--mode edit` moves it" in r.stderr
+    # install --mode edit moves it: the drop-in goes, the template holds our table
     r = kwasm("node", "install", *base, "--shim", str(shim), "--mode", "edit")
-    assert r.returncode == 2 and "would move the runtime" in r.stderr and "node uninstall" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "moved the runtime from" in r.stdout + r.stderr
+    k3s = root / K3S_NODE_DIR.lstrip("/")
+    assert not (k3s / "config-v3.toml.d").exists()
+    assert "containerd-shim-spin-v2" in (k3s / "config-v3.toml.tmpl").read_text()
     assert kwasm("node", "uninstall", *base).returncode == 0
     assert tree_hash(root) == before

@@ -150,3 +150,34 @@ def test_2x_another_dropin_with_our_handler_is_refused_before_writing(ctd2: Priv
     assert tree_hash(ctd2.dir / "conf.d") == before and ctd2.config.read_text() == main
     assert not (ctd2.dir / "kwasm").exists()
     assert ctd2.daemon().pid == pid
+
+
+def test_2x_switching_mode_moves_the_runtime_with_one_restart(ctd2: PrivateContainerd) -> None:
+    """edit -> dropin -> edit on a provisioned node: each move restarts containerd once, CRI lists
+    the runtime from its new place, and the old place holds no copy."""
+    main = _with_imports(ctd2)
+    ctd2.config.write_text(main)
+    shim = fake_shim(ctd2.dir / "src")
+    ours = ctd2.dir / "conf.d" / "kwasm-py.toml"
+    installed = str(ctd2.dir / "kwasm" / "bin" / "containerd-shim-spin-v2")
+
+    def boots() -> int:
+        return ctd2.log.read_text().count("containerd successfully booted")
+
+    def install(mode: str) -> None:
+        r = run_kwasm("node", "install", *ctd2.node_args(), "--shim", str(shim), "--mode", mode)
+        assert r.returncode == 0, r.stderr
+
+    install("edit")
+    assert "spin" in ctd2.config.read_text() and not ours.exists()
+    start = boots()
+    install("dropin")
+    assert boots() == start + 1
+    assert ctd2.config.read_text() == main and ours.exists()
+    assert ctd2.cri_status().runtimes.get("spin") == installed
+    install("edit")
+    assert boots() == start + 2
+    assert not ours.exists() and "spin" in ctd2.config.read_text()
+    assert ctd2.cri_status().runtimes.get("spin") == installed
+    assert _uninstall(ctd2).returncode == 0
+    assert ctd2.config.read_text() == main

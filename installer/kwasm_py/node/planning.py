@@ -72,7 +72,7 @@ def choose_mode(node: Node) -> dropin.ModeChoice:
             raise UsageError(
                 f"kwasm-py installed into {lay.config_path} ({kept.value}); --mode {requested.value} "
                 "would move the runtime",
-                hint=f"run `kwasm-py node uninstall`, then install again with --mode {requested.value}",
+                hint=f"`kwasm-py node install --mode {requested.value}` moves it (one restart)",
             )
         node.mode = dropin.ModeChoice(kept, lay, f"{kept.value}: kwasm-py installed into {lay.config_path}")
         return node.mode
