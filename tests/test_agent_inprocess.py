@@ -484,3 +484,42 @@ def test_held_node_is_phase_failed_at_step_budget_with_condition_false():
     assert cond is not None and cond["status"] == "False" and cond["message"].startswith("budget: ")
     assert not api.node["metadata"]["labels"]
     assert [e["reason"] for e in api.events].count("ProvisionHeld") == 1
+
+
+class SilentAfterOneEventApi(IdleWatchApi):
+    """IdleWatchApi that says when its watch has gone silent (the agent then waits for events)."""
+
+    def __init__(self, node: dict) -> None:
+        super().__init__(node)
+        self.silent = threading.Event()
+
+    def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
+        yield {"type": "MODIFIED", "object": copy.deepcopy(self.node)}
+        self.silent.set()
+        self.release.wait(timeout_seconds)
+
+
+def test_a_stop_request_wakes_an_agent_waiting_for_node_events():
+    """An agent with nothing due waits for the next Node event; a stop request from another
+    thread (how a fleet of agents in threads is stopped) ends its loop at once, not at the
+    watch's 300 s term."""
+    import contextlib
+
+    from kwasm_py.cluster.safeguards import AgentStopped
+
+    node = {"metadata": {"name": "n1", "uid": "u1", "annotations": {OPT_IN_KEY: "false"}, "labels": {}}}
+    api = SilentAfterOneEventApi(node)
+    config = AgentConfig(
+        node_name="n1", namespace="kwasm-system", watch_timeout=300, backoff=Backoff(scale=0)
+    )
+    agent = Agent(api, FakeEngine(api, GOOD), config, log=Logger(io.StringIO()))
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        assert api.silent.wait(10), "the watch never delivered the Node"
+        with contextlib.suppress(AgentStopped):
+            agent.request_stop()
+        runner.join(10)
+        assert not runner.is_alive(), "the agent kept waiting for a Node event after the stop"
+    finally:
+        api.release.set()

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from kwasm_py.cluster.agent import Agent, AgentConfig, Backoff
 from kwasm_py.cluster.agentlog import Logger
+from kwasm_py.cluster.disruption import Backoff
 from kwasm_py.cluster.kube import Endpoint
 from kwasm_py.cluster.lean import LeanKube
-from kwasm_py.contract import EngineResult
+from kwasm_py.cluster.nodewatch import NodeWatch
 from kwasm_py.errors import KubeError
 
 NODE = {"kind": "Node", "metadata": {"name": "n1", "uid": "u1", "resourceVersion": "5", "labels": {}}}
@@ -114,45 +114,27 @@ def test_lean_watch_calls_a_non_event_line_a_protocol_error(raw_api: RawApi) -> 
     api.close()
 
 
-class _StatusOnly:
-    """The Engine port for a node that never opted in: status says nothing is installed."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def install(self) -> EngineResult:  # pragma: no cover - the node is not opted in
-        raise AssertionError("install on a node that did not opt in")
-
-    def uninstall(self) -> EngineResult:  # pragma: no cover - nothing is installed
-        raise AssertionError("uninstall with nothing installed")
-
-    def status(self) -> EngineResult:
-        self.calls.append("status")
-        return EngineResult(command="status", installed=False)
-
-
-def test_agent_survives_a_non_event_line_by_relisting(raw_api: RawApi) -> None:
-    """The agent logs the protocol error as an API error, reads its Node again (a relist), then
-    watches again and takes the good event; `run` returns 0 instead of raising."""
+def test_agent_watch_survives_a_non_event_line_by_relisting(raw_api: RawApi) -> None:
+    """The agent's Node watch (its own thread since the watch loop moved out of the main loop)
+    logs the protocol error as an API error, reads its Node again (a relist), watches again and
+    hands over the good event; nothing escapes the thread."""
     out = io.StringIO()
     api = LeanKube(Endpoint(server=raw_api.url))
-    config = AgentConfig(node_name="n1", namespace="kwasm-system", backoff=Backoff(scale=0), watch_timeout=5)
-    agent: Agent
-
-    def sleep(seconds: float) -> None:
-        # Called after the API error and after the third, empty watch: stop there.
-        del seconds
-        if raw_api.watches >= 3:
-            agent.stopping = True
-
-    agent = Agent(api, _StatusOnly(), config, log=Logger(out), sleep=sleep)
-    assert agent.run() == 0
-    api.close()
+    watch = NodeWatch(api, "n1", timeout_seconds=5, log=Logger(out), delay=Backoff(scale=0).delay)
+    watch.start()
+    try:
+        first = watch.next(timeout=10)
+        assert first is not None and first["metadata"]["resourceVersion"] == "5"
+        seen = [watch.next(timeout=10) for _ in range(2)]  # the relisted Node, then the good event
+    finally:
+        watch.stop()
+        api.close()
+    versions = [n["metadata"]["resourceVersion"] for n in seen if n is not None]
+    assert versions[-1] == "6", "the good event after the relist was not handed over"
     errors = [line for line in out.getvalue().splitlines() if "event=api_error" in line]
     assert len(errors) == 1 and "protocol error" in errors[0], out.getvalue()
-    assert raw_api.gets == 2, "the agent did not relist its Node (once) after the protocol error"
-    assert raw_api.watches == 3, "the agent did not watch again after relisting"
-    assert agent.node["metadata"]["resourceVersion"] == "6", "the good event was not taken"
+    assert raw_api.gets == 2, "the watch did not relist its Node (once) after the protocol error"
+    assert raw_api.watches >= 2, "the watch did not watch again after relisting"
 
 
 @pytest.mark.parametrize("answer", ["[1, 2]", '"n1"', "{}", '{"metadata": 5}', "null"])

@@ -110,6 +110,7 @@ class Agent:
         self.kubelet = KubeletGate(config.kubelet_timeout, clock)
         self.api_failures = 0
         self.stopping = False
+        self._watch: NodeWatch | None = None  # the running loop's Node watch (`request_stop` wakes it)
         self.final_deadline: float | None = None  # set while finishing after SIGTERM
         self.critical_depth = 0  # critical sections running (SIGTERM waits for them)
         self.node: JSON = {}
@@ -136,6 +137,8 @@ class Agent:
         """SIGTERM: stop now, or as soon as the engine call in flight finished. Takes nothing;
         raises AgentStopped when no critical section runs."""
         self.stopping = True
+        if self._watch is not None:
+            self._watch.wake()  # a loop waiting for the next Node event sees the stop now
         if self.critical_depth == 0:
             raise AgentStopped
 
@@ -156,6 +159,7 @@ class Agent:
             log=self.log,
             delay=self.cfg.backoff.delay,
         )
+        self._watch = watch
         watch.start()
         try:
             while not self.stopping:

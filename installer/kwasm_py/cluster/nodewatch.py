@@ -46,7 +46,7 @@ class NodeWatch:
         self.timeout_seconds = timeout_seconds
         self.log = log
         self.delay = delay
-        self._queue: queue.Queue[JSON] = queue.Queue()
+        self._queue: queue.Queue[JSON | None] = queue.Queue()  # None: wake the reader up
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -60,19 +60,25 @@ class NodeWatch:
         being a daemon thread it never holds up the process's exit)."""
         self._stop.set()
 
+    def wake(self) -> None:
+        """Takes nothing; makes a `next` waiting in another thread return (None) at once, so
+        the agent's loop sees a stop request without waiting for the next Node event."""
+        self._queue.put(None)
+
     def next(self, timeout: float | None) -> JSON | None:
         """Takes the longest wait in seconds (None: until something arrives); returns the newest
         Node object seen since the last call (older ones queued behind it are superseded), or
-        None when nothing arrived in time."""
+        None when nothing arrived in time or `wake` was called."""
         try:
             node = self._queue.get(timeout=None if timeout is None else max(0.0, timeout))
         except queue.Empty:
             return None
         while True:
             try:
-                node = self._queue.get_nowait()
+                newer = self._queue.get_nowait()
             except queue.Empty:
                 return node
+            node = newer if newer is not None else node
 
     def _pause(self, seconds: float) -> None:
         self._stop.wait(seconds)
