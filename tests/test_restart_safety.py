@@ -136,7 +136,8 @@ def _no_answer() -> None:
 def test_crash_watch_counts_exits_of_a_signal_target(tmp_path: Path) -> None:
     """A supervisor whose `containerd` child exits at once, again and again, is a crash loop."""
     fake = tmp_path / "containerd"
-    fake.write_text("#!/bin/sh\nexit 1\n")
+    # lives as long as a real containerd 1.6 takes to refuse a broken config (20-100 ms here)
+    fake.write_text("#!/bin/sh\nsleep 0.1\nexit 1\n")
     fake.chmod(0o755)
     go = tmp_path / "go"
     os.mkfifo(go)
