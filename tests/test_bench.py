@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench._common import ROW_KEYS
+from bench._common import ROW_KEYS, compile_tree
 from tests.harness.containerd import available
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +42,18 @@ def check_shape(doc: dict, module: str) -> list[dict]:
             assert ("ratio" in r) != ("overhead" in r) or r["floor"] is None, r
             assert r["rounds"] >= 1 and r["spread"] >= 0
     return rows
+
+
+def test_compile_tree_writes_bytecode_despite_dontwritebytecode(tmp_path, monkeypatch):
+    """Children must read bytecode as an installed wheel does, whatever PYTHONDONTWRITEBYTECODE says."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
+    compile_tree(tmp_path)
+    assert [p.name.split(".")[0] for p in (tmp_path / "pkg" / "__pycache__").glob("*.pyc")] == ["mod"]
+    (tmp_path / "pkg" / "bad.py").write_text("def (:\n")
+    with pytest.raises(RuntimeError, match="cannot byte-compile"):
+        compile_tree(tmp_path)
 
 
 def test_bench_quick_shims(tmp_path):
