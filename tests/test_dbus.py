@@ -12,7 +12,7 @@ import pytest
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import RestartMethod, RestartSpec
-from kwasm_py.node import dbus, layout
+from kwasm_py.node import dbus, layout, restart
 from kwasm_py.node import probe as nodeprobe
 from kwasm_py.node.hostfs import HostFS
 from tests.harness.cli import invoke
@@ -260,3 +260,25 @@ def test_a_privileged_install_is_restarted_over_dbus_by_the_minimal_pod(short_ro
     )
     with fake.serve(root / "run/dbus/system_bus_socket"):
         assert engine.open_node(explicit).layout.restart.method is RestartMethod.SYSTEMD  # as asked
+
+
+def test_crash_watch_reads_the_unit_over_one_connection(sock, monkeypatch):
+    """CrashWatch for dbus:UNIT: NRestarts since the baseline plus a pending auto-restart, read
+    as D-Bus properties on one connection (one Ping, no reconnect per read); a failed unit ends
+    the watch with the count."""
+    monkeypatch.setattr(restart, "_WATCH_EVERY", 0.0)
+    fake = FakeSystemd(units={"containerd": ("loaded", "active", [])}, state={"containerd": [4, "running"]})
+    spec = RestartSpec(RestartMethod.DBUS, "containerd")
+    with fake.serve(sock):
+        watch = restart.CrashWatch(spec, pid=1, limit=3, bus=sock)
+        watch.check()
+        fake.state["containerd"] = [5, "auto-restart"]
+        watch.check()
+        assert watch.exits == 2
+        fake.state["containerd"] = [6, "auto-restart"]
+        with pytest.raises(RestartError, match=r"exited 3 times .*\(unit containerd\)"):
+            watch.check()
+        watch.close()
+    names = [c[0] for c in fake.calls]
+    assert names.count("Ping") + names.count("Hello") <= 2  # one connection (Ping may repeat once)
+    assert names.count("LoadUnit") == 3

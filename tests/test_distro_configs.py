@@ -92,8 +92,9 @@ CASES = [
         generation="2.x",
         path="/etc/k0s/containerd.toml",
         layout="k0s",
-        skip="k0s merges its drop-ins into /run/k0s/containerd-cri.toml inside its own binary, "
-        "which is not emulated here (the drop-in install is in test_engine/test_layout)",
+        files={**NODE, "/etc/systemd/system/k0sworker.service": UNIT},
+        render="k0s",  # harness.k0s_render: k0s's merge of containerd.d into containerd-cri.toml
+        binary="/var/lib/k0s/bin/containerd",
     ),
     Case(
         "k3s-config.toml.tmpl-spin-fragment-issue227.toml",

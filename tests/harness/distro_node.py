@@ -20,14 +20,18 @@ directory `HARNESS` are the only paths that may change under the root.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+import threading
 import tomllib
 from pathlib import Path
 
 from kwasm_py.node import cri
+from tests.harness import k0s_render
 from tests.harness.cli import REPO
-from tests.harness.containerd import Incarnation, PrivateContainerd
+from tests.harness.containerd import BINARIES, Incarnation, PrivateContainerd
 
 RENDER_AWK = REPO / "installer" / "kwasm_py" / "sandbox" / "data" / "sandbox-k3s-render.awk"
 K3S_DIR = "/var/lib/rancher/k3s/agent/etc/containerd"
@@ -59,11 +63,16 @@ MICROK8S_RENDER = (
     + " ".join(f"-e 's#${{{k}}}#{v}#g'" for k, v in MICROK8S_VALUES.items())
     + f" {MICROK8S_ARGS}/containerd-template.toml > {MICROK8S_ARGS}/containerd.toml\n"
 )
+#: k0s: the chroot has no Python, so the render step asks the host (`DistroNode._k0s_loop`) to
+#: run `k0s_render.render` and blocks on the answer: the FIFOs order it, no polling.
+K0S_RENDER = f"echo go > /{HARNESS}/k0s-req && cat /{HARNESS}/k0s-done\n"
+#: k0s's own containerd arguments (component.go at the commit cited in k0s_render).
+K0S_ARGS = "--root=/var/lib/k0s/containerd --state=/run/k0s/containerd --address=/run/k0s/containerd.sock"
 SUPERVISOR = """
 trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT
 while :; do
   sh /$HARNESS/render.sh
-  "$CONTAINERD" --config "$CONFIG" &
+  "$CONTAINERD" $ARGS --config "$CONFIG" &
   child=$!
   echo "$child" > /$HARNESS/containerd.pid
   wait "$child"
@@ -88,6 +97,16 @@ def copy_containerd(root: Path, binary: Path, node_path: str) -> None:
         (root / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(lib, root / lib.lstrip("/"))
     (root / "tmp").mkdir(exist_ok=True)
+
+
+def default_cri() -> dict[str, object]:
+    """containerd's default CRI plugin table, as k0s <= 1.35 starts from it
+    (`criconfig.DefaultConfig()` of containerd 1.x): the 1.x binary's `config default`."""
+    out = subprocess.run(
+        [str(BINARIES["1.6"] / "containerd"), "config", "default"], capture_output=True, text=True, check=True
+    ).stdout
+    cri_table: dict[str, object] = tomllib.loads(out)["plugins"][k0s_render.CRI]
+    return cri_table
 
 
 def daemon_paths(text: str) -> tuple[str, str, str]:
@@ -124,7 +143,11 @@ class DistroNode(PrivateContainerd):
             if not link.exists():
                 link.symlink_to("busybox")
         shutil.copy2(RENDER_AWK, self.harness / "render.awk")
-        script = {"k3s": K3S_RENDER, "microk8s": MICROK8S_RENDER}.get(self.render, ":\n")
+        script = {"k3s": K3S_RENDER, "microk8s": MICROK8S_RENDER, "k0s": K0S_RENDER}.get(self.render, ":\n")
+        if self.render == "k0s":
+            for fifo in ("k0s-req", "k0s-done"):
+                os.mkfifo(self.harness / fifo)
+            threading.Thread(target=self._k0s_loop, daemon=True).start()
         (self.harness / "render.sh").write_text(script)
         env = {
             "PATH": "/bin:/usr/bin:/usr/sbin:/sbin",
@@ -133,6 +156,7 @@ class DistroNode(PrivateContainerd):
             "SUPERVISOR": SUPERVISOR,
             "CONTAINERD": self.node_binary,
             "CONFIG": self.reads,
+            "ARGS": K0S_ARGS if self.render == "k0s" else "",
         }
         with self.log.open("ab") as log:
             self.supervisor = subprocess.Popen(
@@ -143,10 +167,30 @@ class DistroNode(PrivateContainerd):
             self.wait_ready()
         return self
 
+    def _k0s_loop(self) -> None:
+        """Serve the chroot's render requests with k0s's step until the supervisor ends (a
+        render error is answered too, so the supervisor goes on and containerd reports it)."""
+        while self.supervisor is None or self.supervisor.poll() is None:
+            with (self.harness / "k0s-req").open() as req:
+                if not req.read():
+                    continue
+            try:
+                k0s_render.render(self.root, default_cri())
+            except (OSError, ValueError) as e:
+                (self.harness / "k0s-render-error").write_text(f"{e}\n")
+            with (self.harness / "k0s-done").open("w") as done:
+                done.write("")
+
+    def _paths(self) -> tuple[str, str, str]:
+        if self.render == "k0s":
+            return "/var/lib/k0s/containerd", "/run/k0s/containerd", "/run/k0s/containerd.sock"
+        return daemon_paths((self.root / self.reads.lstrip("/")).read_text())
+
     @property
     def socket_node_path(self) -> str:
-        """The CRI socket as a node path (the config's gRPC address, once rendered)."""
-        return daemon_paths((self.root / self.reads.lstrip("/")).read_text())[2]
+        """The CRI socket as a node path (the config's gRPC address, once rendered; k0s's
+        `--address`)."""
+        return self._paths()[2]
 
     @property
     def socket(self) -> Path:  # type: ignore[override]
@@ -159,7 +203,7 @@ class DistroNode(PrivateContainerd):
     def daemon_writes(self) -> tuple[str, ...]:
         """Root-relative directories containerd itself writes (root, state, socket dir), and
         the harness's own directory."""
-        root, state, sock = daemon_paths((self.root / self.reads.lstrip("/")).read_text())
+        root, state, sock = self._paths()
         return (*(p.strip("/") + "/" for p in (root, state, str(Path(sock).parent))), HARNESS + "/")
 
     def daemon(self) -> Incarnation:
@@ -171,6 +215,9 @@ class DistroNode(PrivateContainerd):
     def stop(self) -> None:
         (self.harness / "stop").touch()
         super().stop()
+        if self.render == "k0s":  # wake the render loop, which then sees the supervisor gone
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.harness / "k0s-req", os.O_WRONLY | os.O_NONBLOCK))
 
     def cri_status(self) -> cri.CriStatus:
         return cri.status(str(self.socket))

@@ -38,6 +38,8 @@ class FakeSystemd:
     hang: bool = False
     failed: set[str] = field(default_factory=set)  # units that refuse to start until reset
     drop_first_ping: bool = False
+    #: per unit: [NRestarts, SubState] (tests change it between reads; default 0, "running")
+    state: dict[str, list[Any]] = field(default_factory=dict)
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     _jobs: itertools.count = field(default_factory=lambda: itertools.count(1))
     _serials: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -147,10 +149,14 @@ class FakeSystemd:
         _iface, name = msg.body
         by_path = {_object(f"{unit}.service"): facts for unit, facts in self.units.items()}
         load, active, argvs = by_path.get(path, ("not-found", "inactive", []))
+        unit = next((u for u in self.units if _object(f"{u}.service") == path), "")
+        restarts, sub = self.state.get(unit, [0, "running"])
         values: dict[str, tuple[str, Any]] = {
             "LoadState": ("s", load),
             "ActiveState": ("s", "failed" if self.results else active),
             "Result": ("s", "exit-code"),
+            "SubState": ("s", sub),
+            "NRestarts": ("u", restarts),
             "ExecStart": (
                 "a(sasbttttuii)",
                 [(argv[0], argv, False, 0, 0, 0, 0, 0, 0, 0) for argv in argvs],

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from nodekit import KINDS, json_out
 
 from kwasm_py.cluster import minimal
 from kwasm_py.errors import RestartError
-from kwasm_py.node import dbus
+from kwasm_py.model import RestartMethod, RestartSpec
+from kwasm_py.node import dbus, restart
 from tests.harness.noderoot import tree_diff, tree_hash
 
 pytestmark = [pytest.mark.root, pytest.mark.nspawn]
@@ -285,3 +287,35 @@ def test_agent_with_the_minimal_env_provisions_a_real_node_over_dbus(
     node.wait_ready()
     assert "spin" not in node.runtimes()
     assert not log.exists(), log.read_text()
+
+
+UNIT_CRASHLOOP = """[Unit]
+Description=kwasm-py test: a containerd that cannot load its config, restarted by systemd
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/usr/bin/containerd --config /etc/kwasm-broken.toml
+Restart=always
+RestartSec=100ms
+"""
+
+
+def test_crash_watch_over_dbus_sees_a_crash_looping_containerd(bookworm_node):
+    """A real unit whose containerd refuses its config: CrashWatch for dbus:UNIT, reading the
+    unit over the node's bus only (no node PID), stops the wait with the exit count long before
+    its timeout."""
+    node = bookworm_node
+    node.wait_ready()
+    node.path("/etc/kwasm-broken.toml").write_text("version = 2\n[plugins\n")
+    node.path("/etc/systemd/system/kwasm-crashloop.service").write_text(UNIT_CRASHLOOP)
+    node.run("systemctl", "daemon-reload", check=True)
+    spec = RestartSpec(RestartMethod.DBUS, "kwasm-crashloop")
+    try:
+        node.run("systemctl", "start", "kwasm-crashloop", check=True)
+        watch = restart.CrashWatch(spec, pid=0, limit=3, bus=Path(pod_root(node) + BUS))
+        began = time.monotonic()
+        with pytest.raises(RestartError, match=r"containerd exited [3-9] times .*\(unit kwasm-crashloop\)"):
+            restart.wait_until(lambda: None, lambda _s: False, timeout=60, what="never", watch=watch)
+        assert time.monotonic() - began < 30
+    finally:
+        node.run("systemctl", "stop", "kwasm-crashloop")

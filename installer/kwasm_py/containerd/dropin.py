@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+import tomlkit
+
+from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import effective
 from kwasm_py.errors import ConfigError, UsageError
 from kwasm_py.model import ConfigKind, ContainerdVersion, InstallMode, Layout
 
@@ -270,3 +274,24 @@ def _loads(text: str) -> dict[str, Any] | None:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return None
+
+
+#: Where k0s (<= 1.35) writes its CRI config, merged from its defaults and the CRI drop-ins.
+K0S_CRI = "/run/k0s/containerd-cri.toml"
+
+
+def k0s_render_after(current: str, ours: str, *, source: str) -> str:
+    """Takes k0s's current `/run/k0s/containerd-cri.toml` and our drop-in's text; returns that
+    file as k0s will write it with our drop-in merged in.
+
+    k0s v1.35.7 (k0sproject/k0s 175316edce42c2d7323d1c0835a40e90559689a3,
+    `pkg/component/worker/containerd/configurer.go` `handleImports`) merges every
+    `/etc/k0s/containerd.d/*.toml` with a `plugins."io.containerd.grpc.v1.cri"` table into
+    its default CRI config, deeply, in glob order, and writes the result there; the main
+    `/etc/k0s/containerd.toml` only imports it. Merging ours onto today's render is that, as
+    long as no CRI drop-in sorting after ours sets the same keys. Raises ConfigParseError.
+    """
+    base = cc.load(current, source=K0S_CRI).data
+    patch = cc.load(ours, source=source).data
+    merged = effective.merge([base, {k: v for k, v in patch.items() if k != "version"}], major=2)
+    return tomlkit.dumps(merged)

@@ -141,6 +141,12 @@ class Node:
     _containerd: ContainerdVersion | None = None
     _asked: bool = False
 
+    def crash_watch(self, spec: RestartSpec) -> restart.CrashWatch:
+        """A CrashWatch for a restart by `spec` just done: through --pid, or over the node's
+        D-Bus socket (host path) for `dbus:UNIT`."""
+        bus = self.fs.resolve(self.opts.bus or dbus.SYSTEM_BUS) if spec.method is RestartMethod.DBUS else None
+        return restart.CrashWatch(spec, pid=self.opts.pid, proc=self.proc, bus=bus)
+
     @property
     def install_dir(self) -> PurePosixPath:
         """Node path of kwasm-py's directory (binaries, state, backup)."""

@@ -200,6 +200,15 @@ class SystemdBus:
         (_, value) = self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss", interface, name)[0]
         return value
 
+    def unit_state(self, name: str) -> dict[str, str]:
+        """NRestarts, ActiveState and SubState of unit `name`, as strings (the keys and values
+        `systemctl show` prints; NRestarts only for a service). Raises RestartError."""
+        (path,) = self.call(_MANAGER_PATH, _MANAGER, "LoadUnit", "s", unit_name(name))
+        state = {k: str(self.prop(path, _UNIT, k)) for k in ("ActiveState", "SubState")}
+        if unit_name(name).endswith(".service"):
+            state["NRestarts"] = str(self.prop(path, _SERVICE, "NRestarts"))
+        return state
+
     def unit(self, name: str) -> UnitInfo:
         """LoadState, ActiveState and ExecStart argvs of unit `name` (loaded if need be)."""
         (path,) = self.call(_MANAGER_PATH, _MANAGER, "LoadUnit", "s", unit_name(name))

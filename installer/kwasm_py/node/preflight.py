@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import dropin
-from kwasm_py.errors import PreflightError
+from kwasm_py.errors import KwasmError, PreflightError
 
 __all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view", "run"]
 from kwasm_py.model import ConfigKind, ContainerdVersion
@@ -265,7 +265,9 @@ def run(
     lay = the_plan.layout
     if not the_plan.config_changed:
         return "not needed: the config does not change"
-    if lay.kind is ConfigKind.DROP_IN and lay.name != "k0s" and lay.rendered_path is not None:
+    if lay.kind is ConfigKind.DROP_IN and lay.name == "k0s":
+        return _run_k0s(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc)
+    if lay.kind is ConfigKind.DROP_IN and lay.rendered_path is not None:
         return _run_dropin(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc)
     if the_plan.effective is None:
         if lay.kind is ConfigKind.TEMPLATE:
@@ -333,3 +335,37 @@ def _run_dropin(
     finally:
         host.unlink(missing_ok=True)
     return verdict.message
+
+
+def _run_k0s(
+    fs: HostFS,
+    *,
+    the_plan: plan.Plan,
+    pid: int | None,
+    containerd: ContainerdVersion | None,
+    proc: ProcFS,
+) -> str:
+    """Pre-flight of a k0s drop-in: k0s's next `/run/k0s/containerd-cri.toml` (today's with our
+    drop-in merged, `dropin.k0s_render_after`), read by the node's containerd in its place.
+    Skipped while k0s has not rendered it yet. Raises PreflightError."""
+    cri_file = PurePosixPath(dropin.K0S_CRI)
+    today = fs.read_text(cri_file)
+    if today is None:
+        return f"skipped: k0s has not written {cri_file} yet, so its merge is unknown"
+    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
+    binary, why = choose_binary(fs, pid=pid, config=cri_file, version=version, proc=proc)
+    if binary is None:
+        return f"skipped: {why}"
+    try:
+        after = dropin.k0s_render_after(today, the_plan.new_text, source=str(the_plan.layout.config_path))
+    except KwasmError as err:
+        raise PreflightError(f"k0s cannot merge {the_plan.layout.config_path}: {err}") from err
+    return check(
+        fs,
+        binary=binary,
+        effective=cri_file,
+        before_text=today,
+        after_text=after,
+        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        source=str(the_plan.layout.config_path),
+    ).message

@@ -207,10 +207,23 @@ class CrashWatch:
     it waits in `auto-restart`; otherwise they are incarnations of the processes called
     `containerd` below `pid` (the restarting parent) seen and then gone, sampled every 0.05 s
     (an incarnation that lives shorter than that may go unseen: the timeout is the backstop).
+    For `dbus:UNIT` the same unit properties are read over the node's D-Bus socket `bus` (one
+    connection, kept until `close()`), or through `unit_reader` (tests).
     """
 
-    def __init__(self, spec: RestartSpec, *, pid: int, limit: int = CRASH_LIMIT, proc: ProcFS = HOST) -> None:
+    def __init__(
+        self,
+        spec: RestartSpec,
+        *,
+        pid: int,
+        limit: int = CRASH_LIMIT,
+        proc: ProcFS = HOST,
+        bus: Path | None = None,
+        unit_reader: Callable[[str], dict[str, str]] | None = None,
+    ) -> None:
         self.spec, self.pid, self.limit, self.proc = spec, pid, limit, proc
+        self.bus, self.unit_reader = bus, unit_reader
+        self._conn: dbus.SystemdBus | None = None
         self.name = spec.target if spec.method is RestartMethod.SIGNAL else "containerd"
         self.exits = 0
         self.started = time.monotonic()
@@ -228,12 +241,30 @@ class CrashWatch:
             self.exits = 1
 
     def _processes(self) -> list[Proc]:
-        if self.spec.method is RestartMethod.NONE:
+        if self.spec.method in (RestartMethod.NONE, RestartMethod.DBUS):  # no process view over D-Bus
             return []
         # only processes below `pid`: a namespace-wide search would count other daemons' exits
         return [p for p in self.proc.descendants(self.pid, self.name) if self.proc.alive(p)]
 
+    def close(self) -> None:
+        """Close the D-Bus connection, if one was opened."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _bus_unit(self) -> dict[str, str]:
+        try:
+            if self.unit_reader is not None:
+                return self.unit_reader(self.spec.target)
+            if self._conn is None:
+                self._conn = dbus.SystemdBus(self.bus or Path(str(dbus.SYSTEM_BUS)), timeout=2.0)
+            return self._conn.unit_state(self.spec.target)
+        except RestartError:
+            return {}  # as a failed `systemctl show`: nothing counted this time
+
     def _unit(self) -> dict[str, str]:
+        if self.spec.method is RestartMethod.DBUS:
+            return self._bus_unit()
         if self.spec.method is not RestartMethod.SYSTEMD:
             return {}
         argv = ["systemctl", "show", "--property=ActiveState,SubState,NRestarts", self.spec.target]
@@ -247,7 +278,8 @@ class CrashWatch:
         now = time.monotonic()
         if now < self._next:
             return
-        self._next = now + (_WATCH_EVERY if self.spec.method is RestartMethod.SYSTEMD else _SCAN_EVERY)
+        unit_based = self.spec.method in (RestartMethod.SYSTEMD, RestartMethod.DBUS)
+        self._next = now + (_WATCH_EVERY if unit_based else _SCAN_EVERY)
         if self._seen is None:
             self._baseline()
             return
@@ -294,6 +326,16 @@ def wait_until(
     `watch` sees containerd crash-looping (then the message says so, and the caller need not
     wait any longer).
     """
+    try:
+        return _poll(check, ready, timeout=timeout, what=what, watch=watch)
+    finally:
+        if watch is not None:
+            watch.close()  # its D-Bus connection (reopened if the watch is used again)
+
+
+def _poll(
+    check: Callable[[], T], ready: Callable[[T], bool], *, timeout: float, what: str, watch: CrashWatch | None
+) -> T:
     deadline = time.monotonic() + timeout
     last_error = ""
     while True:

@@ -137,7 +137,7 @@ def uninstall(
                     ),
                     timeout=opts.verify_timeout,
                     what="containerd to run without runtime(s) " + ", ".join(sorted(gone)),
-                    watch=restart.CrashWatch(lay.restart, pid=opts.pid, proc=node.proc),
+                    watch=node.crash_watch(lay.restart),
                 )
                 outcome.verified = True
         except KwasmError as err:
@@ -156,7 +156,7 @@ def uninstall(
                             lambda s: s.runtime_ready,
                             timeout=opts.verify_timeout,
                             what="containerd to run again with the previous config",
-                            watch=restart.CrashWatch(lay.restart, pid=opts.pid, proc=node.proc),
+                            watch=node.crash_watch(lay.restart),
                         )
                         notes += "; containerd runs again with the previous config"
                     except KwasmError as again:

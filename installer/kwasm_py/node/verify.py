@@ -37,7 +37,7 @@ def _registered(node: Node, the_plan: plan.Plan) -> bool:
 
 def _wait_registered(node: Node, the_plan: plan.Plan, *, timeout: float) -> None:
     wanted = {e.handler: e.runtime_type for e in the_plan.entries}
-    watch = restart.CrashWatch(node.layout.restart, pid=node.opts.pid, proc=node.proc)
+    watch = node.crash_watch(node.layout.restart)
     gone = {r.handler: r.runtime_type for r in the_plan.dropped}
     try:
         restart.wait_until(
@@ -134,7 +134,7 @@ def _rollback(
                 lambda s: s.runtime_ready,
                 timeout=node.opts.verify_timeout,
                 what="containerd to run again with the previous config",
-                watch=restart.CrashWatch(lay.restart, pid=node.opts.pid, proc=node.proc),
+                watch=node.crash_watch(lay.restart),
             )
             notes.append("containerd runs again with the previous config")
     except KwasmError as second:
