@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import queue
 import threading
 from collections.abc import Iterator
 
@@ -29,6 +30,7 @@ class FakeApi:
     def __init__(self, node: dict) -> None:
         self.node = node
         self.leases: dict[str, dict] = {}
+        self.lease_events: queue.Queue[dict | None] = queue.Queue()  # what the Lease watch sees
         self.events: list[dict] = []
         self.calls: list[str] = []
 
@@ -78,6 +80,16 @@ class FakeApi:
         self.calls.append(f"lease:{lease['spec'].get('holderIdentity')}")
         self.leases[lease["metadata"]["name"]] = lease
         return lease
+
+    def list_leases(self, namespace: str) -> tuple[list[dict], str]:
+        return copy.deepcopy(list(self.leases.values())), "1"
+
+    def watch_leases(self, namespace: str, *, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
+        while (event := self.lease_events.get(timeout=timeout_seconds)) is not None:
+            yield event
+
+    def delete_lease(self, namespace: str, name: str) -> bool:
+        return self.leases.pop(name, None) is not None
 
 
 class FakeEngine:
@@ -301,8 +313,8 @@ def test_opt_out_removes_the_condition():
 
 
 def test_waiting_for_a_restart_slot_is_a_phase():
-    """Every restart Lease held by another live node: phase waiting is recorded before the
-    agent polls again."""
+    """Every restart Lease held by another live node: phase waiting is recorded while the agent
+    waits in the queue, and it installs once the Lease watch shows the slot handed to it."""
     agent, api = _agent(GOOD)
     far = "2999-01-01T00:00:00.000000Z"
     api.leases["kwasm-restart-0"] = {
@@ -310,16 +322,24 @@ def test_waiting_for_a_restart_slot_is_a_phase():
         "spec": {"holderIdentity": "other", "leaseDurationSeconds": 60, "renewTime": far},
     }
     phases: list[str] = []
+    queued = agent.leases.on_wait
 
-    def release(seconds: float) -> None:  # the other node finishes while we sleep
+    def hand_over() -> None:  # the other node finishes and hands the slot to us
+        queued()
         phases.append(_status(api)["phase"])
-        api.leases["kwasm-restart-0"]["spec"]["holderIdentity"] = ""
+        assert "kwasm-wait-n1" in api.leases
+        lease = api.leases["kwasm-restart-0"]
+        lease["spec"].update(holderIdentity="n1", leaseDurationSeconds=10)
+        api.lease_events.put({"type": "MODIFIED", "object": copy.deepcopy(lease)})
 
-    agent.leases.sleep = release
+    agent.leases.on_wait = hand_over
     agent.reconcile(api.get_node("n1"))
+    api.lease_events.put(None)
     assert phases == ["waiting"]
     st = _status(api)
     assert st["phase"] == "provisioned" and list(st["phases"]) == ["installing", "provisioned", "waiting"]
+    assert "kwasm-wait-n1" not in api.leases  # served: out of the queue
+    assert api.leases["kwasm-restart-0"]["spec"].get("holderIdentity") is None  # given back
 
 
 # -- timers fire on time, whatever the watch does

@@ -212,6 +212,15 @@ class _Api:
     def replace_lease(self, namespace: str, lease: dict) -> dict:
         return lease
 
+    def list_leases(self, namespace: str) -> tuple[list[dict], str]:
+        return [], "1"
+
+    def watch_leases(self, namespace: str, *, resource_version: str, timeout_seconds: int):
+        return iter(())
+
+    def delete_lease(self, namespace: str, name: str) -> bool:
+        return False
+
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int):
         return iter(())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -99,6 +100,28 @@ def test_lean_leases_and_events(standin: StandIn, kubeconfig: Path):
     assert info.value.status == 409
     api.create_event("default", {"metadata": {"name": "e1"}, "reason": "R"})
     assert [e["reason"] for e in standin.events()] == ["R"]
+
+
+def test_lean_lease_list_watch_delete(standin: StandIn, kubeconfig: Path):
+    """Leases of a namespace: list with its resourceVersion, a watch from there sees a change
+    and a deletion of that namespace only, delete says whether there was one; a stale
+    resourceVersion is a 410."""
+    api = lean(kubeconfig)
+    api.create_lease("ns", {"metadata": {"name": "a"}, "spec": {}})
+    api.create_lease("other", {"metadata": {"name": "x"}, "spec": {}})
+    items, rv = api.list_leases("ns")
+    assert [i["metadata"]["name"] for i in items] == ["a"] and rv
+    api.create_lease("ns", {"metadata": {"name": "b"}, "spec": {}})
+    api.create_lease("other", {"metadata": {"name": "y"}, "spec": {}})
+    assert api.delete_lease("ns", "a") is True and api.delete_lease("ns", "a") is False
+    events = api.watch_leases("ns", resource_version=rv, timeout_seconds=5)
+    seen = [(e["type"], e["object"]["metadata"]["name"]) for e in itertools.islice(events, 2)]
+    events.close()  # type: ignore[attr-defined]
+    assert seen == [("ADDED", "b"), ("DELETED", "a")]
+    standin.compact()
+    with pytest.raises(KubeError) as info:
+        next(iter(api.watch_leases("ns", resource_version=rv, timeout_seconds=5)))
+    assert info.value.status == 410
 
 
 def test_kubeconfig_endpoint_errors(tmp_path: Path):

@@ -102,7 +102,7 @@ def test_installer_contents():
         (r["resources"][0], tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in ns_role["rules"]
     ) == [
         ("events", ("create",), ()),
-        ("leases", ("create",), ()),
+        ("leases", ("create", "delete", "list", "watch"), ()),  # the restart queue (cluster/leases.py)
         ("leases", ("get", "update"), ("kwasm-restart-0",)),
     ]
     (ds,) = by_kind(objs, "DaemonSet")

@@ -129,6 +129,7 @@ class Agent:
             sleep=sleep,
             check_stop=lambda: safeguards.check_stop(self),
             on_wait=lambda: self.progress.try_phase("waiting"),  # every slot held by others
+            watch_timeout=config.watch_timeout,
         )
 
     # -- stopping
@@ -139,6 +140,7 @@ class Agent:
         self.stopping = True
         if self._watch is not None:
             self._watch.wake()  # a loop waiting for the next Node event sees the stop now
+        self.leases.wake()  # so does a wait for a restart slot
         if self.critical_depth == 0:
             raise AgentStopped
 

@@ -58,7 +58,7 @@ class ObjectApi(Protocol):
 
 class AgentApi(Protocol):
     """What the agent needs: its Node (and its ``nodes/status`` subresource, strategic merge),
-    a watch on it, Node events and restart Leases."""
+    a watch on it, Node events and the Leases of its namespace (restart slots and their queue)."""
 
     def get_node(self, name: str) -> JSON: ...
 
@@ -75,6 +75,14 @@ class AgentApi(Protocol):
     def create_lease(self, namespace: str, lease: JSON) -> JSON: ...
 
     def replace_lease(self, namespace: str, lease: JSON) -> JSON: ...
+
+    def list_leases(self, namespace: str) -> tuple[list[JSON], str]: ...
+
+    def watch_leases(
+        self, namespace: str, *, resource_version: str, timeout_seconds: int
+    ) -> Iterator[JSON]: ...
+
+    def delete_lease(self, namespace: str, name: str) -> bool: ...
 
 
 def status_hint(status: int | None) -> str:

@@ -22,7 +22,7 @@ def _body(body: Any) -> bytes | None:
     return json.dumps(body).encode() if body is not None else None
 
 
-def _watch_event(line: bytes, name: str) -> JSON:
+def _watch_event(line: bytes, what: str) -> JSON:
     """One line of a watch stream as a ``{type, object}`` event.
 
     Raises KubeError (a protocol error, no status) when the line is not JSON, not a JSON
@@ -33,12 +33,12 @@ def _watch_event(line: bytes, name: str) -> JSON:
     try:
         event = json.loads(line)
     except ValueError as ex:
-        raise KubeError(f"watch of node {name}: protocol error: an event line is not JSON") from ex
+        raise KubeError(f"watch of {what}: protocol error: an event line is not JSON") from ex
     if not isinstance(event, dict):
         kind = type(event).__name__
-        raise KubeError(f"watch of node {name}: protocol error: an event is a JSON {kind}, not an object")
+        raise KubeError(f"watch of {what}: protocol error: an event is a JSON {kind}, not an object")
     if not isinstance(event.get("type"), str) or not isinstance(event.get("object"), dict):
-        raise KubeError(f"watch of node {name}: protocol error: an event lacks its type or object")
+        raise KubeError(f"watch of {what}: protocol error: an event lacks its type or object")
     return event
 
 
@@ -239,31 +239,37 @@ class LeanKube:
 
     def watch_node(self, name: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]:
         """Stream watch events of one Node; an ERROR event raises KubeError (410 when stale)."""
+        query = {"fieldSelector": f"metadata.name={name}"}
+        return self._watch("/api/v1/nodes", query, f"node {name}", resource_version, timeout_seconds)
+
+    def _watch(
+        self, path: str, query: dict[str, str], what: str, resource_version: str, timeout_seconds: int
+    ) -> Iterator[JSON]:
         query = {
+            **query,
             "watch": "true",
-            "fieldSelector": f"metadata.name={name}",
             "timeoutSeconds": str(timeout_seconds),
             "allowWatchBookmarks": "true",
         }
         if resource_version:
             query["resourceVersion"] = resource_version
-        conn, resp = self._open("GET", "/api/v1/nodes", query=query, timeout=timeout_seconds + 15.0)
+        conn, resp = self._open("GET", path, query=query, timeout=timeout_seconds + 15.0)
         try:
             while True:
                 try:
                     line = resp.readline()
                 except (OSError, http.client.HTTPException) as ex:
-                    raise KubeError(f"watch of node {name}: connection lost: {ex}") from ex
+                    raise KubeError(f"watch of {what}: connection lost: {ex}") from ex
                 if not line:
                     return
                 if not line.strip():
                     continue
-                event = _watch_event(line, name)
+                event = _watch_event(line, what)
                 if event["type"] == "ERROR":
                     obj = event["object"]
                     code = obj.get("code")
                     raise KubeError(
-                        f"watch of node {name}: {code} {obj.get('reason', '')}: {obj.get('message', '')}",
+                        f"watch of {what}: {code} {obj.get('reason', '')}: {obj.get('message', '')}",
                         status=int(code) if isinstance(code, int) else None,
                     )
                 yield event
@@ -290,6 +296,24 @@ class LeanKube:
 
     def create_lease(self, namespace: str, lease: JSON) -> JSON:
         return self.request("POST", self._lease_path(namespace), body=lease)
+
+    def list_leases(self, namespace: str) -> tuple[list[JSON], str]:
+        """Takes a namespace; returns its Leases and the list's resourceVersion (to watch from).
+        Raises KubeError."""
+        doc = self.request("GET", self._lease_path(namespace))
+        items = [i for i in doc.get("items") or [] if isinstance(i, dict)]
+        return items, str((doc.get("metadata") or {}).get("resourceVersion", ""))
+
+    def watch_leases(self, namespace: str, *, resource_version: str, timeout_seconds: int) -> Iterator[JSON]:
+        """Stream watch events of the Leases in `namespace`; an ERROR event raises KubeError
+        (410 when `resource_version` is too old)."""
+        path = self._lease_path(namespace)
+        return self._watch(path, {}, f"leases in {namespace}", resource_version, timeout_seconds)
+
+    def delete_lease(self, namespace: str, name: str) -> bool:
+        """Takes a namespace and Lease name; deletes it; returns False when it was not there.
+        Raises KubeError."""
+        return self.delete_path(self._lease_path(namespace, name))
 
     def replace_lease(self, namespace: str, lease: JSON) -> JSON:
         name = lease["metadata"]["name"]

@@ -188,15 +188,24 @@ def installer_objects(params: InstallerParams | None = None) -> list[JSON]:
         "subjects": subject,
     }
     # In the installer namespace only: Events (KWASM_EVENT_NAMESPACE below) and the restart
-    # Leases. `create` cannot be limited by resourceNames (the name is not known when it is
-    # authorised), so it stays namespace-wide; get/update are limited to the N restart Leases.
+    # Leases (cluster/leases.py). A node waiting for a restart slot creates a queue Lease of its
+    # own (kwasm-wait-<node>), watches the namespace's Leases for a slot handed to it, and deletes
+    # its queue Lease when served (or a vanished waiter's, that never confirmed a slot handed to
+    # it). `create` cannot be limited by resourceNames (the name is not known when it is
+    # authorised), nor can `list`/`watch` of several names, nor `delete` of per-node names: those
+    # stay namespace-wide (the namespace holds only the installer's objects); get/update are
+    # limited to the N restart Leases.
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _meta(APP_NAME, p),
         "rules": [
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["create", "delete", "list", "watch"],
+            },
             {
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],

@@ -1,0 +1,223 @@
+"""Restart slots (kwasm_py.cluster.leases) against the stand-in API with the agent's own client:
+a free slot is taken, a released one goes to the first waiter in the same write, a vanished
+waiter or holder does not block the queue, a stop leaves it, and never more than P hold."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from kwasm_py.cluster.agentlog import Logger, micro_time
+from kwasm_py.cluster.kube import Endpoint
+from kwasm_py.cluster.lean import LeanKube
+from kwasm_py.cluster.leases import RestartLeases, wait_lease_name
+from kwasm_py.retry import Backoff
+from tests.harness.kube_standin import StandIn
+
+NS = "kwasm-system"
+
+
+class Stopped(Exception):
+    """What the test's check_stop raises."""
+
+
+@pytest.fixture
+def api() -> Iterator[StandIn]:
+    with StandIn() as standin:
+        yield standin
+
+
+def _slots(api: StandIn, identity: str, **kw: object) -> RestartLeases:
+    client = LeanKube(Endpoint(server=api.url, token="standin-token", namespace=NS))
+    return RestartLeases(
+        client,
+        namespace=NS,
+        identity=identity,
+        log=Logger(io.StringIO(), node=identity),
+        delay=Backoff().delay,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _lease(api: StandIn, name: str) -> dict:
+    return next(x for x in api.leases() if x["metadata"]["name"] == name)
+
+
+def _names(api: StandIn) -> set[str]:
+    return {x["metadata"]["name"] for x in api.leases()}
+
+
+def _lease_reads(api: StandIn) -> int:
+    """GETs of single Leases (polls); the LIST and the watches are not counted."""
+    return sum(
+        1
+        for r in api.recorded("GET", "leases")
+        if not r.query.get("watch") and not r.path.endswith("/leases")
+    )
+
+
+def _waiter(slots: RestartLeases, got: list[str], done: threading.Event) -> threading.Thread:
+    def run() -> None:
+        try:
+            got.append(slots.acquire())
+        except Stopped:
+            got.append("stopped")
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_free_slot_is_taken_and_given_back(api: StandIn) -> None:
+    slots = _slots(api, "n1")
+    with slots.slot() as name:
+        assert name == "kwasm-restart-0"
+        assert _lease(api, name)["spec"]["holderIdentity"] == "n1"
+    spec = _lease(api, name)["spec"]
+    assert "holderIdentity" not in spec and spec["leaseDurationSeconds"] == 60
+    assert _names(api) == {"kwasm-restart-0"}, "no queue Lease when nobody waited"
+    assert _lease_reads(api) == 0
+
+
+def test_a_released_slot_goes_to_the_first_waiter_in_the_same_write(api: StandIn) -> None:
+    """A holds; B, then C queue; A's release names B as holder, B's names C: nobody polls."""
+    a, b, c = _slots(api, "a"), _slots(api, "b"), _slots(api, "c")
+    name = a.acquire()
+    got_b: list[str] = []
+    got_c: list[str] = []
+    b_done, c_done = threading.Event(), threading.Event()
+    _waiter(b, got_b, b_done)
+    api.wait_for(lambda: wait_lease_name("b") in _names(api), 10, "b queued")
+    _waiter(c, got_c, c_done)
+    api.wait_for(lambda: wait_lease_name("c") in _names(api), 10, "c queued")
+    assert not b_done.is_set() and not c_done.is_set()
+
+    a.release(name)
+    assert b_done.wait(10) and got_b == [name]
+    handed = [
+        r
+        for r in api.recorded("PUT", "leases")
+        if (r.body or {}).get("spec", {}).get("holderIdentity") == "b"
+    ]
+    assert handed and handed[0].body["spec"]["leaseDurationSeconds"] == 10, "handed with the short term"
+    assert _lease(api, name)["spec"]["leaseDurationSeconds"] == 60, "b confirmed with the full term"
+    api.wait_for(lambda: wait_lease_name("b") not in _names(api), 10, "b out of the queue")
+    assert not c_done.is_set()
+
+    b.release(name)
+    assert c_done.wait(10) and got_c == [name]
+    c.release(name)
+    assert "holderIdentity" not in _lease(api, name)["spec"]
+    api.wait_for(lambda: _names(api) == {name}, 10, "the queue empty")
+    assert _lease_reads(api) == 0, "waiters learn of hand-offs through the watch, not by polling"
+
+
+def test_a_vanished_waiter_is_dropped_after_the_handoff_term(api: StandIn) -> None:
+    """A queue Lease whose agent is gone: the slot handed to it is not confirmed, and the next
+    waiter takes it once the short term ran out and removes the dead entry."""
+    ghost = _slots(api, "ghost")
+    ghost.api.create_lease(
+        NS,
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": wait_lease_name("ghost"), "namespace": NS},
+            "spec": {
+                "holderIdentity": "ghost",
+                "acquireTime": micro_time(time.time() - 100),
+                "leaseDurationSeconds": 60,
+            },
+        },
+    )
+    a, c = _slots(api, "a", handoff_term=1), _slots(api, "c", handoff_term=1)
+    name = a.acquire()
+    got: list[str] = []
+    done = threading.Event()
+    _waiter(c, got, done)
+    api.wait_for(lambda: wait_lease_name("c") in _names(api), 10, "c queued")
+    a.release(name)
+    assert _lease(api, name)["spec"]["holderIdentity"] in ("ghost", "c")  # ghost first in line
+    assert done.wait(10) and got == [name]
+    assert _lease(api, name)["spec"]["holderIdentity"] == "c"
+    assert wait_lease_name("ghost") not in _names(api)
+
+
+def test_an_expired_holder_does_not_block(api: StandIn) -> None:
+    dead = _slots(api, "dead")
+    dead.api.create_lease(
+        NS,
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "kwasm-restart-0", "namespace": NS},
+            "spec": {
+                "holderIdentity": "dead",
+                "renewTime": micro_time(time.time() - 61),
+                "leaseDurationSeconds": 60,
+            },
+        },
+    )
+    slots = _slots(api, "n1")
+    assert slots.acquire() == "kwasm-restart-0"
+    assert _lease(api, "kwasm-restart-0")["spec"]["holderIdentity"] == "n1"
+
+
+def test_a_stop_while_waiting_leaves_the_queue(api: StandIn) -> None:
+    a = _slots(api, "a")
+    a.acquire()
+    stop = threading.Event()
+
+    def check_stop() -> None:
+        if stop.is_set():
+            raise Stopped
+
+    b = _slots(api, "b", check_stop=check_stop)
+    got: list[str] = []
+    done = threading.Event()
+    _waiter(b, got, done)
+    api.wait_for(lambda: wait_lease_name("b") in _names(api), 10, "b queued")
+    stop.set()
+    b.wake()
+    assert done.wait(10) and got == ["stopped"]
+    assert wait_lease_name("b") not in _names(api)
+
+
+def test_at_most_p_hold_and_each_node_costs_a_few_requests() -> None:
+    """16 nodes at once, P = 3, 5 ms per request: never more than 3 in a slot, all served, and
+    per node a handful of requests (list, watch, queue create/delete, take or confirm, give)."""
+    api = StandIn(latency=0.005).start()
+    try:
+        lock = threading.Lock()
+        inside, most, served = [0], [0], []
+
+        def node(i: int) -> None:
+            slots = _slots(api, f"n{i:02}", count=3)
+            with slots.slot():
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.02)  # the restart's duration, not synchronisation
+                with lock:
+                    inside[0] -= 1
+                    served.append(i)
+
+        threads = [threading.Thread(target=node, args=(i,), daemon=True) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(served) == list(range(16)) and most[0] <= 3
+        kinds = Counter(
+            f"{r.method}{' watch' if r.query.get('watch') else ''}" for r in api.recorded(plural="leases")
+        )
+        assert sum(kinds.values()) / 16 <= 8, kinds
+        assert _names(api) == {f"kwasm-restart-{i}" for i in range(3)}, "every queue Lease removed"
+    finally:
+        api.stop()
