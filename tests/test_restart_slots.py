@@ -15,7 +15,8 @@ import pytest
 from kwasm_py.cluster.agentlog import Logger, micro_time
 from kwasm_py.cluster.kube import Endpoint
 from kwasm_py.cluster.lean import LeanKube
-from kwasm_py.cluster.leases import RestartLeases, wait_lease_name
+from kwasm_py.cluster.leases import RestartLeases
+from kwasm_py.cluster.slotrules import wait_lease_name
 from kwasm_py.retry import Backoff
 from tests.harness.kube_standin import StandIn
 

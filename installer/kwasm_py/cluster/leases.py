@@ -23,21 +23,26 @@ A hand-off costs one write and one watch event, whatever the number of nodes wai
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from kwasm_py.cluster.agentlog import Logger, micro_time, parse_time
+from kwasm_py.cluster.agentlog import Logger, micro_time
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.cluster.leaseview import LeaseView
+from kwasm_py.cluster.slotrules import (
+    LEASE_PREFIX,
+    expiry_of,
+    holder_of,
+    queue_of,
+    spec_of,
+    wait_lease_name,
+)
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
 
-LEASE_PREFIX = "kwasm-restart-"
-WAIT_PREFIX = "kwasm-wait-"
 HANDOFF_TERM = 10  # seconds a handed slot stays reserved for its waiter until it confirms
 QUEUE_STEP = 0.05  # seconds between the tries of two consecutive waiters at a free slot
 _MOST_WAIT = 1.0  # seconds: a waiter re-checks its stop request and the clock at least this often
@@ -46,53 +51,6 @@ _HOLD_OFF = 0.5  # seconds a waiter leaves a slot alone after losing a race for 
 
 def _no_stop() -> None:
     return None
-
-
-def wait_lease_name(identity: str) -> str:
-    """Takes a node name; returns its queue Lease's name (``kwasm-wait-<node>``; a hash when
-    that would pass the 253 characters of a Lease name)."""
-    name = f"{WAIT_PREFIX}{identity}"
-    if len(name) <= 253:
-        return name
-    return f"{WAIT_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
-
-
-def spec_of(lease: JSON | None) -> JSON:
-    """A Lease's spec ({} for None or no spec)."""
-    return (lease or {}).get("spec") or {}
-
-
-def holder_of(lease: JSON | None, now: float, default_term: int) -> str | None:
-    """Takes a Lease (or None), the wall-clock time and the term to assume when the Lease has
-    none; returns its holder while the term runs, None when it is free or expired (no readable
-    renew or acquire time counts as expired)."""
-    spec = spec_of(lease)
-    who = spec.get("holderIdentity")
-    if not who:
-        return None
-    renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
-    term = float(spec.get("leaseDurationSeconds") or default_term)
-    return str(who) if renewed is not None and renewed + term >= now else None
-
-
-def expiry_of(lease: JSON | None, default_term: int) -> float | None:
-    """Takes a held Lease; returns the wall-clock time its term runs out (None: no time)."""
-    spec = spec_of(lease)
-    renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
-    return None if renewed is None else renewed + float(spec.get("leaseDurationSeconds") or default_term)
-
-
-def queue_of(leases: dict[str, JSON], slots: list[str], now: float, default_term: int) -> list[str]:
-    """Takes the namespace's Leases by name, the slot names, the time and the term; returns the
-    nodes queued for a slot, first first: every queue Lease's holder by ``acquireTime`` (then
-    name), leaving out nodes that hold (or were handed) a slot already."""
-    serving = {holder_of(leases.get(s), now, default_term) for s in slots}
-    waiting = []
-    for name, lease in leases.items():
-        who = spec_of(lease).get("holderIdentity")
-        if name.startswith(WAIT_PREFIX) and who and who not in serving:
-            waiting.append((str(spec_of(lease).get("acquireTime") or ""), name, str(who)))
-    return [who for _, _, who in sorted(waiting)]
 
 
 @dataclass

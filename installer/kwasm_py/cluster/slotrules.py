@@ -1,0 +1,63 @@
+"""PURE: the restart slots' rules read off a copy of the namespace's Leases (cluster/leases.py).
+
+Who holds a slot and until when, and who waits in which order. Takes Lease objects as the API
+serves them (coordination.k8s.io/v1: ``spec.holderIdentity``, ``renewTime``/``acquireTime``
+MicroTime, ``leaseDurationSeconds``) and wall-clock seconds; no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from kwasm_py.cluster.agentlog import parse_time
+from kwasm_py.model import JSON
+
+LEASE_PREFIX = "kwasm-restart-"
+WAIT_PREFIX = "kwasm-wait-"
+
+
+def wait_lease_name(identity: str) -> str:
+    """Takes a node name; returns its queue Lease's name (``kwasm-wait-<node>``; a hash when
+    that would pass the 253 characters of a Lease name)."""
+    name = f"{WAIT_PREFIX}{identity}"
+    if len(name) <= 253:
+        return name
+    return f"{WAIT_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+
+
+def spec_of(lease: JSON | None) -> JSON:
+    """A Lease's spec ({} for None or no spec)."""
+    return (lease or {}).get("spec") or {}
+
+
+def holder_of(lease: JSON | None, now: float, default_term: int) -> str | None:
+    """Takes a Lease (or None), the wall-clock time and the term to assume when the Lease has
+    none; returns its holder while the term runs, None when it is free or expired (no readable
+    renew or acquire time counts as expired)."""
+    spec = spec_of(lease)
+    who = spec.get("holderIdentity")
+    if not who:
+        return None
+    renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
+    term = float(spec.get("leaseDurationSeconds") or default_term)
+    return str(who) if renewed is not None and renewed + term >= now else None
+
+
+def expiry_of(lease: JSON | None, default_term: int) -> float | None:
+    """Takes a held Lease; returns the wall-clock time its term runs out (None: no time)."""
+    spec = spec_of(lease)
+    renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
+    return None if renewed is None else renewed + float(spec.get("leaseDurationSeconds") or default_term)
+
+
+def queue_of(leases: dict[str, JSON], slots: list[str], now: float, default_term: int) -> list[str]:
+    """Takes the namespace's Leases by name, the slot names, the time and the term; returns the
+    nodes queued for a slot, first first: every queue Lease's holder by ``acquireTime`` (then
+    name), leaving out nodes that hold (or were handed) a slot already."""
+    serving = {holder_of(leases.get(s), now, default_term) for s in slots}
+    waiting = []
+    for name, lease in leases.items():
+        who = spec_of(lease).get("holderIdentity")
+        if name.startswith(WAIT_PREFIX) and who and who not in serving:
+            waiting.append((str(spec_of(lease).get("acquireTime") or ""), name, str(who)))
+    return [who for _, _, who in sorted(waiting)]
