@@ -374,10 +374,16 @@ class RestartLeases:
                 now = self.wall_clock()
                 leases = view.snapshot() if view else {}
                 order = [w for w in queue_of(leases, self.slots, now, self.duration) if w != self.identity]
+                # Slot k goes to the k-th waiter (mod the queue's length), not all to the first:
+                # holders that release at the same moment, each before seeing the others'
+                # hand-offs, would otherwise all name the same node, which can take only one.
+                nxt = order[self.slots.index(name) % len(order)] if order and name in self.slots else None
+                if nxt is None and order:
+                    nxt = order[0]
                 spec = dict(spec_of(lease))
-                if order:
+                if nxt is not None:
                     spec.update(
-                        holderIdentity=order[0],
+                        holderIdentity=nxt,
                         leaseDurationSeconds=self.handoff_term,
                         acquireTime=micro_time(now),
                         renewTime=micro_time(now),
@@ -397,7 +403,7 @@ class RestartLeases:
                     continue
                 if view is not None:
                     view.put(answer)
-                self.log("lease_released", lease=name, to=order[0] if order else None)
+                self.log("lease_released", lease=name, to=nxt)
                 return
         except KubeError as ex:
             self.log("lease_release_failed", level="warning", lease=name, error=ex.message)
