@@ -378,21 +378,35 @@ def _access(method: str, path: str, query: dict[str, str]) -> tuple[str, str, st
     return group, resource, verb, namespace, name
 
 
-def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, agents):
-    """A whole opt-in / opt-out cycle, with the DaemonSet's Event namespace: each request the
-    agent made is granted by installer.yaml (namespace and resource names included), and every
-    verb on every resource installer.yaml grants was used."""
+def test_every_agent_request_is_allowed_by_the_shipped_rbac(standin: StandIn, agents, tmp_path):
+    """A whole opt-in / opt-out cycle, with the DaemonSet's Event namespace, while a second node
+    queues for the one restart slot and the first node's release meets a conflict: each request
+    the agents made is granted by installer.yaml (namespace and resource names included), and
+    every verb on every resource installer.yaml grants was used."""
     (ds,) = [d for d in _installer_docs() if d["kind"] == "DaemonSet"]
     (ctr,) = ds["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in ctr["env"]}
     assert env["KWASM_EVENT_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     standin.add_node("n1")
-    agent = agents("n1", KWASM_EVENT_NAMESPACE=NAMESPACE)  # what the fieldRef gives the pod
+    standin.add_node("n2")
+    root = tmp_path / "node-n1"
+    root.mkdir()
+    os.mkfifo(root / "hold-install")
+    log = tmp_path / "restarts.log"
+    agent = agents("n1", root=root, KWASM_EVENT_NAMESPACE=NAMESPACE, KWASM_FAKE_LOG=str(log))
+    other = agents("n2", KWASM_EVENT_NAMESPACE=NAMESPACE, KWASM_FAKE_LOG=str(log))
     standin.patch_node("n1", OPT_IN)
+    wait_until(lambda: log.exists() and "start n1" in log.read_text(), what="n1 installing")
+    standin.patch_node("n2", OPT_IN)
+    wait_until(lambda: other.events("lease_wait"), what="n2 queued for the slot")
+    standin.inject(409, 1, method="PUT", plural="leases")  # n1's release: conflict, read again
+    with (root / "hold-install").open("w") as fifo:
+        fifo.write("go")
     wait_labelled(standin, "n1")
+    wait_labelled(standin, "n2")
     standin.patch_node("n1", {"metadata": {"annotations": {OPT_IN_KEY: None}}})
     standin.wait_for(lambda: standin.events("Unprovisioned", "n1"), what="Unprovisioned event")
-    assert agent.stop() == 0
+    assert agent.stop() == 0 and other.stop() == 0
     grants = _rbac_grants()
     assert all(ns in (None, NAMESPACE) for _, _, _, ns, _ in grants)
 
