@@ -249,6 +249,19 @@ def check(
     )
 
 
+def _node_binary(
+    fs: HostFS, *, pid: int | None, config: PurePosixPath, containerd: ContainerdVersion | None, proc: ProcFS
+) -> tuple[PurePosixPath | None, str]:
+    """`choose_binary` for the running containerd's version as CRI reported it (or unknown)."""
+    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
+    return choose_binary(fs, pid=pid, config=config, version=version, proc=proc)
+
+
+def _wanted(the_plan: plan.Plan) -> dict[str, str]:
+    """The runtimes the plan adds: handler -> runtime_type (what the dump must show)."""
+    return {e.handler: e.runtime_type for e in the_plan.entries}
+
+
 def run(
     fs: HostFS,
     *,
@@ -274,8 +287,7 @@ def run(
             return f"skipped: {lay.rendered_path} is not rendered yet, so the next render is unknown"
         return f"skipped: {lay.name} merges {lay.config_path} itself; not predicted here"
     reads = lay.rendered_path or lay.config_path
-    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
-    binary, why = choose_binary(fs, pid=pid, config=reads, version=version, proc=proc)
+    binary, why = _node_binary(fs, pid=pid, config=reads, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     verdict = check(
@@ -284,7 +296,7 @@ def run(
         effective=reads,
         before_text=fs.read_text(reads),
         after_text=the_plan.effective,
-        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        wanted=_wanted(the_plan),
         ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
         source=str(lay.config_path),
     )
@@ -309,8 +321,7 @@ def _run_dropin(
     lay = the_plan.layout
     main = lay.rendered_path
     assert main is not None
-    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
-    binary, why = choose_binary(fs, pid=pid, config=main, version=version, proc=proc)
+    binary, why = _node_binary(fs, pid=pid, config=main, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     today = fs.read_text(main)
@@ -329,7 +340,7 @@ def _run_dropin(
             effective=main,
             before_text=today,
             after_text=dropin.add_import(after_main, str(scratch), source=str(main)),
-            wanted={e.handler: e.runtime_type for e in the_plan.entries},
+            wanted=_wanted(the_plan),
             source=str(lay.config_path),
         )
     finally:
@@ -352,8 +363,7 @@ def _run_k0s(
     today = fs.read_text(cri_file)
     if today is None:
         return f"skipped: k0s has not written {cri_file} yet, so its merge is unknown"
-    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
-    binary, why = choose_binary(fs, pid=pid, config=cri_file, version=version, proc=proc)
+    binary, why = _node_binary(fs, pid=pid, config=cri_file, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     try:
@@ -366,6 +376,6 @@ def _run_k0s(
         effective=cri_file,
         before_text=today,
         after_text=after,
-        wanted={e.handler: e.runtime_type for e in the_plan.entries},
+        wanted=_wanted(the_plan),
         source=str(the_plan.layout.config_path),
     ).message
