@@ -4,7 +4,8 @@ The restart slots (:mod:`~kwasm_py.cluster.leases`) decide from this copy: which
 who waits in the queue and in which order, whether a slot was handed to us. One LIST gives the
 start and its resourceVersion; a watch from there keeps the copy current, so a waiting node
 learns of a released or handed-over slot within one event delivery instead of at its next poll.
-A 410 (history compacted) lists again; other API errors are logged and retried with backoff.
+A 410 (history compacted) lists again; other API errors are logged and retried with backoff
+(:func:`~kwasm_py.cluster.watchloop.follow`).
 Our own writes are applied at once from their answers (:meth:`LeaseView.put`), so a decision
 never waits for the echo of our own write.
 """
@@ -12,16 +13,13 @@ never waits for the echo of our own write.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from kwasm_py.cluster.agentlog import Logger
 from kwasm_py.cluster.kube import AgentApi
+from kwasm_py.cluster.watchloop import follow
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
-
-#: Floor of the pause after a watch stream that ended at once without events (seconds).
-EMPTY_STREAM_PAUSE = 0.1
 
 
 def _name(obj: JSON) -> str:
@@ -65,10 +63,7 @@ class LeaseView:
     def start(self) -> None:
         """Takes nothing; lists the Leases (raises KubeError when that fails) and starts the
         watch thread from the list's resourceVersion. Returns once the first copy is in."""
-        items, rv = self.api.list_leases(self.namespace)
-        with self._changed:
-            self._leases = {_name(i): i for i in items if _name(i)}
-            self._generation += 1
+        rv = self._read()
         self._thread = threading.Thread(target=self._run, args=(rv,), name="lease-watch", daemon=True)
         self._thread.start()
 
@@ -131,42 +126,33 @@ class LeaseView:
             self._generation += 1
             self._changed.notify_all()
 
-    def _run(self, rv: str) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                if not rv:
-                    items, rv = self.api.list_leases(self.namespace)
-                    with self._changed:
-                        self._leases = {_name(i): i for i in items if _name(i)}
-                        self._generation += 1
-                        self._changed.notify_all()
-                rv, seen = self._watch_once(rv)
-                if seen:
-                    failures = 0
-            except KubeError as ex:
-                rv = ""
-                if ex.status == 410:
-                    continue
-                failures += 1
-                delay = self.delay(failures)
-                self.log("lease_watch_error", level="warning", error=ex.message, retry_in=f"{delay:.2f}s")
-                self._stop.wait(delay)
+    def _read(self) -> str:
+        items, rv = self.api.list_leases(self.namespace)
+        with self._changed:
+            self._leases = {_name(i): i for i in items if _name(i)}
+            self._generation += 1
+            self._changed.notify_all()
+        return rv
 
-    def _watch_once(self, rv: str) -> tuple[str, int]:
-        started = time.monotonic()
-        seen = 0
-        events = self.api.watch_leases(
-            self.namespace, resource_version=rv, timeout_seconds=self.timeout_seconds
+    def _run(self, rv: str) -> None:
+        def stream(since: str) -> Iterator[JSON]:
+            return self.api.watch_leases(
+                self.namespace, resource_version=since, timeout_seconds=self.timeout_seconds
+            )
+
+        def on_error(ex: KubeError, pause: float) -> None:
+            self.log("lease_watch_error", level="warning", error=ex.message, retry_in=f"{pause:.2f}s")
+
+        follow(
+            rv,
+            read=self._read,
+            stream=stream,
+            handle=self._handle,
+            stop=self._stop,
+            delay=self.delay,
+            on_error=on_error,
         )
-        for event in events:
-            if self._stop.is_set():
-                break
-            obj = event.get("object") or {}
-            rv = str((obj.get("metadata") or {}).get("resourceVersion", "")) or rv
-            seen += 1
-            if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                self._apply(str(event["type"]), obj)
-        if seen == 0 and time.monotonic() - started < 0.5:
-            self._stop.wait(max(EMPTY_STREAM_PAUSE, self.delay(1)))
-        return rv, seen
+
+    def _handle(self, event: JSON) -> None:
+        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+            self._apply(str(event["type"]), event.get("object") or {})

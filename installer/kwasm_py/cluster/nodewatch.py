@@ -3,26 +3,21 @@
 The thread reads the Node (GET), watches it from that resourceVersion and hands every Node
 object it sees to the agent through a queue. The agent's loop waits on the queue no longer
 than its next timer (a retry, a drift check, the kubelet deadline) is due, so a timer fires on
-time whether the watch is idle for its whole term, stuck on a dead connection, or busy. A 410
-(history compacted) starts again from a fresh GET; other API errors are logged and retried
-with backoff; a stream that ends at once without events backs off too (a misbehaving server
-must not make the thread spin).
+time whether the watch is idle for its whole term, stuck on a dead connection, or busy. The
+loop itself (410: a fresh GET; other errors: backoff) is :func:`~kwasm_py.cluster.watchloop.follow`.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from kwasm_py.cluster.agentlog import Logger
 from kwasm_py.cluster.kube import AgentApi
+from kwasm_py.cluster.watchloop import follow
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON
-
-#: Floor of the pause after a watch stream that ended at once without events (seconds).
-EMPTY_STREAM_PAUSE = 0.1
 
 
 class NodeWatch:
@@ -80,51 +75,36 @@ class NodeWatch:
                 return node
             node = newer if newer is not None else node
 
-    def _pause(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-
     def _run(self) -> None:
-        rv = ""
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                if not rv:
-                    node = self.api.get_node(self.name)
-                    rv = str((node.get("metadata") or {}).get("resourceVersion", ""))
-                    self._queue.put(node)
-                rv, seen = self._watch_once(rv)
-                if seen:
-                    failures = 0
-            except KubeError as ex:
-                if ex.status == 410:
-                    self.log("relist", reason="watch resourceVersion too old (410)")
-                    rv = ""
-                    continue
-                failures += 1
-                delay = self.delay(failures)
-                self.log(
-                    "api_error", level="warning", error=ex.message, status=ex.status, retry_in=f"{delay:.2f}s"
-                )
-                rv = ""
-                self._pause(delay)
+        def read() -> str:
+            node = self.api.get_node(self.name)
+            self._queue.put(node)
+            return str((node.get("metadata") or {}).get("resourceVersion", ""))
 
-    def _watch_once(self, rv: str) -> tuple[str, int]:
-        started = time.monotonic()
-        seen = 0
-        events = self.api.watch_node(self.name, resource_version=rv, timeout_seconds=self.timeout_seconds)
-        for event in events:
-            if self._stop.is_set():
-                break
-            obj = event.get("object") or {}
-            rv = str((obj.get("metadata") or {}).get("resourceVersion", "")) or rv
-            seen += 1
-            kind = event.get("type")
-            if kind == "BOOKMARK":
-                continue
-            if kind == "DELETED":
-                self.log("node_deleted", level="warning")
-                continue
-            self._queue.put(obj)
-        if seen == 0 and time.monotonic() - started < 0.5:
-            self._pause(max(EMPTY_STREAM_PAUSE, self.delay(1)))
-        return rv, seen
+        def stream(rv: str) -> Iterator[JSON]:
+            return self.api.watch_node(self.name, resource_version=rv, timeout_seconds=self.timeout_seconds)
+
+        def on_error(ex: KubeError, pause: float) -> None:
+            self.log(
+                "api_error", level="warning", error=ex.message, status=ex.status, retry_in=f"{pause:.2f}s"
+            )
+
+        follow(
+            "",
+            read=read,
+            stream=stream,
+            handle=self._handle,
+            stop=self._stop,
+            delay=self.delay,
+            on_error=on_error,
+            on_relist=lambda: self.log("relist", reason="watch resourceVersion too old (410)"),
+        )
+
+    def _handle(self, event: JSON) -> None:
+        kind = event.get("type")
+        if kind == "BOOKMARK":
+            return
+        if kind == "DELETED":
+            self.log("node_deleted", level="warning")
+            return
+        self._queue.put(event.get("object") or {})

@@ -34,13 +34,11 @@ def holder_of(lease: JSON | None, now: float, default_term: int) -> str | None:
     """Takes a Lease (or None), the wall-clock time and the term to assume when the Lease has
     none; returns its holder while the term runs, None when it is free or expired (no readable
     renew or acquire time counts as expired)."""
-    spec = spec_of(lease)
-    who = spec.get("holderIdentity")
+    who = spec_of(lease).get("holderIdentity")
     if not who:
         return None
-    renewed = parse_time(str(spec.get("renewTime") or spec.get("acquireTime") or ""))
-    term = float(spec.get("leaseDurationSeconds") or default_term)
-    return str(who) if renewed is not None and renewed + term >= now else None
+    ends = expiry_of(lease, default_term)
+    return str(who) if ends is not None and ends >= now else None
 
 
 def expiry_of(lease: JSON | None, default_term: int) -> float | None:
