@@ -222,3 +222,30 @@ def test_at_most_p_hold_and_each_node_costs_a_few_requests() -> None:
         assert _names(api) == {f"kwasm-restart-{i}" for i in range(3)}, "every queue Lease removed"
     finally:
         api.stop()
+
+
+def test_slot_k_goes_to_the_kth_waiter(api: StandIn) -> None:
+    """P = 2, both held, w1 then w2 queued: slot 1 released first goes to w2, the second in
+    line, not to w1 (holders releasing together would otherwise all name w1); slot 0 then
+    goes to w1."""
+    a, b = _slots(api, "a", count=2), _slots(api, "b", count=2)
+    first = a.acquire()
+    api.wait_for(lambda: len(api.leases()) == 1, 10, "a's slot")
+    second = b.acquire()
+    assert {first, second} == {"kwasm-restart-0", "kwasm-restart-1"}
+    holders = {first: a, second: b}
+    got: dict[str, list[str]] = {"w1": [], "w2": []}
+    done = {"w1": threading.Event(), "w2": threading.Event()}
+    for w in ("w1", "w2"):
+        _waiter(_slots(api, w, count=2), got[w], done[w])
+        api.wait_for(lambda w=w: wait_lease_name(w) in _names(api), 10, f"{w} queued")
+    releaser = holders["kwasm-restart-1"]
+    queued = {wait_lease_name("w1"), wait_lease_name("w2")}
+    view = releaser._view
+    assert view is not None
+    api.wait_for(lambda: queued <= set(view.snapshot()), 10, "the releaser's watch to show both waiters")
+    releaser.release("kwasm-restart-1")
+    assert done["w2"].wait(10) and got["w2"] == ["kwasm-restart-1"]
+    assert not done["w1"].is_set()
+    holders["kwasm-restart-0"].release("kwasm-restart-0")
+    assert done["w1"].wait(10) and got["w1"] == ["kwasm-restart-0"]
