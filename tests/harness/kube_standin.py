@@ -340,6 +340,31 @@ class _Event:
     res: Resource
     type: str
     obj: JSON
+    _raw: bytes = b""
+
+    def chunk(self) -> bytes:
+        """The event as one chunk of a watch stream, encoded once for every watcher."""
+        if not self._raw:
+            line = json.dumps({"type": self.type, "object": self.obj}).encode() + b"\n"
+            self._raw = b"%x\r\n%s\r\n" % (len(line), line)
+        return self._raw
+
+
+@dataclass(eq=False)
+class _Watcher:
+    """One open watch stream: its filter and the events waiting to be sent. A write wakes only
+    the streams it matches (a real API server's watch cache does the same), not every open
+    watch: with hundreds of agents in one process, waking them all on every write made the
+    stand-in, not the agents, the figure a rollout benchmark measured."""
+
+    res: Resource
+    ns: str
+    query: dict[str, str]
+    events: list[_Event] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def wants(self, ev: _Event) -> bool:
+        return _matches_ns(ev, self.res, self.ns) and StandIn._selected(ev.obj, self.query)
 
 
 @dataclass
@@ -356,6 +381,7 @@ class StandIn:
     cond: threading.Condition = field(default_factory=threading.Condition)
     stopping: bool = False
     watch_epoch: int = 0
+    watchers: dict[Resource, list[_Watcher]] = field(default_factory=dict)
     server: ThreadingHTTPServer | None = None
     thread: threading.Thread | None = None
     # Called as on_write(resource, kind, obj) before a write is stored (lock held): lets a test
@@ -382,6 +408,7 @@ class StandIn:
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
+            self._wake_watchers()
             self.cond.notify_all()
         if self.server is not None:
             self.server.shutdown()
@@ -441,7 +468,12 @@ class StandIn:
             self.objects.pop(key, None)
         else:
             self.objects[key] = obj
-        self.history.append(_Event(self.rv, res, kind, copy.deepcopy(obj)))
+        event = _Event(self.rv, res, kind, copy.deepcopy(obj))
+        self.history.append(event)
+        for watcher in self.watchers.get(res, ()):
+            if watcher.wants(event):
+                watcher.events.append(event)
+                watcher.ready.set()
         if len(self.history) > self.max_history:
             drop = len(self.history) - self.max_history
             self.oldest_rv = self.history[drop - 1].rv
@@ -572,7 +604,13 @@ class StandIn:
         """End every open watch stream now (like an API server restart)."""
         with self.cond:
             self.watch_epoch += 1
+            self._wake_watchers()
             self.cond.notify_all()
+
+    def _wake_watchers(self) -> None:
+        for watchers in self.watchers.values():
+            for watcher in watchers:
+                watcher.ready.set()
 
     def inject(
         self,
@@ -960,11 +998,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- watch
 
-    def _chunk(self, doc: JSON) -> None:
-        raw = json.dumps(doc).encode() + b"\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
-        self.wfile.flush()
-
     def _watch(self, res: Resource, ns: str, query: dict[str, str]) -> None:
         api = self.api
         timeout = float(query.get("timeoutSeconds") or 1800)
@@ -974,60 +1007,52 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        pending: list[JSON] = []
+        pending: list[bytes] = []
+        watcher: _Watcher | None = _Watcher(res, ns, query)
         with api.cond:
             epoch = api.watch_epoch
             if start_rv in ("", "0"):
-                last = api.rv
                 for (r, o_ns, _), o in sorted(api.objects.items(), key=lambda kv: kv[0][1:]):
                     if r == res and (not ns or o_ns == ns) and api._selected(o, query):
-                        pending.append({"type": "ADDED", "object": copy.deepcopy(o)})
+                        pending.append(_Event(0, r, "ADDED", o).chunk())
             else:
                 try:
                     last = int(start_rv)
                 except ValueError:
                     last = -1
                 if last < api.oldest_rv:
-                    pending.append(
-                        {
-                            "type": "ERROR",
-                            "object": status_doc(
-                                410,
-                                f"too old resource version: {start_rv} ({api.oldest_rv})",
-                                "Expired",
-                            ),
-                        }
-                    )
-                    last = -1
+                    why = f"too old resource version: {start_rv} ({api.oldest_rv})"
+                    gone = status_doc(410, why, "Expired")
+                    pending.append(_Event(0, res, "ERROR", gone).chunk())
+                    watcher = None
+                elif api.rv > last:
+                    old = api.history[-(api.rv - last) :]
+                    assert watcher is not None
+                    pending.extend(e.chunk() for e in old if e.rv > last and watcher.wants(e))
+            if watcher is not None:
+                api.watchers.setdefault(res, []).append(watcher)
         try:
-            for ev in pending:
-                self._chunk(ev)
-            while last >= 0:
-                with api.cond:
-                    while True:
-                        if api.stopping or api.watch_epoch != epoch:
-                            last = -1
-                            break
-                        fresh = (
-                            [e for e in api.history[-(api.rv - last) :] if e.rv > last]
-                            if api.rv > last
-                            else []
-                        )
-                        if fresh:
-                            break
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            last = -1
-                            break
-                        api.cond.wait(left)
-                if last < 0:
+            for raw in pending:
+                self.wfile.write(raw)
+            self.wfile.flush()
+            while watcher is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not watcher.ready.wait(left):
                     break
+                with api.cond:
+                    if api.stopping or api.watch_epoch != epoch:
+                        break
+                    fresh, watcher.events = watcher.events, []
+                    watcher.ready.clear()
                 for e in fresh:
-                    last = e.rv
-                    if _matches_ns(e, res, ns) and api._selected(e.obj, query):
-                        self._chunk({"type": e.type, "object": e.obj})
+                    self.wfile.write(e.chunk())
+                self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            if watcher is not None:
+                with api.cond:
+                    api.watchers[res].remove(watcher)
         self.close_connection = True
