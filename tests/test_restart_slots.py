@@ -62,6 +62,12 @@ def _lease_reads(api: StandIn) -> int:
     )
 
 
+def _sees_queued(holder: RestartLeases, *waiters: str) -> bool:
+    """Whether the holder's watched copy has the waiters' queue Leases (it hands to those only)."""
+    view = holder._view
+    return view is not None and all(wait_lease_name(w) in view.snapshot() for w in waiters)
+
+
 def _waiter(slots: RestartLeases, got: list[str], done: threading.Event) -> threading.Thread:
     def run() -> None:
         try:
@@ -99,6 +105,7 @@ def test_a_released_slot_goes_to_the_first_waiter_in_the_same_write(api: StandIn
     _waiter(c, got_c, c_done)
     api.wait_for(lambda: wait_lease_name("c") in _names(api), 10, "c queued")
     assert not b_done.is_set() and not c_done.is_set()
+    api.wait_for(lambda: _sees_queued(a, "b", "c"), 10, "a's copy to show the queue")
 
     a.release(name)
     assert b_done.wait(10) and got_b == [name]
@@ -108,9 +115,11 @@ def test_a_released_slot_goes_to_the_first_waiter_in_the_same_write(api: StandIn
         if (r.body or {}).get("spec", {}).get("holderIdentity") == "b"
     ]
     assert handed and handed[0].body["spec"]["leaseDurationSeconds"] == 10, "handed with the short term"
-    assert _lease(api, name)["spec"]["leaseDurationSeconds"] == 60, "b confirmed with the full term"
+    assert len(handed) == 1, "b starts on the hand-off itself: no write of the slot before it restarts"
+    assert _lease(api, name)["spec"]["holderIdentity"] == "b"
     api.wait_for(lambda: wait_lease_name("b") not in _names(api), 10, "b out of the queue")
     assert not c_done.is_set()
+    api.wait_for(lambda: _sees_queued(b, "c"), 10, "b's copy to show c queued")
 
     b.release(name)
     assert c_done.wait(10) and got_c == [name]
@@ -118,6 +127,38 @@ def test_a_released_slot_goes_to_the_first_waiter_in_the_same_write(api: StandIn
     assert "holderIdentity" not in _lease(api, name)["spec"]
     api.wait_for(lambda: _names(api) == {name}, 10, "the queue empty")
     assert _lease_reads(api) == 0, "waiters learn of hand-offs through the watch, not by polling"
+
+
+def test_a_handed_slot_is_renewed_to_the_full_term_a_third_of_the_way_in(api: StandIn) -> None:
+    """B holds a handed slot (short term) through a long install: its first renewal comes a
+    third of the way into the short term, before anyone may take the slot as expired, and
+    gives it the full term; the renewal writes from the watched copy, without a read."""
+    a, b = _slots(api, "a"), _slots(api, "b", handoff_term=3)
+    name = a.acquire()
+    got: list[str] = []
+    done = threading.Event()
+    b.handoff_term = a.handoff_term = 3
+    _waiter(b, got, done)
+    api.wait_for(lambda: _sees_queued(a, "b"), 10, "b queued, in a's copy")
+    a.release(name)
+    assert done.wait(10) and got == [name]
+    assert _lease(api, name)["spec"]["leaseDurationSeconds"] == 3
+    renewed = threading.Event()
+    renewer = threading.Thread(target=b._renew_loop, args=(name, renewed), daemon=True)
+    handed_at = time.monotonic()
+    renewer.start()
+    try:
+        api.wait_for(
+            lambda: _lease(api, name)["spec"]["leaseDurationSeconds"] == 60, 3, "the full-term renewal"
+        )
+        assert time.monotonic() - handed_at < 2.0, "renewed well inside the 3 s handed term"
+        assert _lease(api, name)["spec"]["holderIdentity"] == "b"
+    finally:
+        renewed.set()
+        b.wake()
+        renewer.join(5)
+    assert _lease_reads(api) == 0, "renewed from the watched copy"
+    b.release(name)
 
 
 def test_a_vanished_waiter_is_dropped_after_the_handoff_term(api: StandIn) -> None:

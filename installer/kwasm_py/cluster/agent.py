@@ -317,8 +317,11 @@ class Agent:
     def _install(self, *, repair: bool) -> EngineResult:
         with self.leases.slot():
             self.log("install_start", repair=repair or None)
-            self.progress.try_phase("installing")
-            result = self.engine.install()
+            written = self.progress.phase_beside("installing")
+            try:
+                result = self.engine.install()
+            finally:
+                written()
         self.installed = True
         if not result.verified:
             raise EngineFailed("verify", "containerd did not report the runtime")

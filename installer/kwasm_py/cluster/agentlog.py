@@ -7,6 +7,7 @@ MicroTime (RFC 3339 with microseconds, UTC).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -25,15 +26,17 @@ def micro_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_time(text: str) -> float | None:
     """Takes a MicroTime or RFC 3339 ``...Z`` time; returns its POSIX timestamp, None when it
-    is neither."""
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
-        except ValueError:
-            continue
-    return None
+    is neither. Cached: the restart slots read the same few Lease times on every watch event,
+    and ``strptime`` was most of a waiting agent's CPU time."""
+    if len(text) < 20 or text[10] != "T" or not text.endswith("Z"):
+        return None
+    try:  # Python 3.11's fromisoformat reads both forms (and "Z"), ~10x faster than strptime
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _fmt(value: object) -> str:

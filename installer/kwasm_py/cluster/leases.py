@@ -10,8 +10,10 @@ queue for one, and the slot goes from hand to hand without polling:
   namespace's Leases (:class:`~kwasm_py.cluster.leaseview.LeaseView`);
 * a holder that is done does not just clear the slot: it names the first waiter as the new
   holder in the same write, with a short term (:data:`HANDOFF_TERM`). The waiter sees that
-  through its watch, confirms with a renewal of the full term (a write that conflicts with
-  anyone else's, so two nodes never both hold it) and deletes its queue Lease;
+  through its watch, starts at once and deletes its queue Lease; its first renewal, a third of
+  the short term later, extends the slot to the full term (a write that conflicts with anyone
+  else's). An install shorter than that never writes the slot between hand-off and release,
+  and the handed term bounds how long a waiter that died meanwhile keeps it;
 * a slot that is free (nobody was queued, or its holder stopped renewing and the term ran out,
   or a handed slot was not confirmed in time: that waiter is gone) is taken by the first waiter
   at once and by the k-th after k * :data:`QUEUE_STEP` seconds if still free, so a freed slot
@@ -47,6 +49,7 @@ HANDOFF_TERM = 10  # seconds a handed slot stays reserved for its waiter until i
 QUEUE_STEP = 0.05  # seconds between the tries of two consecutive waiters at a free slot
 _MOST_WAIT = 1.0  # seconds: a waiter re-checks its stop request and the clock at least this often
 _HOLD_OFF = 0.5  # seconds a waiter leaves a slot alone after losing a race for it (the watch tells)
+_RENEW_RETRY = 1.0  # seconds between renewal tries after an API error (well inside a handed term)
 
 
 def _no_stop() -> None:
@@ -76,6 +79,8 @@ class RestartLeases:
     watch_timeout: int = 300
     handoff_term: int = HANDOFF_TERM
     _view: LeaseView | None = field(default=None, init=False, repr=False)
+    _first_renew: float = field(default=0.0, init=False, repr=False)  # seconds after acquire
+    _dequeued: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
     def slots(self) -> list[str]:
@@ -98,6 +103,12 @@ class RestartLeases:
             done.set()
             self.wake()
             renewer.join(timeout=10)
+            if self._dequeued is not None:  # out of the queue before the slot goes: a holder
+                self._dequeued.join(timeout=10)  # that still saw us queued would hand it back to us
+                self._dequeued = None
+            view = self._view
+            if view is not None:
+                self._pass_on(view, name)  # handed a second slot too late for the renewal loop
             self.release(name)
 
     def wake(self) -> None:
@@ -149,9 +160,10 @@ class RestartLeases:
                 view.wait(generation, self._next_look(view.snapshot(), self.wall_clock(), free_since))
         finally:
             if queued and ok:  # served: leave the queue without holding up the restart
-                threading.Thread(
+                self._dequeued = threading.Thread(
                     target=self._dequeue, args=(view,), name="lease-dequeue", daemon=True
-                ).start()
+                )
+                self._dequeued.start()
             elif queued:
                 self._dequeue(view)
             if not ok:
@@ -164,7 +176,7 @@ class RestartLeases:
         that is our turn (take it); None to go on waiting."""
         mine = [s for s in self.slots if holder_of(leases.get(s), now, self.duration) == self.identity]
         for name in mine:
-            if self._confirm(view, name, leases[name]):
+            if self._accept(view, name, leases[name], now):
                 for extra in mine:
                     if extra != name:  # handed two at once by two holders: pass one on
                         self.release(extra)
@@ -253,6 +265,7 @@ class RestartLeases:
         }
         if not self._write(view, name, lease, new):
             return False
+        self._first_renew = self.duration / 3
         if before and before != self.identity:
             self.log("lease_expired", lease=name, holder=before)
             if handed:  # handed to a waiter that never confirmed: it is gone, take it out of the queue
@@ -262,18 +275,24 @@ class RestartLeases:
         self.log("lease_acquired", lease=name)
         return True
 
-    def _confirm(self, view: LeaseView, name: str, lease: JSON) -> bool:
+    def _accept(self, view: LeaseView, name: str, lease: JSON, now: float) -> bool:
         """A slot whose holder is us: handed over (short term) or left from an earlier run of
-        this agent. Renewing it with the full term makes it ours; False on a conflict."""
+        this agent. Ours as it stands while a good part of its term is left (the renewal loop
+        extends it to the full term a third of the way in); with less left, renewed now, and
+        False when that meets a conflict."""
         spec = spec_of(lease)
+        term = float(spec.get("leaseDurationSeconds") or self.duration)
+        left = (expiry_of(lease, self.duration) or now) - now
+        handed = True if spec.get("leaseDurationSeconds") == self.handoff_term else None
+        if left >= term / 2:
+            self._first_renew = max(0.0, left - term * 2 / 3)
+            self.log("lease_acquired", lease=name, handed=handed)
+            return True
         new = {**spec, "leaseDurationSeconds": self.duration, "renewTime": micro_time(self.wall_clock())}
         if not self._write(view, name, lease, new, refresh=True):
             return False
-        self.log(
-            "lease_acquired",
-            lease=name,
-            handed=True if spec.get("leaseDurationSeconds") == self.handoff_term else None,
-        )
+        self._first_renew = self.duration / 3
+        self.log("lease_acquired", lease=name, handed=handed)
         return True
 
     def _enqueue(self, view: LeaseView) -> bool:
@@ -320,7 +339,7 @@ class RestartLeases:
         both have named us; unconfirmed, that slot would stand idle for a hand-off term)."""
         view = self._view
         every = max(0.05, self.duration / 3)
-        next_renew = time.monotonic() + every
+        next_renew = time.monotonic() + min(every, self._first_renew or every)
         generation = view.generation if view is not None else 0
         while not done.is_set():
             left = max(0.0, next_renew - time.monotonic())
@@ -333,9 +352,10 @@ class RestartLeases:
                 return
             if time.monotonic() < next_renew:
                 continue
-            next_renew += every
-            if not self._renew(name):
+            outcome = self._renew(name)
+            if outcome == "lost":
                 return
+            next_renew = time.monotonic() + (every if outcome == "renewed" else _RENEW_RETRY)
 
     def _pass_on(self, view: LeaseView, held: str) -> None:
         now = self.wall_clock()
@@ -344,20 +364,36 @@ class RestartLeases:
             if s != held and holder_of(leases.get(s), now, self.duration) == self.identity:
                 self.release(s)
 
-    def _renew(self, name: str) -> bool:
-        """Renew slot `name`; False when it is no longer ours (then stop renewing)."""
+    def _renew(self, name: str) -> str:
+        """Renew slot `name` to the full term, from the watched copy (read again on a conflict);
+        returns "renewed", "lost" (no longer ours: stop renewing) or "error" (try again soon)."""
+        view = self._view
+        lease = view.snapshot().get(name) if view is not None else None
         try:
-            lease = self.api.get_lease(self.namespace, name)
-            if lease is None or spec_of(lease).get("holderIdentity") != self.identity:
-                self.log("lease_lost", level="warning", lease=name)
-                return False
-            lease["spec"]["renewTime"] = micro_time(self.wall_clock())
-            answer = self.api.replace_lease(self.namespace, lease)
-            if self._view is not None:
-                self._view.put(answer)
+            for _ in range(2):
+                if lease is None:
+                    lease = self.api.get_lease(self.namespace, name)
+                if lease is None or spec_of(lease).get("holderIdentity") != self.identity:
+                    self.log("lease_lost", level="warning", lease=name)
+                    return "lost"
+                spec = {
+                    **spec_of(lease),
+                    "leaseDurationSeconds": self.duration,
+                    "renewTime": micro_time(self.wall_clock()),
+                }
+                try:
+                    answer = self.api.replace_lease(self.namespace, {**lease, "spec": spec})
+                except KubeError as ex:
+                    if ex.status != 409:
+                        raise
+                    lease = None  # our copy was stale: read it and look again
+                    continue
+                if view is not None:
+                    view.put(answer)
+                return "renewed"
         except KubeError as ex:
             self.log("lease_renew_failed", level="warning", lease=name, error=ex.message)
-        return True
+        return "error"
 
     def release(self, name: str) -> None:
         """Takes a slot name; hands it to the first node in the queue, or clears our holder

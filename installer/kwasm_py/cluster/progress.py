@@ -13,6 +13,7 @@ conditions by ``type``).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,14 @@ class Progress:
             self.phase(phase)
         except KubeError as ex:
             self.log("phase_lost", level="warning", phase=phase, error=ex.message)
+
+    def phase_beside(self, phase: nodeview.Phase) -> Callable[[], None]:
+        """As :meth:`try_phase`, in a thread of its own so that the caller's next step (the
+        restart) does not wait one API round trip for it; returns the function that waits
+        until it is written. Call that before any other write of this Progress."""
+        writer = threading.Thread(target=self.try_phase, args=(phase,), name=f"phase-{phase}", daemon=True)
+        writer.start()
+        return writer.join
 
     def provisioned(self, node: JSON, runtimes: Sequence[Runtime], *, check: nodeview.Check) -> None:
         """Takes the Node, the verified runtimes and the check that confirmed them; labels the
