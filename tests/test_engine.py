@@ -184,6 +184,23 @@ BAD_INPUTS = {
         1,
         "version is unknown",
     ),
+    "raw-template": (
+        {
+            "/etc/containerd/config.toml": "version = 2\n{{- if .UseSOCISnapshotter}}\n"
+            'snapshotter = "soci"\n{{- end}}\n'
+        },
+        1,
+        "/etc/containerd/config.toml is a raw Go template, not TOML",
+    ),
+    "talos": (
+        {
+            "/etc/os-release": "ID=talos\n",
+            "/etc/containerd/config.toml": 'version = 3\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n',
+            "/etc/cri/containerd.toml": 'version = 3\nimports = ["/etc/cri/conf.d/cri.toml"]\n',
+        },
+        1,
+        "this node runs Talos Linux",
+    ),
 }
 
 
@@ -198,6 +215,23 @@ def test_bad_config_changes_nothing(case: str, tmp_path: Path, shim: Path, kwasm
     assert message in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
     assert tree_hash(root) == before
+
+
+def test_talos_refusal_holds_with_config_and_mode(tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:
+    """Neither --config at a CRI part nor --mode dropin gets around the Talos refusal (its root is
+    read-only and machined owns /etc/cri), nor does --mode dropin around a raw template's."""
+    files = {"/usr/bin/containerd": "", **BAD_INPUTS["talos"][0]}
+    talos = tree(tmp_path / "talos", {**SYSTEMD, **files})
+    raw = tree(tmp_path / "raw", {**SYSTEMD, "/usr/bin/containerd": "", **BAD_INPUTS["raw-template"][0]})
+    before = {root: tree_hash(root) for root in (talos, raw)}
+    for root, extra, message in (
+        (talos, ["--config", "/etc/cri/conf.d/30-spin.part"], "this node runs Talos Linux"),
+        (talos, ["--mode", "dropin"], "this node runs Talos Linux"),
+        (raw, ["--mode", "dropin"], "is a raw Go template, not TOML"),
+    ):
+        r = kwasm("node", "install", *args(root, shim, *extra))
+        assert (r.returncode, message in r.stderr) == (1, True), (extra, r.stderr)
+    assert {root: tree_hash(root) for root in (talos, raw)} == before
 
 
 def test_bad_shims_change_nothing(node: Path, tmp_path: Path, shim: Path, kwasm: Kwasm) -> None:

@@ -16,7 +16,7 @@ from kwasm_py.node.procfs import ProcFS
 from tests.harness.cli import Kwasm
 from tests.harness.containerd import fake_shim
 from tests.harness.fake_ports import FakeContainerd, node_proc
-from tests.harness.noderoot import tree, tree_hash
+from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree, tree_hash
 from tests.test_engine import DEFAULT_NODE
 
 SYSTEMD_RESTART = RestartSpec(RestartMethod.SYSTEMD, "containerd")
@@ -218,4 +218,35 @@ def test_plan_uninstall_with_nothing_installed(root: Path, kwasm: Kwasm) -> None
     before = tree_hash(root)
     r = kwasm("node", "plan", "--uninstall", "--host-root", str(root), "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["installed"] is False
+    assert tree_hash(root) == before
+
+
+def test_uninstall_of_an_adopted_k3s_runtime_does_not_wait_for_it_to_go(tmp_path: Path, shim: Path) -> None:
+    """k3s renders its own `spin` for the very shim asked for (found in /opt/kwasm/bin): install
+    adopts it, and uninstall restarts once and is verified with k3s's runtime still listed (it is
+    k3s's, not ours), leaving the node root as before."""
+    rendered = "/var/lib/rancher/k3s/agent/etc/containerd/config.toml"
+    spin = (
+        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes."spin"]\n'
+        '  runtime_type = "io.containerd.spin.v2"\n'
+        '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes."spin".options]\n'
+        '  BinaryName = "/opt/kwasm/bin/containerd-shim-spin-v2"\n'
+    )
+    k3s = {
+        **SYSTEMD,
+        rendered: V2 + spin,
+        "/etc/systemd/system/k3s.service": UNIT,
+        "/opt/kwasm/bin/containerd-shim-spin-v2": shim.read_text(),
+    }
+    root = tree(tmp_path / "root", k3s)
+    (root / "opt/kwasm/bin/containerd-shim-spin-v2").chmod(0o755)
+    ctd = FakeContainerd(config=root / rendered.lstrip("/"), events=[])  # the render keeps k3s's spin
+    fake = Ports(ctd, node_proc(tmp_path / "proc", root))
+    before = tree_hash(root)
+    installed = fake.install(options(root, shim, timeout=1.0))
+    assert installed.verified and any("adopting" in n for n in installed.notes)
+    ctd.events.clear()
+    outcome = fake.uninstall(options(root, timeout=1.0), [])
+    assert outcome.restarted and outcome.verified
+    assert ctd.events == ["restart systemd:k3s", "status"] and ctd.runtimes["spin"] == "io.containerd.spin.v2"
     assert tree_hash(root) == before

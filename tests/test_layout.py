@@ -6,7 +6,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kwasm_py.errors import LayoutError, UsageError
+from kwasm_py.errors import LayoutError, ManagedNode, UsageError
 from kwasm_py.model import ConfigKind, RestartMethod, RestartSpec
 from kwasm_py.node import layout
 from kwasm_py.node import probe as nodeprobe
@@ -204,6 +204,41 @@ def test_running_containerd_decides_between_candidates() -> None:
     )
     chosen = layout.detect(running_k3s)
     assert chosen.name == "k3s" and any("also found: containerd" in e for e in chosen.evidence)
+
+
+#: A Talos root (siderolabs/talos: /etc/os-release from OSReleaseTemplate, the system containerd's
+#: config with CRI disabled, the CRI containerd's config importing the merged parts).
+TALOS = {
+    "/etc/os-release": 'NAME="Talos"\nID=talos\nVERSION_ID=v1.13.9\n',
+    "/etc/containerd/config.toml": 'version = 3\ndisabled_plugins = ["io.containerd.cri.v1.runtime"]\n',
+    "/etc/cri/containerd.toml": 'version = 3\nimports = ["/etc/cri/conf.d/cri.toml"]\n',
+    "/usr/bin/containerd": "",
+}
+
+
+def test_os_release_id() -> None:
+    """`ID=` unquoted, whatever the quoting; "" when absent (os-release(5))."""
+    assert layout.os_release_id('NAME="Talos"\nID=talos\n') == "talos"
+    assert layout.os_release_id("ID='debian'\nID_LIKE=x\n") == "debian"
+    assert layout.os_release_id('  ID="ubuntu"  \n') == "ubuntu"
+    assert layout.os_release_id("NAME=x\n") == ""
+
+
+def test_talos_is_refused_naming_its_route(tmp_path: Path) -> None:
+    """A Talos root (marker: its os-release ID) is refused, naming Talos, its generated CRI config
+    and the machine-config route, instead of editing the system containerd's config; the same
+    files without the marker are a plain containerd node."""
+    root = tree(tmp_path / "talos", TALOS)
+    facts = nodeprobe.gather(HostFS(root), pid=None)
+    assert facts.os_id == "talos"
+    with pytest.raises(ManagedNode) as info:
+        layout.detect(facts)
+    assert info.value.message.startswith("this node runs Talos Linux (os-release ID=talos)")
+    assert "/etc/cri/conf.d/*.part" in info.value.message
+    assert "siderolabs/spin" in info.value.hint
+    assert "`.machine.files`, op: create, path: /etc/cri/conf.d/20-customization.part" in info.value.hint
+    plain = tree(tmp_path / "plain", {**TALOS, "/etc/os-release": "ID=debian\n"})
+    assert layout.detect(nodeprobe.gather(HostFS(plain), pid=None)).name == "containerd"
 
 
 def test_parse_restart() -> None:

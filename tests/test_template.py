@@ -150,6 +150,19 @@ def test_base_conflict_with_a_different_binary() -> None:
         make(rancher("k3s"), None, text, base_digests={"/usr/bin/containerd-shim-spin-v2": "cd" * 32})
 
 
+def test_base_conflict_with_a_shim_k3s_found_in_opt_kwasm_bin() -> None:
+    """k3s's own `spin` for a shim it found in /opt/kwasm/bin (#227, k3s of 2024 scans that
+    directory, not PATH): the conflict names where k3s found it, and the hint says how to adopt."""
+    text = (DATA / "k3s-rendered-spin.toml").read_text().replace("/usr/bin/", "/opt/kwasm/bin/")
+    with pytest.raises(ConflictError) as info:
+        make(rancher("k3s"), None, text)
+    assert "k3s found /opt/kwasm/bin/containerd-shim-spin-v2" in info.value.message
+    assert "look for shims in /opt/kwasm/bin" in info.value.message
+    assert "PATH" not in info.value.message + info.value.hint
+    assert "remove /opt/kwasm/bin/containerd-shim-spin-v2" in info.value.hint
+    assert "same sha256" in info.value.hint
+
+
 def test_stock_microk8s_template_installs_on_containerd1() -> None:
     """`${RUNTIME}` & co are resolved from the snap's render; the stock template installs and
     its render (placeholders substituted as the snap does) keeps runc as default."""

@@ -54,6 +54,11 @@ class LayoutError(KwasmError):
     """The node's containerd layout could not be determined."""
 
 
+class ManagedNode(LayoutError):
+    """The node's OS generates containerd's config on a read-only root (Talos): kwasm-py edits
+    nothing there, whatever --config or a state file says."""
+
+
 class ConflictError(KwasmError):
     """Something we did not add is in the way (use --force to take it over)."""
 

@@ -26,6 +26,10 @@ from kwasm_py.errors import ConflictError
 _ACTION = re.compile(r"\{\{.*?\}\}", re.DOTALL)
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 
+#: Where k3s releases of 2024 looked for Wasm shims before /usr/bin and /usr/sbin (k3s
+#: `pkg/agent/containerd/runtimes.go` findWasiRuntimes, "Path when installing via kwasm Operator";
+#: later releases look the shims up on PATH).
+KWASM_SCANNED_DIR = "/opt/kwasm/bin"
 # What the microk8s snap substitutes when a value cannot be read back from its render: the
 # defaults of `run-containerd-with-args` (runc, overlayfs) and the snap's data directory.
 MICROK8S_DEFAULTS = {
@@ -235,13 +239,19 @@ def check_base(
             adopted[handler] = table
             continue
         binary = _lookup(table, ("options", "BinaryName"))
-        found = f" (k3s found {binary} on its PATH)" if isinstance(binary, str) else ""
+        found, where = "", f"k3s/rke2 add a runtime for every containerd-shim-{handler}-v2 on their PATH"
+        if isinstance(binary, str):
+            found = f" (k3s found {binary} on its PATH)"
+            if binary.startswith(KWASM_SCANNED_DIR + "/"):
+                found = f" (k3s found {binary}: its 2024 releases look for shims in {KWASM_SCANNED_DIR})"
+                where = f"k3s/rke2 of 2024 add a runtime for every shim they find in {KWASM_SCANNED_DIR}"
         raise ConflictError(
             f"{rendered_source} already has runtime `{handler}` (runtime_type = "
             f"{table.get('runtime_type')!r}) from the base template{found}; adding it to "
             f"{source} would define it twice and containerd would refuse the render",
-            hint=f"k3s/rke2 add a runtime for every containerd-shim-{handler}-v2 on their PATH: "
-            "remove that binary from the node's PATH and restart k3s/rke2, or pick another --handler",
+            hint=f"{where}: remove {binary if isinstance(binary, str) else 'that binary'} and restart "
+            "k3s/rke2, install that very shim (the same sha256: kwasm-py then adopts the runtime), or "
+            "pick another --handler",
         )
     return adopted
 

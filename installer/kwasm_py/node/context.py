@@ -14,6 +14,7 @@ from typing import Any
 from kwasm_py.containerd import dropin
 from kwasm_py.errors import (
     KwasmError,
+    ManagedNode,
     UsageError,
 )
 from kwasm_py.model import (
@@ -234,8 +235,9 @@ def open_node(
 
     Takes the options and the ports (None: the real ones: nsenter restarts, gRPC CRI, this
     machine's /proc). Returns the Node; raises UsageError for a bad --host-root, HostIOError for
-    an unreadable state file, and detection's errors when no layout is found and neither
-    --config nor a state file says which file to use. Changes nothing.
+    an unreadable state file, detection's errors when no layout is found and neither
+    --config nor a state file says which file to use, and ManagedNode (Talos) in any case.
+    Changes nothing.
     """
     root = _host_root(opts)
     fs = HostFS(root)
@@ -250,6 +252,8 @@ def open_node(
         else:
             facts = nodeprobe.gather(fs, pid=opts.pid if pid_ok else None, proc=proc)
         detected = layout.detect(facts)
+    except ManagedNode:
+        raise  # no --config or state file makes that node's files kwasm-py's to write
     except KwasmError:
         if opts.config is None and state is None:
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath as P
 
-from kwasm_py.errors import LayoutError, UsageError
+from kwasm_py.errors import LayoutError, ManagedNode, UsageError
 from kwasm_py.model import ConfigKind, Layout, RestartMethod, RestartSpec
 
 K3S_DIR = P("/var/lib/rancher/k3s/agent/etc/containerd")
@@ -22,6 +22,18 @@ DEFAULT_CONFIG = P("/etc/containerd/config.toml")
 EKS_AL2_TEMPLATE = P("/etc/eks/containerd/containerd-config.toml")
 DEFAULT_SOCKET = P("/run/containerd/containerd.sock")
 K3S_SOCKET = P("/run/k3s/containerd/containerd.sock")
+#: os-release(5): /etc/os-release, else /usr/lib/os-release.
+OS_RELEASE = (P("/etc/os-release"), P("/usr/lib/os-release"))
+#: Talos: /etc/os-release says `ID=talos` (siderolabs/talos pkg/machinery/constants/constants.go
+#: OSReleaseTemplate, ID = the lower-cased name "Talos" of pkg/machinery/gendata/data/name; the
+#: Dockerfile copies it to /rootfs/etc/os-release). Its CRI containerd reads /etc/cri/containerd.toml,
+#: which imports /etc/cri/conf.d/cri.toml, which machined merges from /etc/cri/conf.d/*.part
+#: (internal/app/machined/pkg/controllers/files/cri_config_parts.go); the root is a read-only
+#: squashfs (internal/app/init/main.go mountRootFS) and /etc/containerd/config.toml is the system
+#: containerd's, with CRI disabled (hack/containerd.toml).
+TALOS_ID = "talos"
+TALOS_CRI_CONFIG = P("/etc/cri/containerd.toml")
+TALOS_CRI_PARTS = P("/etc/cri/conf.d")
 
 #: Every node path detection looks at; the effect layer reports which exist.
 PROBED_PATHS: tuple[P, ...] = (
@@ -67,6 +79,32 @@ class NodeFacts:
     running_configs: tuple[P, ...] = ()  # --config of containerd processes in the node
     k0s_managed: bool = False  # /etc/k0s/containerd.toml carries `# k0s_managed=true`
     rendered_versions: dict[P, int] = field(default_factory=dict)  # `version` of rendered files
+    os_id: str = ""  # `ID=` of the node's os-release (see `os_release_id`)
+
+
+def os_release_id(text: str) -> str:
+    """The `ID=` value of an os-release file's text, unquoted ("" when absent; os-release(5))."""
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == "ID":
+            return value.strip().strip("\"'")
+    return ""
+
+
+def refuse_managed(facts: NodeFacts) -> None:
+    """Raise ManagedNode when the node's OS owns containerd's config on a read-only root (Talos,
+    by its os-release ID: see TALOS_ID), naming the OS's own route to an extra runtime."""
+    if facts.os_id != TALOS_ID:
+        return
+    raise ManagedNode(
+        f"this node runs Talos Linux (os-release ID={TALOS_ID}): machined generates its CRI "
+        f"containerd config ({TALOS_CRI_CONFIG}, importing {TALOS_CRI_PARTS}/cri.toml merged from "
+        f"{TALOS_CRI_PARTS}/*.part) on a read-only root, so kwasm-py changes nothing here",
+        hint="add the runtime the Talos way: the siderolabs/spin system extension (it ships the shim "
+        f"and {TALOS_CRI_PARTS}/10-spin.part), or a machine config patch holding the runtime table "
+        f"(`.machine.files`, op: create, path: {TALOS_CRI_PARTS}/20-customization.part; from Talos "
+        "1.14 a CRICustomizationConfig document)",
+    )
 
 
 def _restart(facts: NodeFacts, candidates: tuple[str, ...]) -> RestartSpec:
@@ -110,7 +148,9 @@ def _rancher(name: str, base: P, facts: NodeFacts, units: tuple[str, str]) -> La
 
 
 def detect(facts: NodeFacts) -> Layout:
-    """Pick the layout of a node from `facts`; raise LayoutError listing what was probed."""
+    """Pick the layout of a node from `facts`; raise LayoutError listing what was probed, and
+    ManagedNode on an OS whose containerd config is not kwasm-py's to edit (`refuse_managed`)."""
+    refuse_managed(facts)
     found = facts.existing
     running = set(facts.running_configs)
     rancher: list[Layout] = []

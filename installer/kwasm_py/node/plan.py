@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import foreign
 from kwasm_py.containerd import template as tmpl
 from kwasm_py.containerd.redact import redact
 from kwasm_py.errors import ConfigError, UsageError
@@ -155,6 +156,24 @@ def shim_name(binary: str) -> str:
     return parse_shim_binary(binary)[0]
 
 
+def refuse_raw_template(layout: Layout, text: str | None) -> None:
+    """Raise ConfigError when `text`, the file a CONFIG layout's containerd reads as it is, is a
+    raw template of another tool (`containerd.foreign`: AgentBaker, nodeadm, Bottlerocket, ...),
+    naming its language, the tool and that tool's route to a changed config. Nothing for other
+    layouts (k3s/rke2 render Go templates themselves) or a missing file."""
+    if layout.kind is not ConfigKind.CONFIG or text is None:
+        return
+    raw = foreign.recognise(text)
+    if raw is None:
+        return
+    of = f" of {raw.tool}" if raw.tool else ""
+    raise ConfigError(
+        f"{layout.config_path} is a raw {raw.language} template{of}, not TOML, so containerd "
+        f"cannot load it (line {raw.line}: {raw.action})",
+        hint=raw.route,
+    )
+
+
 def make_plan(
     *,
     layout: Layout,
@@ -178,8 +197,10 @@ def make_plan(
     (the read file merged with its imports, see containerd/effective.py); when given, the runc
     cgroup driver and the default runtime are read from it. Returns the Plan; raises
     UsageError for two shims on one handler, ConfigError / ConflictError for a config it
-    refuses (see `containerd.config` and `containerd.template`).
+    refuses (see `containerd.config` and `containerd.template`; `refuse_raw_template` for a
+    raw template of another tool where containerd's config should be).
     """
+    refuse_raw_template(layout, own_text)
     source = str(layout.config_path)
     own_state = state if state is not None and state.config.path == source else None
     base_text = own_text

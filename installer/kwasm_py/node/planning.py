@@ -61,7 +61,8 @@ def choose_mode(node: Node) -> dropin.ModeChoice:
     a different explicit mode with a hint (move it with uninstall + install). Otherwise the
     main config as containerd reads it (a template's render) and the containerd version decide,
     see `containerd.dropin.choose`. Returns the choice (also kept in `node.mode`); raises
-    UsageError where the asked mode cannot work on this node.
+    UsageError where the asked mode cannot work on this node, and ConfigError when the main
+    config is a raw template of another tool (`plan.refuse_raw_template`).
     """
     if node.mode is not None:
         return node.mode
@@ -78,6 +79,7 @@ def choose_mode(node: Node) -> dropin.ModeChoice:
         return node.mode
     main = lay.rendered_path if lay.kind is not ConfigKind.CONFIG else lay.config_path
     text = node.fs.read_text(main) if main is not None else None
+    plan.refuse_raw_template(lay, text)  # before any mode is weighed: no mode can edit it
     try:
         data = cc.load(text, source=str(main)).data if text else {}
     except KwasmError:

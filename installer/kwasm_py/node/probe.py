@@ -51,6 +51,11 @@ def gather(
             with contextlib.suppress(tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
                 value = tomllib.loads(fs.read_text(rendered) or "").get("version", 1)
                 versions[rendered] = value if isinstance(value, int) else 1
+    os_id = ""
+    for path in layout.OS_RELEASE:  # the first that exists (os-release(5))
+        if (release := fs.read_text(path)) is not None:
+            os_id = layout.os_release_id(release)
+            break
     init = proc.comm(pid) if pid is not None else ""
     running = proc.containerd_configs(pid) if pid is not None else ()
     if units is not None:  # systemd answered over D-Bus: it is the node's init
@@ -66,6 +71,7 @@ def gather(
         running_configs=running,
         k0s_managed=k0s_managed,
         rendered_versions=versions,
+        os_id=os_id,
     )
 
 
