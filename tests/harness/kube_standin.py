@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -332,6 +333,7 @@ class Request:
     content_type: str
     body: Any = None
     status: int = 0
+    at: float = field(default_factory=time.perf_counter)  # when it arrived
 
 
 @dataclass
@@ -360,11 +362,31 @@ class _Watcher:
     res: Resource
     ns: str
     query: dict[str, str]
-    events: list[_Event] = field(default_factory=list)
+    backlog: bytearray = field(default_factory=bytearray)  # chunks for the stream's thread
     ready: threading.Event = field(default_factory=threading.Event)
+    # Set while the stream is caught up: the writer then sends each event to the socket itself
+    # (one non-blocking send, no thread to wake); what does not fit goes to the backlog.
+    sock: socket.socket | None = None
 
     def wants(self, ev: _Event) -> bool:
         return _matches_ns(ev, self.res, self.ns) and StandIn._selected(ev.obj, self.query)
+
+    def offer(self, ev: _Event) -> None:
+        """Called by a write (lock held): send the event now or queue it for the thread."""
+        raw = ev.chunk()
+        if self.sock is not None:
+            try:
+                sent = self.sock.send(raw, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the client went away: the stream's thread finds out
+                sent = 0
+            if sent == len(raw):
+                return
+            raw = raw[sent:]
+            self.sock = None
+        self.backlog += raw
+        self.ready.set()
 
 
 @dataclass
@@ -472,8 +494,7 @@ class StandIn:
         self.history.append(event)
         for watcher in self.watchers.get(res, ()):
             if watcher.wants(event):
-                watcher.events.append(event)
-                watcher.ready.set()
+                watcher.offer(event)
         if len(self.history) > self.max_history:
             drop = len(self.history) - self.max_history
             self.oldest_rv = self.history[drop - 1].rv
@@ -685,6 +706,23 @@ class StandIn:
             "items": items,
         }
 
+    def list_raw(self, res: Resource, ns: str, query: dict[str, str]) -> bytes:
+        """As :meth:`list`, encoded as the response body (under the lock, without copying
+        every item first: a LIST of hundreds of Leases was mostly deepcopy)."""
+        with self.cond:
+            items = [
+                o
+                for (r, o_ns, _), o in sorted(self.objects.items(), key=lambda kv: kv[0][1:])
+                if r == res and (not ns or o_ns == ns) and self._selected(o, query)
+            ]
+            doc = {
+                "kind": f"{res.kind}List",
+                "apiVersion": res.api_version,
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": items,
+            }
+            return json.dumps(doc).encode()
+
     @staticmethod
     def _selected(obj: JSON, query: dict[str, str]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -791,7 +829,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing
 
     def _send(self, code: int, doc: Any) -> None:
-        raw = json.dumps(doc).encode()
+        self._send_raw(code, json.dumps(doc).encode())
+
+    def _send_raw(self, code: int, raw: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
@@ -858,8 +898,11 @@ class _Handler(BaseHTTPRequestHandler):
             rec.status = 200
             if sub and method not in ("GET", "PATCH"):  # only these are modelled on nodes/status
                 raise ApiFailure(405, f"{method} not allowed on {path}", "MethodNotAllowed")
+            if method == "GET" and not name:
+                self._send_raw(rec.status, self.api.list_raw(res, ns, query))
+                return
             if method == "GET":
-                doc = self.api.get(res, ns, name) if name else self.api.list(res, ns, query)
+                doc = self.api.get(res, ns, name)
             elif method == "POST" and not name:
                 doc = self.api.create(res, ns, rec.body or {})
                 rec.status = 201
@@ -902,6 +945,34 @@ class _Handler(BaseHTTPRequestHandler):
         if res.namespaced and len(rest) == 2 and not ns:
             raise ApiFailure(404, f"{res.plural} is namespaced ({path})")
         return res, ns, rest[1] if len(rest) == 2 else "", sub
+
+    def _follow(self, watcher: _Watcher | None, deadline: float, epoch: int) -> None:
+        """Stream the watcher's events until the deadline, a stop or a dropped watch: flush
+        the backlog, then let writers send directly until something does not fit."""
+        api = self.api
+        behind = True  # the backlog may hold something: look before waiting
+        while watcher is not None:
+            if not behind:
+                left = deadline - time.monotonic()
+                if left <= 0 or not watcher.ready.wait(left):
+                    break
+            with api.cond:
+                if api.stopping or api.watch_epoch != epoch:
+                    break
+                data = bytes(watcher.backlog)
+                watcher.backlog.clear()
+                watcher.ready.clear()
+                watcher.sock = None if data else self.connection
+                behind = bool(data)
+            if data:
+                self.wfile.write(data)
+                self.wfile.flush()
+        if watcher is not None:
+            with api.cond:  # the end: nothing is sent directly any more; flush what is left
+                watcher.sock = None
+                data = bytes(watcher.backlog)
+                watcher.backlog.clear()
+            self.wfile.write(data)
 
     def _discovery(self, method: str, path: str) -> bool:
         if method != "GET":
@@ -1035,18 +1106,7 @@ class _Handler(BaseHTTPRequestHandler):
             for raw in pending:
                 self.wfile.write(raw)
             self.wfile.flush()
-            while watcher is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not watcher.ready.wait(left):
-                    break
-                with api.cond:
-                    if api.stopping or api.watch_epoch != epoch:
-                        break
-                    fresh, watcher.events = watcher.events, []
-                    watcher.ready.clear()
-                for e in fresh:
-                    self.wfile.write(e.chunk())
-                self.wfile.flush()
+            self._follow(watcher, deadline, epoch)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -1054,5 +1114,6 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if watcher is not None:
                 with api.cond:
+                    watcher.sock = None
                     api.watchers[res].remove(watcher)
         self.close_connection = True
