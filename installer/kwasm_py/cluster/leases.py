@@ -122,7 +122,12 @@ class RestartLeases:
         attempt = 0
         while True:
             view = LeaseView(
-                self.api, self.namespace, timeout_seconds=self.watch_timeout, log=self.log, delay=self.delay
+                self.api,
+                self.namespace,
+                timeout_seconds=self.watch_timeout,
+                log=self.log,
+                delay=self.delay,
+                wake_on=LEASE_PREFIX,
             )
             try:
                 view.start()

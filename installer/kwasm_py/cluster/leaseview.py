@@ -37,7 +37,10 @@ class LeaseView:
     """The Leases of ``namespace`` as last seen, kept current by a daemon thread.
 
     Takes the API port, the namespace, the server-side watch term (seconds), the log and the
-    backoff (``delay(attempt)`` seconds after the attempt-th failure in a row).
+    backoff (``delay(attempt)`` seconds after the attempt-th failure in a row). ``wake_on`` is
+    the name prefix of the Leases whose changes end a :meth:`wait` (the restart slots: a
+    waiter has nothing to decide when another node joins or leaves the queue, and in a rollout
+    those are most of the events); every change is recorded in the copy all the same.
     """
 
     def __init__(
@@ -48,8 +51,10 @@ class LeaseView:
         timeout_seconds: int,
         log: Logger,
         delay: Callable[[int], float],
+        wake_on: str = "",
     ) -> None:
         self.api = api
+        self.wake_on = wake_on
         self.namespace = namespace
         self.timeout_seconds = timeout_seconds
         self.log = log
@@ -87,8 +92,7 @@ class LeaseView:
         """Takes a Lease name we deleted; drops it from the copy."""
         with self._changed:
             if self._leases.pop(name, None) is not None:
-                self._generation += 1
-                self._changed.notify_all()
+                self._changed_one(name)
 
     def wake(self) -> None:
         """Takes nothing; makes a `wait` in another thread return at once."""
@@ -106,7 +110,8 @@ class LeaseView:
 
     @property
     def generation(self) -> int:
-        """The number of changes seen so far (pass it to `wait`)."""
+        """The number of changes seen so far of Leases named ``wake_on...``, plus the wakes
+        (pass it to `wait`)."""
         with self._changed:
             return self._generation
 
@@ -123,6 +128,11 @@ class LeaseView:
                 self._leases[name] = obj
             else:
                 return
+            self._changed_one(name)
+
+    def _changed_one(self, name: str) -> None:
+        """Lease `name` changed in the copy (lock held): wake the waits if it is one they want."""
+        if name.startswith(self.wake_on):
             self._generation += 1
             self._changed.notify_all()
 
