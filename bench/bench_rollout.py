@@ -1,9 +1,11 @@
 """Rollouts at scale: N node agents against one in-process stand-in API (issue 13).
 
-Each node's agent is the real :class:`kwasm_py.cluster.agent.Agent` loop in a thread of this
-process, with its own lean API client (:class:`kwasm_py.cluster.lean.LeanKube`) against one
-stand-in API server (tests/harness/kube_standin.py) that waits `LATENCY` before serving each
-request (a real API server's round trip: network, admission, etcd write). The engine port is a
+Each node's agent is the real :class:`kwasm_py.cluster.agent.Agent` loop in a thread, with its
+own lean API client (:class:`kwasm_py.cluster.lean.LeanKube`) against one stand-in API server
+(tests/harness/kube_standin.py) that waits `LATENCY` before serving each request (a real API
+server's round trip: network, admission, etcd write). The stand-in runs in this process and the
+agents in `WORKERS` other processes: in a cluster the API server and every agent have CPUs of
+their own, and with all of them under one interpreter lock the figure was that lock's. The engine port is a
 fake whose install restarts "containerd" by sleeping `RESTART` seconds and counts how many
 restart at once (more than P would mean the restart Leases do not work). The agents keep their
 production settings (Lease term, backoff, watch timeout, drift interval) except where said.
@@ -26,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import multiprocessing
+import multiprocessing.synchronize
 import shutil
 import statistics
 import subprocess
@@ -33,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +54,41 @@ from tests.harness.kube_standin import Request, StandIn
 LATENCY = 0.005  # per request, as bench_cluster: a real API server's write round trip
 RESTART = 0.2  # seconds one containerd restart takes in the fake engine
 TIMER_SCALE = 100  # idle phase: 300 s watch timeout / drift interval -> 3 s
+WORKERS = 2  # agent processes (the stand-in API has this one)
 NAMESPACE = "kwasm-system"
 RUNTIME = Runtime(
     "spin", "/opt/kwasm/bin/containerd-shim-spin-v2", "/opt/kwasm/bin/containerd-shim-spin-v2", "5a" * 32
 )
 
 
-@dataclass
 class Restarts:
-    """What the fake engines of one fleet did: restarts in flight now, the most at once, and
-    the seconds spent restarting (summed over nodes)."""
+    """What the fake engines of one fleet did, shared by its processes: restarts in flight
+    now, the most at once, and the seconds spent restarting (summed over nodes)."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    running: int = 0
-    most: int = 0
-    busy: float = 0.0
+    def __init__(self, ctx: Any) -> None:
+        self.lock = ctx.Lock()
+        self._running = ctx.Value("i", 0, lock=False)
+        self._most = ctx.Value("i", 0, lock=False)
+        self._busy = ctx.Value("d", 0.0, lock=False)
+
+    @property
+    def most(self) -> int:
+        return int(self._most.value)
+
+    @property
+    def busy(self) -> float:
+        return float(self._busy.value)
 
     def begin(self) -> float:
         with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
+            self._running.value += 1
+            self._most.value = max(self._most.value, self._running.value)
         return time.perf_counter()
 
     def end(self, began: float) -> None:
         with self.lock:
-            self.running -= 1
-            self.busy += time.perf_counter() - began
+            self._running.value -= 1
+            self._busy.value += time.perf_counter() - began
 
 
 @dataclass
@@ -123,16 +136,15 @@ class Fleet:
     """N agents in threads, one per stand-in Node, each with its own LeanKube client."""
 
     def __init__(
-        self, api: StandIn, names: list[str], *, parallel: int, restart: float, **timers: Any
+        self, url: str, names: list[str], restarts: Restarts, *, parallel: int, restart: float, **timers: Any
     ) -> None:
-        self.api = api
-        self.restarts = Restarts()
+        self.restarts = restarts
         self.log = io.StringIO()  # every agent's log lines, for a look when a figure is off
         self.stopped = threading.Event()
         self.clients: list[LeanKube] = []
         self.agents: list[Agent] = []
         for name in names:
-            client = LeanKube(Endpoint(server=api.url, token="standin-token", namespace=NAMESPACE))
+            client = LeanKube(Endpoint(server=url, token="standin-token", namespace=NAMESPACE))
             config = AgentConfig(
                 node_name=name, namespace=NAMESPACE, max_parallel_restarts=parallel, **timers
             )
@@ -152,20 +164,61 @@ class Fleet:
             t.start()
         return self
 
-    def provisioned(self) -> int:
-        return sum(a.provisioned_ok for a in self.agents)
-
     def stop(self) -> None:
         for agent in self.agents:
             # request_stop raises AgentStopped here, in the caller, when no engine run is in flight
             with contextlib.suppress(AgentStopped):
                 agent.request_stop()
         self.stopped.set()
-        self.api.drop_watches()
         for t in self.threads:
             t.join(10)
         for client in self.clients:
             client.close()
+
+
+def _fleet_process(
+    url: str,
+    names: list[str],
+    restarts: Restarts,
+    settings: dict[str, Any],
+    stop: multiprocessing.synchronize.Event,
+) -> None:
+    """A worker process: `names`' agents in threads until `stop` is set."""
+    fleet = Fleet(url, names, restarts, **settings).start()
+    stop.wait()
+    fleet.stop()
+
+
+class Fleets:
+    """The agents of `names` spread over `workers` processes (`spawn`: no threads forked)."""
+
+    def __init__(self, api: StandIn, names: list[str], *, workers: int = WORKERS, **settings: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.restarts = Restarts(ctx)
+        self.stop_event = ctx.Event()
+        share = [names[i::workers] for i in range(workers)]
+        self.procs = [
+            ctx.Process(
+                target=_fleet_process,
+                args=(api.url, part, self.restarts, settings, self.stop_event),
+                daemon=True,
+            )
+            for part in share
+            if part
+        ]
+
+    def start(self) -> Fleets:
+        for proc in self.procs:
+            proc.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
 
 
 def _kind(r: Request) -> str:
@@ -199,13 +252,16 @@ def rollout(n: int, parallel: int, restart: float, latency: float, backoff: Back
     """Opt every node in at once; returns when the last was labelled and what it cost."""
     api, names = _cluster(n, latency)
     labelled: dict[str, float] = {}
+    finished: set[str] = set()  # nodes whose agent sent its Provisioned event: done writing
 
     def on_write(res: Any, kind: str, obj: dict[str, Any]) -> None:  # lock held: keep it cheap
         meta = obj.get("metadata") or {}
         if res.plural == "nodes" and (meta.get("labels") or {}).get(PROVISIONED_LABEL) == "true":
             labelled.setdefault(meta["name"], time.perf_counter())
+        elif res.plural == "events" and obj.get("reason") == "Provisioned":
+            finished.add(str((obj.get("involvedObject") or obj.get("regarding") or {}).get("name")))
 
-    fleet = Fleet(api, names, parallel=parallel, restart=restart, backoff=backoff).start()
+    fleet = Fleets(api, names, parallel=parallel, restart=restart, backoff=backoff).start()
     try:
         wait_for(lambda: _watches(api) >= n, 120, "every agent's watch", step=0.05)
         api.on_write = on_write
@@ -214,13 +270,15 @@ def rollout(n: int, parallel: int, restart: float, latency: float, backoff: Back
         for name in names:
             api.patch_node(name, {"metadata": {"annotations": {OPT_IN_KEY: "true"}}})
         ideal = math.ceil(n / parallel) * restart
-        wait_for(lambda: fleet.provisioned() == n, 10 * ideal + 120, "every node provisioned", step=0.05)
+        wait_for(lambda: len(labelled) == n, 10 * ideal + 120, "every node provisioned", step=0.05)
+        wait_for(lambda: len(finished) == n, 60, "every agent finished", step=0.05)
         requests = Counter(_kind(r) for r in api.recorded()[mark:])
         assert len(labelled) == n, f"{n - len(labelled)} nodes never labelled"
         seconds = max(labelled.values()) - started
         busy = fleet.restarts.busy / (parallel * seconds)
         return Rollout(seconds, requests, fleet.restarts.most, busy)
     finally:
+        api.drop_watches()
         fleet.stop()
         api.stop()
 
@@ -232,13 +290,14 @@ def idle(n: int, seconds: float, latency: float) -> tuple[float, Counter[str]]:
     for name in names:
         api.patch_node(name, {"metadata": {"annotations": {OPT_IN_KEY: "true"}}})
     timers = {"watch_timeout": 300 // TIMER_SCALE, "drift_interval": 300.0 / TIMER_SCALE}
-    fleet = Fleet(api, names, parallel=n, restart=0.0, **timers).start()
+    fleet = Fleets(api, names, parallel=n, restart=0.0, **timers).start()
     try:
-        wait_for(lambda: fleet.provisioned() == n, 120, "every node provisioned", step=0.05)
+        wait_for(lambda: len(api.events("Provisioned")) == n, 120, "every node provisioned", step=0.05)
         mark = len(api.recorded())
         time.sleep(seconds)  # the measurement window itself, not synchronisation
         requests = Counter(_kind(r) for r in api.recorded()[mark:])
     finally:
+        api.drop_watches()
         fleet.stop()
         api.stop()
     per_hour = 3600 / (seconds * TIMER_SCALE) / n
