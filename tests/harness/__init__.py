@@ -8,7 +8,9 @@
   rendering the config before every start as k3s / microk8s do.
 - cri_client: `run_pod`, a CRI RunPodSandbox as the kubelet sends it.
 - ocitar: a busybox OCI image tarball, so CRI needs no registry.
-- kube_standin: `StandIn`, a stand-in Kubernetes API server (nodes, leases, events, watches).
+- kube_standin: `StandIn`, a stand-in Kubernetes API server (nodes, leases, events, watches):
+  its state; `standin_http` serves it (routing, discovery, watch streams), `standin_rules`
+  holds its pure rules (merge/strategic/JSON patch, selectors, status documents).
 - cluster: `AgentFactory` (agent subprocesses on fake nodes), `wait_until`.
 - fake_node: a script speaking the engine's JSON contract, run by agents instead of the engine.
 - fake_systemd: `FakeSystemd`, systemd's Manager over real D-Bus on a unix socket.
