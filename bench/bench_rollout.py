@@ -30,6 +30,7 @@ import io
 import math
 import multiprocessing
 import multiprocessing.synchronize
+import os
 import shutil
 import statistics
 import subprocess
@@ -212,6 +213,15 @@ class Fleets:
             proc.start()
         return self
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the agent processes used so far (/proc/PID/stat)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return total / tick
+
     def stop(self) -> None:
         self.stop_event.set()
         for proc in self.procs:
@@ -246,6 +256,7 @@ class Rollout:
     requests: Counter[str]  # by kind, from the opt-in until every agent finished
     most_restarting: int
     slots_busy: float  # restart seconds / (P * seconds): how much of the P slots was used
+    cpu: float  # CPU seconds of the agents and of the stand-in, over the rollout
 
 
 def rollout(n: int, parallel: int, restart: float, latency: float, backoff: Backoff) -> Rollout:
@@ -266,6 +277,7 @@ def rollout(n: int, parallel: int, restart: float, latency: float, backoff: Back
         wait_for(lambda: _watches(api) >= n, 120, "every agent's watch", step=0.05)
         api.on_write = on_write
         mark = len(api.recorded())
+        cpu_before = fleet.cpu_seconds() + time.process_time()
         started = time.perf_counter()
         for name in names:
             api.patch_node(name, {"metadata": {"annotations": {OPT_IN_KEY: "true"}}})
@@ -276,7 +288,8 @@ def rollout(n: int, parallel: int, restart: float, latency: float, backoff: Back
         assert len(labelled) == n, f"{n - len(labelled)} nodes never labelled"
         seconds = max(labelled.values()) - started
         busy = fleet.restarts.busy / (parallel * seconds)
-        return Rollout(seconds, requests, fleet.restarts.most, busy)
+        cpu = fleet.cpu_seconds() + time.process_time() - cpu_before
+        return Rollout(seconds, requests, fleet.restarts.most, busy, cpu)
     finally:
         api.drop_watches()
         fleet.stop()
@@ -371,7 +384,9 @@ def run(quick: bool) -> list[dict[str, object]]:
                 floor_name=f"ideal ceil(N/P) * restart = {ideal:g} s",
                 compare="ratio",
                 goal=Goal("ratio", "<=", 1.1, "<= 1.1x ideal"),
-                note=f"restart slots busy {statistics.median(r.slots_busy for r in runs):.0%}, "
+                note=f"restart slots busy {statistics.median(r.slots_busy for r in runs):.0%}; "
+                f"agents + stand-in used {statistics.median(r.cpu / r.seconds for r in runs):.2f} of "
+                f"{os.cpu_count()} CPUs (in a cluster each node has its own); "
                 f"at most {max(r.most_restarting for r in runs)} restarting at once"
                 + (f"; backoff x{scale:g}" if scale != 1 else ""),
             )
