@@ -14,6 +14,8 @@ JSON: TypeAlias = dict[str, Any]
 OPT_IN_KEY = "kwasm.sh/kwasm-node"
 PROVISIONED_LABEL = "kwasm.sh/kwasm-provisioned"
 STATUS_ANNOTATION = "kwasm.sh/kwasm-status"
+SLOT_LEASE_PREFIX = "kwasm-restart-"  # + 0..N-1: the restart slot Leases in the installer namespace
+QUEUE_LEASE_PREFIX = "kwasm-wait-"  # + node: a node's place in the queue for a slot
 RUNTIME_LABEL_PREFIX = "kwasm.sh/runtime-"  # + handler: set once containerd verified that handler
 
 # Where things live on the node, as node paths (inside the host root).

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from kwasm_py.cluster import policy
 from kwasm_py.errors import UsageError
-from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX
+from kwasm_py.model import JSON, OPT_IN_KEY, PROVISIONED_LABEL, RUNTIME_LABEL_PREFIX, SLOT_LEASE_PREFIX
 from kwasm_py.shims.catalog import Catalog
 
 # The installer image, pinned by tag in exactly one place (images/Dockerfile builds it).
@@ -22,7 +22,6 @@ APP_NAME = "kwasm-node-installer"
 # carries for the node's architecture ($KWASM_SHIM_DIR/<arch>, see images/Dockerfile).
 DEFAULT_SHIMS: tuple[str, ...] = ()
 DEFAULT_RUNTIME_CLASSES = (("wasmtime-spin", "spin"),)
-LEASE_PREFIX = "kwasm-restart-"
 HOST_ROOT = "/host"
 # The agent's pods are node-critical (the kubelet does not evict them first, and they may preempt
 # on admission). GKE admits pods of the built-in critical classes outside kube-system only in a
@@ -41,7 +40,7 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 def lease_names(max_parallel_restarts: int) -> list[str]:
     """The restart Leases the agents take turns on: ``kwasm-restart-0`` .. ``-(N-1)``."""
-    return [f"{LEASE_PREFIX}{i}" for i in range(max_parallel_restarts)]
+    return [f"{SLOT_LEASE_PREFIX}{i}" for i in range(max_parallel_restarts)]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 
 from kwasm_py.cluster.agentlog import parse_time
-from kwasm_py.model import JSON
+from kwasm_py.model import JSON, QUEUE_LEASE_PREFIX, SLOT_LEASE_PREFIX
 
-LEASE_PREFIX = "kwasm-restart-"
-WAIT_PREFIX = "kwasm-wait-"
+LEASE_PREFIX = SLOT_LEASE_PREFIX
+WAIT_PREFIX = QUEUE_LEASE_PREFIX
 
 
 def wait_lease_name(identity: str) -> str:
