@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwasm_py.containerd import config as cc
+from kwasm_py.containerd import document
 from kwasm_py.containerd import edit as ce
 from kwasm_py.errors import ConfigError, ConflictError, VersionMismatch
 from kwasm_py.model import ContainerdVersion, CriSchema
@@ -330,3 +331,18 @@ def test_fuzz_add_remove(text: str) -> None:
         assert removed.text == text
     else:
         assert tomllib.loads(removed.text) == tomllib.loads(text)
+
+
+def test_parse_hands_out_a_copy_of_what_it_remembers() -> None:
+    """The same text parsed twice gives equal data, and changing one result leaves the next
+    alone (parses are remembered, the dicts handed out are not shared)."""
+    text = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n'
+    first = document.parse(text)
+    first["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] = "changed"
+    first["version"] = 3
+    second = document.parse(text)
+    assert second == {
+        "version": 2,
+        "plugins": {"io.containerd.grpc.v1.cri": {"containerd": {"snapshotter": "overlayfs"}}},
+    }
+    assert document.load(text, source="t").data == second

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -10,12 +12,12 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from kwasm_py.errors import RestartError, VerifyError
-from kwasm_py.model import RestartMethod, RestartSpec, ShimSpec
-from kwasm_py.node import engine
+from kwasm_py.model import ContainerdVersion, RestartMethod, RestartSpec, ShimSpec
+from kwasm_py.node import engine, nodebinary
 from kwasm_py.node.procfs import ProcFS
 from tests.harness.cli import Kwasm
 from tests.harness.containerd import fake_shim
-from tests.harness.fake_ports import FakeContainerd, node_proc
+from tests.harness.fake_ports import FakeContainerd, fake_process, node_proc
 from tests.harness.noderoot import SYSTEMD, UNIT, V2, tree, tree_hash
 from tests.test_engine import DEFAULT_NODE
 
@@ -94,6 +96,41 @@ def test_install_order_of_effects(tmp_path: Path, root: Path, shim: Path) -> Non
     assert seen == {"state": "pending", "binary": True, "config": True, "state at verify": "pending"}
     assert json.loads((root / STATE).read_text())["status"] == "installed"
     assert fake.ctd.runtimes["spin"] == "/opt/kwasm/bin/containerd-shim-spin-v2"
+
+
+def test_todays_dump_runs_while_containerd_is_asked_its_version(
+    tmp_path: Path, root: Path, shim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pre-flight's dump of today's config (by the running containerd's binary) is under way
+    before the engine asks containerd its version, and is not run a second time."""
+    fake = ports(tmp_path, root)
+    fake_process(tmp_path / "proc", 50, comm="containerd", argv=["/usr/bin/containerd"], ppid=1)
+    (tmp_path / "proc/50/exe").symlink_to("/usr/bin/containerd")
+    (root / "usr/bin/containerd").chmod(0o755)
+    today = (root / CONFIG).read_text()
+    dumped_today = threading.Event()
+    texts: list[str] = []
+
+    def dump(argv: list[str]) -> subprocess.CompletedProcess[str]:  # the file as its own dump
+        text = (root / argv[argv.index("--config") + 1].lstrip("/")).read_text()
+        texts.append(text)
+        if text == today:
+            dumped_today.set()
+        return subprocess.CompletedProcess(argv, 0, text, "")
+
+    monkeypatch.setattr(nodebinary, "run_argv", dump)
+    answer = fake.ctd.version
+    asked: list[bool] = []
+
+    def version(socket: str, *, timeout: float) -> ContainerdVersion:
+        asked.append(dumped_today.wait(timeout=5))
+        return answer(socket, timeout=timeout)
+
+    monkeypatch.setattr(fake.ctd, "version", version)
+    outcome = fake.install(options(root, shim))
+    assert asked == [True]
+    assert len(texts) == 2 and texts.count(today) == 1
+    assert any(n.startswith("pre-flight ok: /usr/bin/containerd on the node loads it") for n in outcome.notes)
 
 
 def test_second_run_restarts_nothing_and_verify_only_asks(tmp_path: Path, root: Path, shim: Path) -> None:

@@ -14,14 +14,17 @@ import pytest
 from kwasm_py.containerd import config as cc
 from kwasm_py.containerd import template as tmpl
 from kwasm_py.errors import KwasmError, PreflightError
-from kwasm_py.model import CriSchema, RestartMethod, RestartSpec, ShimSpec
+from kwasm_py.model import ConfigKind, CriSchema, Layout, RestartMethod, RestartSpec, ShimSpec
 from kwasm_py.node import engine, preflight, restart
 from kwasm_py.node.hostfs import HostFS
+from kwasm_py.node.procfs import ProcFS
 from tests.harness.containerd import BINARIES, REPO, available
+from tests.harness.fake_ports import fake_process
 from tests.harness.noderoot import tree_hash
 
 CFG = PurePosixPath("/etc/containerd/config.toml")
 V2, V3 = "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime"
+SOCKET = PurePosixPath("/run/containerd/containerd.sock")
 
 
 def dump(runtimes: dict[str, dict[str, object]], default: str = "runc", key: str = V2) -> dict[str, object]:
@@ -139,6 +142,101 @@ def test_refusal_by_containerd_names_file_and_message(tmp_path: Path) -> None:
         )
     assert sorted(seen) == ["version = 2\n", "version = 2\n# spin\n"]  # today and next, both read
     assert list((root / "tmp").iterdir()) == []
+
+
+def _root_with_running_containerd(tmp_path: Path) -> tuple[HostFS, ProcFS]:
+    """A node root with a containerd binary and config, and a /proc in which PID 1 is its init
+    and PID 50 that containerd, running with --config /etc/containerd/config.toml."""
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "usr/bin/containerd").write_text("")
+    (root / "usr/bin/containerd").chmod(0o755)
+    (root / "etc/containerd/config.toml").write_text("version = 2\n")
+    proc_root = tmp_path / "proc"
+    fake_process(proc_root, 1, comm="systemd", root=root)
+    fake_process(proc_root, 50, comm="containerd", argv=["/usr/bin/containerd", "--config", str(CFG)], ppid=1)
+    (proc_root / "50" / "exe").symlink_to("/usr/bin/containerd")
+    return HostFS(root), ProcFS(proc_root)
+
+
+def _recording_runner(fs: HostFS, seen: list[str]) -> preflight.Runner:
+    """A containerd whose dump of any file is an empty config; records each file's text."""
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        seen.append((fs.root / argv[argv.index("--config") + 1].lstrip("/")).read_text())
+        return subprocess.CompletedProcess(argv, 0, "version = 2\n", "")
+
+    return runner
+
+
+def test_todays_dump_started_ahead_is_taken_not_run_again(tmp_path: Path) -> None:
+    """The dump `dump_ahead` started (the running containerd's binary on today's file) is the
+    one `check` compares with: today's file is dumped once in all, the next one once."""
+    fs, proc = _root_with_running_containerd(tmp_path)
+    seen: list[str] = []
+    runner = _recording_runner(fs, seen)
+    lay = Layout("generic", CFG, ConfigKind.CONFIG, RestartSpec(RestartMethod.SYSTEMD, "containerd"), SOCKET)
+    with preflight.dump_ahead(fs, lay, pid=1, proc=proc, runner=runner) as ahead:
+        assert ahead is not None and ahead.binary == PurePosixPath("/usr/bin/containerd")
+        ahead.result.result()  # done before check: check must not start it again
+        verdict = preflight.check(
+            fs,
+            effective=CFG,
+            before_text="version = 2\n",
+            after_text="version = 2\n# next\n",
+            wanted={},
+            source=str(CFG),
+            binary=ahead.binary,
+            runner=runner,
+            ahead=ahead,
+        )
+    assert verdict.ran and verdict.ok
+    assert seen == ["version = 2\n", "version = 2\n# next\n"]
+    assert sorted(p.name for p in (fs.root / "etc/containerd").iterdir()) == ["config.toml"]
+
+
+def test_a_dump_ahead_of_other_text_is_not_taken(tmp_path: Path) -> None:
+    """A dump started ahead of a file whose text is not what `check` is given (or with another
+    binary) is not used: today's text is dumped again."""
+    fs, proc = _root_with_running_containerd(tmp_path)
+    seen: list[str] = []
+    runner = _recording_runner(fs, seen)
+    lay = Layout("generic", CFG, ConfigKind.CONFIG, RestartSpec(RestartMethod.SYSTEMD, "containerd"), SOCKET)
+    with preflight.dump_ahead(fs, lay, pid=1, proc=proc, runner=runner) as ahead:
+        assert ahead is not None
+        for before, binary in (("version = 2\n# edited since\n", ahead.binary), ("version = 2\n", CFG)):
+            preflight.check(
+                fs,
+                effective=CFG,
+                before_text=before,
+                after_text="version = 2\n# next\n",
+                wanted={},
+                source=str(CFG),
+                binary=binary,
+                runner=runner,
+                ahead=ahead,
+            )
+    today, edited, after = "version = 2\n", "version = 2\n# edited since\n", "version = 2\n# next\n"
+    assert sorted(seen) == sorted([today, edited, after, today, after])  # ahead, then 2 checks
+
+
+def test_no_dump_ahead_without_the_running_containerd(tmp_path: Path) -> None:
+    """Without a node PID, or when no running containerd reads today's file, nothing starts
+    ahead (the binary would depend on containerd's version, asked later)."""
+    fs, proc = _root_with_running_containerd(tmp_path)
+    seen: list[str] = []
+    runner = _recording_runner(fs, seen)
+    other = PurePosixPath("/etc/containerd/other.toml")
+    (fs.root / "etc/containerd/other.toml").write_text("version = 2\n")
+    restart_spec = RestartSpec(RestartMethod.SYSTEMD, "containerd")
+    for lay, pid in (
+        (Layout("generic", CFG, ConfigKind.CONFIG, restart_spec, SOCKET), None),
+        (Layout("generic", other, ConfigKind.CONFIG, restart_spec, SOCKET), 1),
+    ):
+        with preflight.dump_ahead(fs, lay, pid=pid, proc=proc, runner=runner) as ahead:
+            assert ahead is None
+    assert seen == []
 
 
 def _node_root(tmp_path: Path, generation: str) -> Path:

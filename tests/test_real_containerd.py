@@ -31,9 +31,9 @@ def install(ctd: PrivateContainerd, shim: Path, *extra: str, env: dict[str, str]
     return run_kwasm("node", "install", *ctd.node_args(), "--shim", str(shim), "-o", "json", *extra, env=env)
 
 
-def uninstall(ctd: PrivateContainerd, *extra: str):
+def uninstall(ctd: PrivateContainerd, *extra: str, env: dict[str, str] | None = None):
     args = [a for a in ctd.node_args() if a not in ("--config", str(ctd.config))]
-    return run_kwasm("node", "uninstall", *args, "-o", "json", *extra)
+    return run_kwasm("node", "uninstall", *args, "-o", "json", *extra, env=env)
 
 
 def installed_path(ctd: PrivateContainerd) -> str:
@@ -103,6 +103,27 @@ def test_rerun_is_a_noop_and_uninstall_restores(ctd: PrivateContainerd) -> None:
     status = ctd.cri_status()
     assert status.runtime_ready and "spin" not in status.runtimes
     assert not (ctd.dir / "kwasm").exists(), "state, backups and binaries are all gone"
+
+
+def test_node_commands_load_the_node_area_alone_and_no_grpcio(ctd16: PrivateContainerd) -> None:
+    """`kwasm-py node install` and `uninstall` (the agent runs one per engine call) import the
+    node area of the CLI alone and ask containerd without grpcio: `-X importtime` lists neither
+    grpc, asyncio, rich nor typer's rich formatting, nor the other areas; and the result the
+    process printed before its os._exit is whole."""
+    unwanted = ("grpc", "asyncio", "rich", "typer.rich_utils", "kwasm_py.cli.cluster", "kwasm_py.sandbox")
+    shim = fake_shim(ctd16.dir / "src")
+    profile = {"PYTHONPROFILEIMPORTTIME": "1"}
+    for run in (lambda: install(ctd16, shim, env=profile), lambda: uninstall(ctd16, env=profile)):
+        r = run()
+        assert r.returncode == 0, r.stderr[-2000:] + ctd16.log_tail()
+        assert json.loads(r.stdout)["verified"] is True
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in r.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert {"kwasm_py.cli.node", "kwasm_py.node.grpcwire"} <= imported  # the profile is read
+        assert sorted(m for m in imported if m.split(".")[0] in unwanted or m.startswith(unwanted)) == []
 
 
 def test_containerd16_refuses_a_version3_config() -> None:

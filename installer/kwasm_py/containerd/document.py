@@ -4,6 +4,8 @@ table kwasm-py writes (RuntimeEntry), an edit's result (Edit) and lookups in the
 
 from __future__ import annotations
 
+import copy
+import functools
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,13 +64,26 @@ def split_prelude(text: str) -> tuple[str, str]:
     return template.split(text)
 
 
+def parse(body: str) -> dict[str, Any]:
+    """tomllib's parse of the TOML `body`, as a fresh copy each call: one plan parses the same
+    config up to seven times (mode choice, effective config, plan, the edit's meaning checks),
+    about 1 ms each for an 8 KB file, and a copy costs a tenth of that. Raises
+    tomllib.TOMLDecodeError."""
+    return copy.deepcopy(_parsed(body))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(body: str) -> dict[str, Any]:
+    return tomllib.loads(body)
+
+
 def load(text: str, *, source: str) -> ConfigDoc:
     """Parse a config or template; raise ConfigError naming `source` when it is not TOML."""
     if text.startswith("\ufeff"):
         raise ConfigError(f"{source} starts with a byte-order mark; containerd cannot read it")
     prelude, body = split_prelude(text)
     try:
-        data = tomllib.loads(body)
+        data = parse(body)
     except tomllib.TOMLDecodeError as err:
         hint = "fix the file (containerd would refuse it too), or point --config at another file"
         if prelude:

@@ -25,6 +25,7 @@ from kwasm_py.containerd.document import (
     find_runtime,
     load,
     lookup,
+    parse,
 )
 from kwasm_py.errors import ConfigError, ConflictError
 from kwasm_py.model import CriSchema
@@ -398,7 +399,7 @@ def _delete(data: dict[str, Any], path: tuple[str, ...]) -> None:
 def _check_meaning(body: str, expected: dict[str, Any], *, source: str, what: str) -> None:
     """The edited body must mean `expected` (tables emptied by a removal may vanish)."""
     try:
-        got = tomllib.loads(body)
+        got = parse(body)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: {what} would produce invalid TOML ({err})") from err
     if got != expected and _prune_empty(got) != _prune_empty(expected):

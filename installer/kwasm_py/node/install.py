@@ -9,6 +9,7 @@ are put back, containerd is restarted again, and the run fails saying so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,7 +43,7 @@ from kwasm_py.node.context import (
     open_node,
 )
 from kwasm_py.node.hostfs import HostFS
-from kwasm_py.node.planning import _preflight, _shim_digests, choose_mode, make_plan
+from kwasm_py.node.planning import _preflight, _preflight_ahead, _shim_digests, choose_mode, make_plan
 from kwasm_py.node.procfs import ProcFS
 from kwasm_py.node.verify import _registered, _reports, _rollback, _wait_registered
 
@@ -94,8 +95,14 @@ def install(
     fs = HostFS(root)
     known = _read_state(fs, opts.install_dir / STATE_FILE_NAME)
     shims = _shim_digests(opts, known)  # before the lock: bad input fails fast, changes nothing
-    with fs.lock(timeout=opts.lock_timeout):
+    with fs.lock(timeout=opts.lock_timeout), contextlib.ExitStack() as joined:
         node = open_node(opts, restarter=restarter, cri_client=cri_client, proc=proc)
+        # Pre-flight's dump of today's config runs while containerd is asked its version and
+        # the plan is made; a node the state file calls installed is most likely a no-op,
+        # which needs no dump: there it starts once the no-op check has failed.
+        ahead = None
+        if node.state is None or node.state.status != st.INSTALLED:
+            ahead = joined.enter_context(_preflight_ahead(node))
         choose_mode(node)  # the file to write (raises for a --mode that would move the runtime)
         outcome = Outcome(layout=node.layout.name, config=str(node.layout.config_path))
         if _quick_noop(node, shims):
@@ -111,10 +118,12 @@ def install(
                 return outcome
             outcome.notes.append("files are in place but containerd does not report the runtime")
             node.state = replace(node.state, status=st.PENDING)  # converge: restart once
+        if ahead is None:
+            ahead = joined.enter_context(_preflight_ahead(node))
         _require_exec(node)
         the_plan = make_plan(node, shims)
         outcome.notes.extend(the_plan.notes)
-        outcome.notes.append(f"pre-flight {_preflight(node, the_plan)}")  # raises: nothing written
+        outcome.notes.append(f"pre-flight {_preflight(node, the_plan, ahead)}")  # raises: nothing written
         if the_plan.changes:
             node.require_pid()
         _apply(node, the_plan, outcome, log=log)

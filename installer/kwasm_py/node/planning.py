@@ -5,6 +5,8 @@ files read from the node and the pre-flight verdict; `plan_only` is `node plan`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
@@ -177,11 +179,21 @@ def make_plan(node: Node, shims: list[tuple[ShimSpec, str]]) -> plan.Plan:
     return replace(the_plan, notes=(*the_plan.notes, loads, eff.describe(the_plan.schema.plugin_id)))
 
 
-def _preflight(node: Node, the_plan: plan.Plan) -> str:
-    """The node's own containerd on what it would load (raises PreflightError)."""
+@contextmanager
+def _preflight_ahead(node: Node) -> Iterator[preflight.Ahead | None]:
+    """Pre-flight's dump of today's config, started now (`preflight.dump_ahead`) to run while
+    the plan is made; joined when the block ends."""
+    pid = node.opts.pid if node.pid_ok else None
+    with preflight.dump_ahead(node.fs, node.layout, pid=pid, proc=node.proc) as ahead:
+        yield ahead
+
+
+def _preflight(node: Node, the_plan: plan.Plan, ahead: preflight.Ahead | None = None) -> str:
+    """The node's own containerd on what it would load (raises PreflightError); `ahead`: from
+    `_preflight_ahead`."""
     pid = node.opts.pid if node.pid_ok else None
     return preflight.run(
-        node.fs, the_plan=the_plan, pid=pid, containerd=node.containerd_version(), proc=node.proc
+        node.fs, the_plan=the_plan, pid=pid, containerd=node.containerd_version(), proc=node.proc, ahead=ahead
     )
 
 
@@ -196,9 +208,11 @@ def plan_only(
     node = open_node(opts, cri_client=cri_client, proc=proc)
     if not opts.shims:
         raise UsageError("no --shim given")
-    the_plan = make_plan(node, _shim_digests(opts))
-    try:
-        verdict = _preflight(node, the_plan)
-    except preflight.PreflightError as err:
-        return node, replace(the_plan, preflight=f"REFUSED: {err.message}")
+    shims = _shim_digests(opts)
+    with _preflight_ahead(node) as ahead:
+        the_plan = make_plan(node, shims)
+        try:
+            verdict = _preflight(node, the_plan, ahead)
+        except preflight.PreflightError as err:
+            return node, replace(the_plan, preflight=f"REFUSED: {err.message}")
     return node, replace(the_plan, preflight=verdict)

@@ -6,16 +6,20 @@ they do on the node, once on what containerd reads today and once on what it wil
 the change (for a template, its predicted render). The second dump must list every handler we
 add with our runtime_type, every runtime of the first unchanged, and the same default runtime.
 Where the root has no containerd binary (or it cannot be run), pre-flight is skipped and says so.
+
+The dump of today's file does not depend on the plan: `dump_ahead` starts it as soon as the
+node is opened (binary: the running containerd's own), so it runs while the engine asks
+containerd its version and plans, and `check` then waits for the second dump only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
-import re
 import subprocess
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,29 +27,32 @@ from typing import Any
 from kwasm_py.containerd import dropin
 from kwasm_py.errors import KwasmError, PreflightError
 
-__all__ = ["PreflightError", "Verdict", "check", "choose_binary", "compare", "cri_view", "run"]
-from kwasm_py.model import ConfigKind, ContainerdVersion
-from kwasm_py.node import plan
+__all__ = [
+    "CANDIDATES",
+    "Ahead",
+    "PreflightError",
+    "Verdict",
+    "check",
+    "choose_binary",
+    "compare",
+    "cri_view",
+    "dump_ahead",
+    "run",
+    "today_file",
+]
+from kwasm_py.model import ConfigKind, ContainerdVersion, Layout
+from kwasm_py.node import nodebinary, plan
 from kwasm_py.node.hostfs import HostFS
-from kwasm_py.node.procfs import HOST, ProcFS, config_from_argv
+from kwasm_py.node.nodebinary import CANDIDATES, Runner, choose_binary
+from kwasm_py.node.procfs import HOST, ProcFS
 
-# Where distributions put containerd (k3s: its multi-call binary answers to this name).
-CANDIDATES = (
-    PurePosixPath("/usr/bin/containerd"),
-    PurePosixPath("/usr/local/bin/containerd"),
-    PurePosixPath("/bin/containerd"),
-    PurePosixPath("/var/lib/rancher/rke2/bin/containerd"),
-    PurePosixPath("/var/lib/rancher/k3s/data/current/bin/containerd"),
-    PurePosixPath("/snap/microk8s/current/bin/containerd"),
-)
 CRI_RUNTIMES = (
     ("plugins", "io.containerd.cri.v1.runtime", "containerd"),  # containerd 2.x dumps this
     ("plugins", "io.containerd.grpc.v1.cri", "containerd"),
     ("plugins", "cri", "containerd"),
 )
-TIMEOUT = 20.0
-
-Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+#: What `_dump` returns: (the dump or None, the error, the scratch file's node path or None).
+Dumped = tuple[dict[str, Any] | None, str, PurePosixPath | None]
 
 
 @dataclass(frozen=True)
@@ -55,71 +62,6 @@ class Verdict:
     ran: bool
     ok: bool
     message: str
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-
-
-def _running(fs: HostFS, pid: int, proc: ProcFS) -> list[tuple[PurePosixPath, PurePosixPath]]:
-    """(--config, binary) of each containerd in the PID namespace of `pid` whose binary is on
-    the node root: argv[0] when absolute (k3s's `.../bin/containerd` link to its multi-call
-    binary), else the file /proc/PID/exe names."""
-    out = []
-    for found in proc.find(pid, "containerd"):
-        args, exe = proc.argv(found.pid), proc.exe(found.pid)
-        if args is None or exe is None:
-            continue
-        for candidate in (args[0] if args else "", exe):
-            path = PurePosixPath(candidate)
-            if path.is_absolute() and path.name.startswith("containerd"):
-                host = fs.resolve(path)
-                if host.is_file() and os.access(host, os.X_OK):
-                    out.append((config_from_argv(args[1:]), path))
-                    break
-    return out
-
-
-def choose_binary(
-    fs: HostFS,
-    *,
-    pid: int | None,
-    config: PurePosixPath,
-    version: tuple[int, int, int] | None,
-    runner: Runner = _run,
-    proc: ProcFS = HOST,
-) -> tuple[PurePosixPath | None, str]:
-    """The node's containerd binary to run pre-flight with, or (None, why not).
-
-    The binary of the containerd running with `config` (processes in the PID namespace of
-    `pid`); else, when the running containerd's `version` is known (from CRI), the first
-    running binary or `CANDIDATES` entry whose `--version` says that version; else the first
-    candidate on the root.
-    """
-    running = _running(fs, pid, proc) if pid is not None else []
-    for cfg, path in running:
-        if cfg == config:
-            return path, ""
-    candidates = list(dict.fromkeys([p for _c, p in running] + [c for c in CANDIDATES if _executable(fs, c)]))
-    if not candidates:
-        looked = ", ".join(str(p) for p in CANDIDATES[:3])
-        return None, f"no containerd binary on the node root (looked in {looked}, ...)"
-    if version is None:
-        return candidates[0], ""
-    wanted = ".".join(str(v) for v in version)
-    for path in candidates:
-        try:
-            said = runner(["chroot", str(fs.root), str(path), "--version"])
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if said.returncode == 0 and re.search(rf"[ v]{re.escape(wanted)}\b", said.stdout):
-            return path, ""
-    return None, f"no containerd binary on the node root says version {wanted}, which the node runs"
-
-
-def _executable(fs: HostFS, path: PurePosixPath) -> bool:
-    host = fs.resolve(path)
-    return host.is_file() and os.access(host, os.X_OK)
 
 
 def cri_view(dump: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -166,7 +108,7 @@ def compare(
 
 def _dump(
     fs: HostFS, binary: PurePosixPath, text: str, *, near: PurePosixPath, runner: Runner, tag: str
-) -> tuple[dict[str, Any] | None, str, PurePosixPath | None]:
+) -> Dumped:
     """containerd's dump of `text` written beside `near` on the node: (dump or None, error, file)."""
     directory = near.parent
     if not fs.resolve(directory).is_dir():
@@ -195,6 +137,60 @@ def _dump(
         return None, f"its config dump is not TOML ({err})", None
 
 
+def today_file(lay: Layout) -> PurePosixPath:
+    """The file whose load by the node's containerd today pre-flight dumps first, for a plan on
+    `lay` (`run`'s cases: k0s's generated CRI file, a drop-in's main config, else the file
+    containerd reads)."""
+    if lay.kind is ConfigKind.DROP_IN and lay.name == "k0s":
+        return PurePosixPath(dropin.K0S_CRI)
+    return lay.rendered_path or lay.config_path
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """Today's dump, started before the plan was made (`dump_ahead`): `binary` run on `text`,
+    the content of `effective`, through `runner`; `result` is `_dump`'s answer."""
+
+    binary: PurePosixPath
+    effective: PurePosixPath
+    text: str
+    runner: Runner
+    result: concurrent.futures.Future[Dumped]
+
+    def matches(self, binary: PurePosixPath, effective: PurePosixPath, text: str, runner: Runner) -> bool:
+        """Whether this is the dump `check` would start now (same binary, file, text, runner)."""
+        return (self.binary, self.effective, self.text) == (binary, effective, text) and self.runner is runner
+
+
+@contextlib.contextmanager
+def dump_ahead(
+    fs: HostFS, lay: Layout, *, pid: int | None, proc: ProcFS = HOST, runner: Runner | None = None
+) -> Iterator[Ahead | None]:
+    """Start the dump of what the node's containerd loads today (`today_file(lay)`) in a thread,
+    for `check` to take (see `Ahead.matches`; a plan that changed the file, or a binary chosen
+    otherwise, dumps again). Yields None, starting nothing, when the binary is not the running
+    containerd's own (that choice needs containerd's version: `choose_binary`), when `pid` is
+    None, or when the file is absent or unreadable (its error comes where it always did). The
+    thread is joined on leaving, so no scratch file outlives the block. `runner` runs the dump
+    (None: `nodebinary.run_argv`, looked up at the call). Raises nothing itself.
+    """
+    runner = runner or nodebinary.run_argv
+    effective = today_file(lay)
+    text = None
+    binary = None
+    if pid is not None:
+        with contextlib.suppress(KwasmError):
+            text = fs.read_text(effective)
+        if text is not None:
+            binary = next((path for cfg, path in nodebinary.running(fs, pid, proc) if cfg == effective), None)
+    if text is None or binary is None:
+        yield None
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_dump, fs, binary, text, near=effective, runner=runner, tag="now")
+        yield Ahead(binary, effective, text, runner, future)
+
+
 def check(
     fs: HostFS,
     *,
@@ -205,20 +201,32 @@ def check(
     ours: frozenset[str] = frozenset(),
     source: str,
     binary: PurePosixPath | None,
-    runner: Runner = _run,
+    runner: Runner | None = None,
+    ahead: Ahead | None = None,
 ) -> Verdict:
     """Have the node's containerd read `after_text` (what it will load from `effective`).
 
     `before_text` is what it loads today (None: no file, containerd's defaults); `source` is
-    the file we edit, named in the error; `binary` the node's containerd (`choose_binary`).
+    the file we edit, named in the error; `binary` the node's containerd (`choose_binary`);
+    `ahead` today's dump if `dump_ahead` started it (used when it matches, else dumped again);
+    `runner` runs the dumps (None: `nodebinary.run_argv`).
     Returns a Verdict (skipped when no binary can run);
     raises PreflightError when containerd refuses `after_text` or its dump disagrees.
     """
     if binary is None:
         return Verdict(False, True, "skipped: no containerd binary on the node root")
+    runner = runner or nodebinary.run_argv
     before_note = ""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two dumps at once
-        today = pool.submit(_dump, fs, binary, before_text or "", near=effective, runner=runner, tag="now")
+        today: concurrent.futures.Future[Dumped]
+        if ahead is not None and ahead.matches(binary, effective, before_text or "", runner):
+            today = ahead.result
+        else:
+            if ahead is not None:  # its scratch file has the name of the dump started here
+                concurrent.futures.wait([ahead.result])
+            today = pool.submit(
+                _dump, fs, binary, before_text or "", near=effective, runner=runner, tag="now"
+            )
         after, after_err, _f = _dump(fs, binary, after_text, near=effective, runner=runner, tag="next")
         before, err, _f = today.result()
     if before is None and err.startswith("cannot run"):
@@ -249,14 +257,6 @@ def check(
     )
 
 
-def _node_binary(
-    fs: HostFS, *, pid: int | None, config: PurePosixPath, containerd: ContainerdVersion | None, proc: ProcFS
-) -> tuple[PurePosixPath | None, str]:
-    """`choose_binary` for the running containerd's version as CRI reported it (or unknown)."""
-    version = (containerd.major, containerd.minor, containerd.patch) if containerd else None
-    return choose_binary(fs, pid=pid, config=config, version=version, proc=proc)
-
-
 def _wanted(the_plan: plan.Plan) -> dict[str, str]:
     """The runtimes the plan adds: handler -> runtime_type (what the dump must show)."""
     return {e.handler: e.runtime_type for e in the_plan.entries}
@@ -269,25 +269,27 @@ def run(
     pid: int | None,
     containerd: ContainerdVersion | None,
     proc: ProcFS = HOST,
+    ahead: Ahead | None = None,
 ) -> str:
     """Pre-flight for `the_plan` on the node at `fs`: the verdict line `node plan` prints.
 
     `pid` is a process of the node (None: not known), `containerd` the version the running
-    containerd reported over CRI. Raises PreflightError when containerd refuses or misreads.
+    containerd reported over CRI, `ahead` today's dump started by `dump_ahead` (or None).
+    Raises PreflightError when containerd refuses or misreads.
     """
     lay = the_plan.layout
     if not the_plan.config_changed:
         return "not needed: the config does not change"
     if lay.kind is ConfigKind.DROP_IN and lay.name == "k0s":
-        return _run_k0s(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc)
+        return _run_k0s(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc, ahead=ahead)
     if lay.kind is ConfigKind.DROP_IN and lay.rendered_path is not None:
-        return _run_dropin(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc)
+        return _run_dropin(fs, the_plan=the_plan, pid=pid, containerd=containerd, proc=proc, ahead=ahead)
     if the_plan.effective is None:
         if lay.kind is ConfigKind.TEMPLATE:
             return f"skipped: {lay.rendered_path} is not rendered yet, so the next render is unknown"
         return f"skipped: {lay.name} merges {lay.config_path} itself; not predicted here"
     reads = lay.rendered_path or lay.config_path
-    binary, why = _node_binary(fs, pid=pid, config=reads, containerd=containerd, proc=proc)
+    binary, why = nodebinary.for_version(fs, pid=pid, config=reads, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     verdict = check(
@@ -299,6 +301,7 @@ def run(
         wanted=_wanted(the_plan),
         ours=frozenset([the_plan.companion["handler"]] if the_plan.companion else []),
         source=str(lay.config_path),
+        ahead=ahead,
     )
     return verdict.message
 
@@ -310,6 +313,7 @@ def _run_dropin(
     pid: int | None,
     containerd: ContainerdVersion | None,
     proc: ProcFS,
+    ahead: Ahead | None,
 ) -> str:
     """Pre-flight of a drop-in install: the main config (with any `imports` entry we add) plus
     our drop-in as it would be, read by the node's containerd.
@@ -321,7 +325,7 @@ def _run_dropin(
     lay = the_plan.layout
     main = lay.rendered_path
     assert main is not None
-    binary, why = _node_binary(fs, pid=pid, config=main, containerd=containerd, proc=proc)
+    binary, why = nodebinary.for_version(fs, pid=pid, config=main, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     today = fs.read_text(main)
@@ -342,6 +346,7 @@ def _run_dropin(
             after_text=dropin.add_import(after_main, str(scratch), source=str(main)),
             wanted=_wanted(the_plan),
             source=str(lay.config_path),
+            ahead=ahead,
         )
     finally:
         host.unlink(missing_ok=True)
@@ -355,6 +360,7 @@ def _run_k0s(
     pid: int | None,
     containerd: ContainerdVersion | None,
     proc: ProcFS,
+    ahead: Ahead | None,
 ) -> str:
     """Pre-flight of a k0s drop-in: k0s's next `/run/k0s/containerd-cri.toml` (today's with our
     drop-in merged, `dropin.k0s_render_after`), read by the node's containerd in its place.
@@ -363,7 +369,7 @@ def _run_k0s(
     today = fs.read_text(cri_file)
     if today is None:
         return f"skipped: k0s has not written {cri_file} yet, so its merge is unknown"
-    binary, why = _node_binary(fs, pid=pid, config=cri_file, containerd=containerd, proc=proc)
+    binary, why = nodebinary.for_version(fs, pid=pid, config=cri_file, containerd=containerd, proc=proc)
     if binary is None:
         return f"skipped: {why}"
     try:
@@ -378,4 +384,5 @@ def _run_k0s(
         after_text=after,
         wanted=_wanted(the_plan),
         source=str(the_plan.layout.config_path),
+        ahead=ahead,
     ).message
