@@ -1,9 +1,8 @@
 """Ask a running containerd, over its CRI socket, what it is and which runtimes it registered.
 
 CRI ``RuntimeService/Version`` and ``Status(verbose=true)`` are called with hand-encoded protobuf
-(two tiny messages), so no generated stubs are needed, as `grpcwire`'s unary calls (no grpcio).
-``Status`` returns containerd's live CRI configuration as JSON: the only first-hand answer to
-"is the runtime registered".
+(two tiny messages), so no generated stubs are needed. ``Status`` returns containerd's live CRI
+configuration as JSON: the only first-hand answer to "is the runtime registered".
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any, Protocol
 
 from kwasm_py.errors import RestartError
 from kwasm_py.model import ContainerdVersion
-from kwasm_py.node import grpcwire
 
 _APIS = ("runtime.v1", "runtime.v1alpha2")
 
@@ -64,17 +62,24 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
 
 
 def _call(socket: str, method: str, request: bytes, timeout: float) -> bytes:
-    """CRI RuntimeService `method` at `socket`: runtime.v1, or v1alpha2 where v1 is UNIMPLEMENTED
-    (containerd before 1.7 may serve only that). Raises RestartError with the call's details."""
-    last = ""
-    for api in _APIS:
-        try:
-            return grpcwire.unary(socket, f"/{api}.RuntimeService/{method}", request, timeout=timeout)
-        except grpcwire.CallError as err:
-            last = err.details
-            if err.code != grpcwire.UNIMPLEMENTED:
-                break
-    raise RestartError(f"containerd at {socket} did not answer CRI {method}: {last}")
+    import grpc  # heavy; only the commands that talk to containerd pay for it
+
+    last: Exception | None = None
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        for api in _APIS:
+            stub = channel.unary_unary(
+                f"/{api}.RuntimeService/{method}",
+                request_serializer=lambda x: x,
+                response_deserializer=lambda x: x,
+            )
+            try:
+                return bytes(stub(request, timeout=timeout))
+            except grpc.RpcError as err:
+                last = err
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    break
+    details = last.details() if isinstance(last, grpc.RpcError) else str(last)
+    raise RestartError(f"containerd at {socket} did not answer CRI {method}: {details}")
 
 
 _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
