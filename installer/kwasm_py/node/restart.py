@@ -191,8 +191,8 @@ def _run_quietly(argv: Sequence[str], *, timeout: float) -> subprocess.Completed
 
 
 # Between two CRI polls while containerd comes back: it answers 30-50 ms after a SIGTERM restart
-# here, and a poll costs 0.1 ms (no socket yet) to 0.7 ms (an answer, `grpcwire`), so a short
-# step does not miss it by much (the floor it is measured against polls every 2 ms).
+# here, so a short step does not miss it by much (the floor it is measured against polls every
+# 2 ms); a poll before the socket is there fails at once.
 POLL = 0.005  # s
 CRASH_LIMIT = 2  # containerd exits after our restart before we stop waiting and roll back
 _WATCH_EVERY = 0.2  # seconds between two looks at the containerd unit (a `systemctl show`)
