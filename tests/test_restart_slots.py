@@ -161,6 +161,32 @@ def test_a_handed_slot_is_renewed_to_the_full_term_a_third_of_the_way_in(api: St
     b.release(name)
 
 
+def test_a_handed_slot_seen_late_is_renewed_at_once(api: StandIn) -> None:
+    """B sees its hand-off when more than a third of the short term is gone (its clock runs
+    1.2 s ahead of the 3 s term): it renews at once, not a full renewal period later."""
+    a = _slots(api, "a", handoff_term=3)
+    b = _slots(api, "b", handoff_term=3, wall_clock=lambda: time.time() + 1.2)
+    name = a.acquire()
+    got: list[str] = []
+    done = threading.Event()
+    _waiter(b, got, done)
+    api.wait_for(lambda: _sees_queued(a, "b"), 10, "b queued, in a's copy")
+    a.release(name)
+    assert done.wait(10) and got == [name]
+    stop = threading.Event()
+    renewer = threading.Thread(target=b._renew_loop, args=(name, stop), daemon=True)
+    began = time.monotonic()
+    renewer.start()
+    try:
+        api.wait_for(lambda: _lease(api, name)["spec"]["leaseDurationSeconds"] == 60, 3, "the renewal")
+        assert time.monotonic() - began < 0.5, "renewed at once"
+    finally:
+        stop.set()
+        b.wake()
+        renewer.join(5)
+    b.release(name)
+
+
 def test_a_vanished_waiter_is_dropped_after_the_handoff_term(api: StandIn) -> None:
     """A queue Lease whose agent is gone: the slot handed to it is not confirmed, and the next
     waiter takes it once the short term ran out and removes the dead entry."""

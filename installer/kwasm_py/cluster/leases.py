@@ -79,7 +79,7 @@ class RestartLeases:
     watch_timeout: int = 300
     handoff_term: int = HANDOFF_TERM
     _view: LeaseView | None = field(default=None, init=False, repr=False)
-    _first_renew: float = field(default=0.0, init=False, repr=False)  # seconds after acquire
+    _first_renew: float | None = field(default=None, init=False, repr=False)  # s after acquire
     _dequeued: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
@@ -344,7 +344,8 @@ class RestartLeases:
         both have named us; unconfirmed, that slot would stand idle for a hand-off term)."""
         view = self._view
         every = max(0.05, self.duration / 3)
-        next_renew = time.monotonic() + min(every, self._first_renew or every)
+        first = every if self._first_renew is None else min(every, self._first_renew)
+        next_renew = time.monotonic() + first
         generation = view.generation if view is not None else 0
         while not done.is_set():
             left = max(0.0, next_renew - time.monotonic())
