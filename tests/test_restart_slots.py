@@ -316,3 +316,29 @@ def test_slot_k_goes_to_the_kth_waiter(api: StandIn) -> None:
     assert not done["w1"].is_set()
     holders["kwasm-restart-0"].release("kwasm-restart-0")
     assert done["w1"].wait(10) and got["w1"] == ["kwasm-restart-0"]
+
+
+def test_release_rules_hand_slot_k_to_the_kth_waiter_or_clear_it() -> None:
+    """The pure release rules: slot k to the k-th waiter (mod the queue), the hand-off with the
+    short term and a new transition, and with nobody waiting no holder at all."""
+    from kwasm_py.cluster.slotrules import released_spec, successor
+
+    slots = ["kwasm-restart-0", "kwasm-restart-1", "kwasm-restart-2"]
+    assert successor(["x", "y"], slots, "kwasm-restart-0") == "x"
+    assert successor(["x", "y"], slots, "kwasm-restart-1") == "y"
+    assert successor(["x", "y"], slots, "kwasm-restart-2") == "x"
+    assert successor([], slots, "kwasm-restart-1") is None
+    held = {"holderIdentity": "a", "leaseDurationSeconds": 60, "renewTime": "t0", "leaseTransitions": 4}
+    handed = released_spec(held, "x", now="t1", term=10, full_term=60)
+    assert handed == {
+        "holderIdentity": "x",
+        "leaseDurationSeconds": 10,
+        "acquireTime": "t1",
+        "renewTime": "t1",
+        "leaseTransitions": 5,
+    }
+    assert released_spec(held, None, now="t1", term=10, full_term=60) == {
+        "leaseDurationSeconds": 60,
+        "leaseTransitions": 4,
+    }
+    assert held["holderIdentity"] == "a", "the copy it was given is left alone"

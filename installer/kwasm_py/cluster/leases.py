@@ -39,7 +39,9 @@ from kwasm_py.cluster.slotrules import (
     expiry_of,
     holder_of,
     queue_of,
+    released_spec,
     spec_of,
+    successor,
     wait_lease_name,
 )
 from kwasm_py.errors import KubeError
@@ -416,25 +418,10 @@ class RestartLeases:
                 now = self.wall_clock()
                 leases = view.snapshot() if view else {}
                 order = [w for w in queue_of(leases, self.slots, now, self.duration) if w != self.identity]
-                # Slot k goes to the k-th waiter (mod the queue's length), not all to the first:
-                # holders that release at the same moment, each before seeing the others'
-                # hand-offs, would otherwise all name the same node, which can take only one.
-                nxt = order[self.slots.index(name) % len(order)] if order and name in self.slots else None
-                if nxt is None and order:
-                    nxt = order[0]
-                spec = dict(spec_of(lease))
-                if nxt is not None:
-                    spec.update(
-                        holderIdentity=nxt,
-                        leaseDurationSeconds=self.handoff_term,
-                        acquireTime=micro_time(now),
-                        renewTime=micro_time(now),
-                        leaseTransitions=int(spec.get("leaseTransitions") or 0) + 1,
-                    )
-                else:
-                    for key in ("holderIdentity", "acquireTime", "renewTime"):
-                        spec.pop(key, None)
-                    spec["leaseDurationSeconds"] = self.duration
+                nxt = successor(order, self.slots, name)
+                spec = released_spec(
+                    spec_of(lease), nxt, now=micro_time(now), term=self.handoff_term, full_term=self.duration
+                )
                 try:
                     answer = self.api.replace_lease(self.namespace, {**lease, "spec": spec})
                 except KubeError as ex:

@@ -59,3 +59,34 @@ def queue_of(leases: dict[str, JSON], slots: list[str], now: float, default_term
         if name.startswith(WAIT_PREFIX) and who and who not in serving:
             waiting.append((str(spec_of(lease).get("acquireTime") or ""), name, str(who)))
     return [who for _, _, who in sorted(waiting)]
+
+
+def successor(order: list[str], slots: list[str], slot: str) -> str | None:
+    """Takes the waiting nodes (first first, the releasing node left out), the slot names and
+    the slot being released; returns the node to hand it to, None when nobody waits. Slot k goes
+    to the k-th waiter (mod the queue's length), not every slot to the first: holders releasing
+    at the same moment, each before seeing the others' hand-offs, would otherwise all name the
+    same node, which can take only one."""
+    if not order:
+        return None
+    return order[slots.index(slot) % len(order)] if slot in slots else order[0]
+
+
+def released_spec(spec: JSON, nxt: str | None, *, now: str, term: int, full_term: int) -> JSON:
+    """Takes a held slot's spec, the node it goes to (None: nobody waits), the MicroTime now and
+    the hand-off and full terms (seconds); returns the spec of the release write: the next node
+    as holder for the short term, or no holder at all."""
+    out = dict(spec)
+    if nxt is not None:
+        out.update(
+            holderIdentity=nxt,
+            leaseDurationSeconds=term,
+            acquireTime=now,
+            renewTime=now,
+            leaseTransitions=int(spec.get("leaseTransitions") or 0) + 1,
+        )
+        return out
+    for key in ("holderIdentity", "acquireTime", "renewTime"):
+        out.pop(key, None)
+    out["leaseDurationSeconds"] = full_term
+    return out
