@@ -90,6 +90,7 @@ def test_a_free_slot_is_taken_and_given_back(api: StandIn) -> None:
     spec = _lease(api, name)["spec"]
     assert "holderIdentity" not in spec and spec["leaseDurationSeconds"] == 60
     assert _names(api) == {"kwasm-restart-0"}, "no queue Lease when nobody waited"
+    assert not [r for r in api.recorded("POST", "leases") if "kwasm-wait" in str(r.body)], "none written"
     assert _lease_reads(api) == 0
 
 
