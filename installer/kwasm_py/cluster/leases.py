@@ -49,7 +49,6 @@ from kwasm_py.model import JSON
 
 HANDOFF_TERM = 10  # seconds a handed slot stays reserved for its waiter until it confirms
 QUEUE_STEP = 0.05  # seconds between the tries of two consecutive waiters at a free slot
-NEWCOMER_SPREAD = 0.05  # seconds: the most a node that is not queued waits before taking a free slot
 _MOST_WAIT = 1.0  # seconds: a waiter re-checks its stop request and the clock at least this often
 _HOLD_OFF = 0.5  # seconds a waiter leaves a slot alone after losing a race for it (the watch tells)
 _RENEW_RETRY = 1.0  # seconds between renewal tries after an API error (well inside a handed term)
@@ -156,10 +155,10 @@ class RestartLeases:
                 generation = view.generation
                 leases, now = view.snapshot(), self.wall_clock()
                 got = self._look(view, leases, now, queued, free_since)
-                if got:
+                if got is not None:
                     ok = True
                     return got
-                if not queued and got is None:
+                if not queued:
                     queued = self._enqueue(view)
                     if queued:
                         self.log("lease_wait", leases=self.count)
@@ -181,8 +180,7 @@ class RestartLeases:
         self, view: LeaseView, leases: dict[str, JSON], now: float, queued: bool, free_since: dict[str, float]
     ) -> str | None:
         """One decision on the current copy: a slot handed to us (confirm it), or a free one
-        that is our turn (take it); None to go on waiting, "" (a newcomer facing a free slot) to
-        look again shortly without joining the queue."""
+        that is our turn (take it); None to go on waiting."""
         mine = [s for s in self.slots if holder_of(leases.get(s), now, self.duration) == self.identity]
         for name in mine:
             if self._accept(view, name, leases[name], now):
@@ -195,11 +193,7 @@ class RestartLeases:
             if s not in free:
                 del free_since[s]
         for s in free:
-            # A newcomer waits a random moment first: in a burst of opt-ins, those that listed
-            # before the first taker's write arrived would each try the same free slot (a 409
-            # each); by then their watch shows the slot taken, and they queue instead.
-            spread = 0.0 if queued else random.uniform(0, NEWCOMER_SPREAD)  # noqa: S311
-            free_since.setdefault(s, now + spread)
+            free_since.setdefault(s, now)
         if not free:
             return None
         order = queue_of(leases, self.slots, now, self.duration)
@@ -208,7 +202,7 @@ class RestartLeases:
         place = order.index(self.identity) if self.identity in order else 0
         ready = [s for s in free if now >= free_since[s] + place * QUEUE_STEP]
         if not ready:
-            return "" if not queued and not order else None  # "": a newcomer's moment, not a queue
+            return None
         name = random.choice(ready)  # noqa: S311 - spreads a burst of newcomers over the slots
         if self._take(view, name, leases.get(name)):
             return name
