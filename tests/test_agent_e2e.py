@@ -108,21 +108,32 @@ def test_two_nodes_one_restart_lease(standin: StandIn, agents, ctd16, ctd16b, tm
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("a", annotations={OPT_IN_KEY: "true"})
     standin.add_node("b", annotations={OPT_IN_KEY: "true"})
-    a = agents("a", **engine_env(ctd16, shim))
-    b = agents("b", **engine_env(ctd16b, shim))
+    agents("a", **engine_env(ctd16, shim))
+    agents("b", **engine_env(ctd16b, shim))
     standin.wait_for(lambda: labelled(standin, "a") and labelled(standin, "b"), 90, "both labelled")
 
-    def holds(agent):
-        spans, start = [], None
-        for line in agent.lines():
-            ts = line.split()[0].removeprefix("ts=")
-            if "event=lease_acquired" in line:
-                start = ts
-            elif "event=lease_released" in line and start:
-                spans.append((start, ts))
-        return spans
+    def hold(node: str) -> tuple[float, float]:
+        """From the API's side (one clock): the node's phase `installing` (written inside its
+        slot) to the write that gave the slot away or cleared it. The agents' own log lines
+        cannot order this: a waiter may log its hand-off before the releasing agent has read
+        the answer to the write that made it."""
+        reqs = standin.recorded()
+        start = next(
+            r.at
+            for r in reqs
+            if r.method == "PATCH" and f"/nodes/{node}" in r.path and "installing" in str(r.body)
+        )
+        end = next(
+            r.at
+            for r in reqs
+            if r.method == "PUT"
+            and "/leases/kwasm-restart-" in r.path
+            and r.at > start
+            and (r.body or {}).get("spec", {}).get("holderIdentity") != node
+        )
+        return start, end
 
-    (sa,), (sb,) = holds(a), holds(b)
+    sa, sb = hold("a"), hold("b")
     assert sa[1] <= sb[0] or sb[1] <= sa[0], (sa, sb)
 
 
