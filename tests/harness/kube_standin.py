@@ -491,19 +491,8 @@ class StandIn:
             return copy.deepcopy(obj)
 
     def list(self, res: Resource, ns: str, query: dict[str, str]) -> JSON:
-        with self.cond:
-            items = [
-                copy.deepcopy(o)
-                for (r, o_ns, _), o in sorted(self.objects.items(), key=lambda kv: kv[0][1:])
-                if r == res and (not ns or o_ns == ns) and self._selected(o, query)
-            ]
-            rv = self.rv
-        return {
-            "kind": f"{res.kind}List",
-            "apiVersion": res.api_version,
-            "metadata": {"resourceVersion": str(rv)},
-            "items": items,
-        }
+        """The List document a GET of the collection answers (its own copy of every item)."""
+        return json.loads(self.list_raw(res, ns, query))  # type: ignore[no-any-return]
 
     def list_raw(self, res: Resource, ns: str, query: dict[str, str]) -> bytes:
         """As :meth:`list`, encoded as the response body (under the lock, without copying

@@ -35,7 +35,6 @@ from kwasm_py.cluster.agentlog import Logger, micro_time
 from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.cluster.leaseview import LeaseView
 from kwasm_py.cluster.slotrules import (
-    LEASE_PREFIX,
     expiry_of,
     holder_of,
     queue_of,
@@ -45,7 +44,7 @@ from kwasm_py.cluster.slotrules import (
     wait_lease_name,
 )
 from kwasm_py.errors import KubeError
-from kwasm_py.model import JSON
+from kwasm_py.model import JSON, SLOT_LEASE_PREFIX
 
 HANDOFF_TERM = 10  # seconds a handed slot stays reserved for its waiter until it confirms
 QUEUE_STEP = 0.05  # seconds between the tries of two consecutive waiters at a free slot
@@ -87,7 +86,7 @@ class RestartLeases:
     @property
     def slots(self) -> list[str]:
         """The slot Lease names, ``kwasm-restart-0`` .. ``-(count-1)``."""
-        return [f"{LEASE_PREFIX}{i}" for i in range(max(1, self.count))]
+        return [f"{SLOT_LEASE_PREFIX}{i}" for i in range(max(1, self.count))]
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[str]:
@@ -129,7 +128,7 @@ class RestartLeases:
                 timeout_seconds=self.watch_timeout,
                 log=self.log,
                 delay=self.delay,
-                wake_on=LEASE_PREFIX,
+                wake_on=SLOT_LEASE_PREFIX,
             )
             try:
                 view.start()

@@ -10,19 +10,16 @@ from __future__ import annotations
 import hashlib
 
 from kwasm_py.cluster.agentlog import parse_time
-from kwasm_py.model import JSON, QUEUE_LEASE_PREFIX, SLOT_LEASE_PREFIX
-
-LEASE_PREFIX = SLOT_LEASE_PREFIX
-WAIT_PREFIX = QUEUE_LEASE_PREFIX
+from kwasm_py.model import JSON, QUEUE_LEASE_PREFIX
 
 
 def wait_lease_name(identity: str) -> str:
     """Takes a node name; returns its queue Lease's name (``kwasm-wait-<node>``; a hash when
     that would pass the 253 characters of a Lease name)."""
-    name = f"{WAIT_PREFIX}{identity}"
+    name = f"{QUEUE_LEASE_PREFIX}{identity}"
     if len(name) <= 253:
         return name
-    return f"{WAIT_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+    return f"{QUEUE_LEASE_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
 
 def spec_of(lease: JSON | None) -> JSON:
@@ -56,7 +53,7 @@ def queue_of(leases: dict[str, JSON], slots: list[str], now: float, default_term
     waiting = []
     for name, lease in leases.items():
         who = spec_of(lease).get("holderIdentity")
-        if name.startswith(WAIT_PREFIX) and who and who not in serving:
+        if name.startswith(QUEUE_LEASE_PREFIX) and who and who not in serving:
             waiting.append((str(spec_of(lease).get("acquireTime") or ""), name, str(who)))
     return [who for _, _, who in sorted(waiting)]
 
