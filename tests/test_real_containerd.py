@@ -153,24 +153,6 @@ def test_containerd16_refuses_a_version3_config() -> None:
         shutil.rmtree(v3.dir.parent / (v3.dir.name + "-src"), ignore_errors=True)
 
 
-def test_rollback_when_containerd_does_not_report_the_runtime(ctd: PrivateContainerd) -> None:
-    """Editing a file containerd does not read: after the restart the runtime is missing, so
-    the previous config and binary are put back, containerd runs again, and the run fails."""
-    decoy = ctd.dir / "decoy.toml"
-    decoy.write_bytes(ctd.config.read_bytes())
-    original = decoy.read_bytes()
-    args = [a if a != str(ctd.config) else str(decoy) for a in ctd.node_args()]
-    shim = fake_shim(ctd.dir / "src")
-    r = run_kwasm("node", "install", *args, "--shim", str(shim), "--timeout", "6")
-    assert r.returncode == 1
-    assert "does not report the runtime" in r.stderr and "rolled back" in r.stderr, r.stderr
-    assert "containerd runs again" in r.stderr
-    assert decoy.read_bytes() == original
-    assert not (ctd.dir / "kwasm" / "kwasm-state.json").exists()
-    assert not Path(installed_path(ctd)).exists()
-    assert ctd.cri_status().runtime_ready
-
-
 @pytest.mark.parametrize("step", ["backup", "binary", "config", "restart", "state"])
 def test_sigkill_at_each_step_converges(ctd16: PrivateContainerd, step: str) -> None:
     """SIGKILL mid-install: the config is the old or the new one, and the next run converges

@@ -260,6 +260,8 @@ def open_node(
         detected = None
     if state is not None and opts.config is None:
         detected = _owned_layout(state, detected)  # keep working on the file we own
+    elif state is not None and opts.config is not None:
+        _require_recorded_config(state, opts.config, opts.install_dir / STATE_FILE_NAME)
     chosen = layout.override(detected, config=opts.config, restart=opts.restart, socket=opts.socket)
     if opts.bus is not None and opts.restart is None:
         chosen = dbus.over_bus(chosen)  # systemd:UNIT (detected or recorded) -> dbus:UNIT
@@ -272,6 +274,27 @@ def open_node(
         restarter=restarter or restart.NodeRestarter(proc, bus=bus),
         cri_client=cri_client or cri.GrpcCri(),
         proc=proc,
+    )
+
+
+def _require_recorded_config(state: st.State, config: PurePosixPath, state_path: PurePosixPath) -> None:
+    """Raise UsageError when `--config` names a file other than the one the state file says
+    kwasm-py installed into (or, for a drop-in, the main config importing it).
+
+    Working on another file would leave the first install's tables where containerd still reads
+    them (so a check of containerd would pass for the wrong reason) and the state would forget
+    them: an install nobody can uninstall.
+    """
+    recorded = PurePosixPath(state.config.path)
+    allowed = {recorded} | ({PurePosixPath(state.config.main)} if state.config.main else set())
+    if PurePosixPath(config) in allowed:
+        return
+    raise UsageError(
+        f"kwasm-py installed into {recorded} (see {state_path}); --config {config} is another file",
+        hint=(
+            f"leave out --config to keep working on {recorded}; to move the runtime, run "
+            f"`kwasm-py node uninstall` first, then install with --config {config}"
+        ),
     )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "compare",
     "cri_view",
     "dump_ahead",
+    "require_read",
     "run",
     "today_file",
 ]
@@ -278,6 +279,8 @@ def run(
     Raises PreflightError when containerd refuses or misreads.
     """
     lay = the_plan.layout
+    if pid is not None and lay.name != "k0s":  # k0s's containerd reads k0s's own files
+        require_read(fs, lay.rendered_path or lay.config_path, pid=pid, proc=proc)
     if not the_plan.config_changed:
         return "not needed: the config does not change"
     if lay.kind is ConfigKind.DROP_IN and lay.name == "k0s":
@@ -304,6 +307,28 @@ def run(
         ahead=ahead,
     )
     return verdict.message
+
+
+def require_read(fs: HostFS, reads: PurePosixPath, *, pid: int, proc: ProcFS = HOST) -> None:
+    """Raise PreflightError when containerd runs in the PID namespace of `pid` but none of its
+    processes reads `reads` (their `--config`, symlinks followed on the node root): a runtime
+    put there would never load, and a check of containerd could pass on another file's table.
+    Nothing is raised when no containerd is found or a `--config` is relative (unknown)."""
+    found = [cfg for cfg, _binary in nodebinary.running(fs, pid, proc)]
+    if not found or any(not cfg.is_absolute() for cfg in found):
+        return
+    if reads in found:
+        return
+    with contextlib.suppress(KwasmError):
+        target = fs.resolve(reads)
+        if any(fs.resolve(cfg) == target for cfg in found):
+            return
+    names = ", ".join(sorted({str(cfg) for cfg in found}))
+    raise PreflightError(
+        f"containerd on this node reads {names}, not {reads}: a runtime added there would never load",
+        hint=f"nothing was written; pass --config {found[0]}, the file containerd reads "
+        "(or start containerd with --config pointing at the other file)",
+    )
 
 
 def _run_dropin(
