@@ -98,9 +98,9 @@ def test_drift_is_repaired(standin: StandIn, agents, tmp_path):
 def test_api_500_on_label_patch_is_retried(standin: StandIn, agents):
     """500s on the Node PATCH after a good install: the agent backs off and labels later."""
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
-    # Each attempt patches twice (phase installing, best effort; then the label): six faults
-    # make the label patch fail three times.
-    standin.inject(500, 6, method="PATCH", plural="nodes")
+    # The label, annotation and condition are one patch of nodes/status: three faults make it
+    # fail three times (a 500 is not a missing subresource, so there is no fallback write).
+    standin.inject(500, 3, method="PATCH", plural="nodes/status")
     agent = agents("n1")
     wait_labelled(standin, "n1")
     assert len(agent.events("api_error")) >= 3
@@ -137,6 +137,7 @@ def test_killed_between_install_and_label(standin: StandIn, agents, tmp_path):
     """Killed after the install but before the label: the next agent converges, no second change."""
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
     standin.inject(500, 10_000, method="PATCH", plural="nodes")
+    standin.inject(500, 10_000, method="PATCH", plural="nodes/status")  # the label goes there
     root = tmp_path / "node-n1"
     first = agents("n1", root=root)
     wait_until(lambda: [c for c in first.calls() if c["verb"] == "install"], what="install")
@@ -592,3 +593,38 @@ def test_failed_step_from_the_engine_is_the_phase_step(standin: StandIn, agents,
 def status_of_obj(obj: dict) -> dict:
     raw = (obj["metadata"].get("annotations") or {}).get(STATUS_ANNOTATION)
     return json.loads(raw) if raw else {}
+
+
+def _node_writes(api: StandIn, node: str) -> list[str]:
+    """The Node writes the stand-in received, in order: "nodes" or "nodes/status"."""
+    with api.cond:
+        paths = [r.path for r in api.requests if r.method == "PATCH"]
+    return ["nodes/status" if p.endswith("/status") else "nodes" for p in paths if f"/nodes/{node}" in p]
+
+
+def test_outcome_is_one_status_write_with_labels_and_condition(standin: StandIn, agents):
+    """Provisioned: the label, the status annotation and KwasmProvisioned=True arrive in one
+    nodes/status request (the API keeps metadata written there); opt-out removes them in one."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    agent = agents("n1")
+    wait_labelled(standin, "n1")
+    assert (condition(standin, "n1") or {}).get("status") == "True"  # with the label, not after it
+    assert status(standin, "n1")["phase"] == "provisioned"
+    assert _node_writes(standin, "n1") == ["nodes", "nodes/status"]  # phase installing, then outcome
+    standin.patch_node("n1", OPT_OUT)
+    standin.wait_for(lambda: not labelled(standin, "n1") and condition(standin, "n1") is None, what="removed")
+    assert not status(standin, "n1")
+    assert _node_writes(standin, "n1")[2:] == ["nodes", "nodes/status"]  # phase removing, then removal
+    assert agent.stop() == 0
+
+
+def test_role_without_node_status_still_labels(standin: StandIn, agents):
+    """A 403 from nodes/status (an older role without it): the label and annotation go to the
+    Node itself, the lost condition is logged, and the node is provisioned."""
+    standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
+    standin.inject(403, 100, method="PATCH", plural="nodes/status")
+    agent = agents("n1")
+    wait_labelled(standin, "n1")
+    assert status(standin, "n1")["phase"] == "provisioned" and condition(standin, "n1") is None
+    assert agent.events("condition_lost")
+    assert _node_writes(standin, "n1") == ["nodes", "nodes/status", "nodes"]

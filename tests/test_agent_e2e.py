@@ -90,6 +90,7 @@ def test_killed_between_install_and_label_no_second_restart(standin: StandIn, ag
     shim = fake_shim(tmp_path / "shims")
     standin.add_node("n1", annotations={OPT_IN_KEY: "true"})
     standin.inject(500, 100_000, method="PATCH", plural="nodes")
+    standin.inject(500, 100_000, method="PATCH", plural="nodes/status")  # the label goes there
     first = agents("n1", **engine_env(ctd16, shim))
     wait_until(lambda: first.events("api_error"), 60, "install done, label refused")
     assert ctd16.cri_status().runtimes.get("spin")

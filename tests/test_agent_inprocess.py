@@ -139,8 +139,7 @@ def test_verified_install_is_labelled_after_the_engine_inside_the_lease():
         "patch_node",  # phase installing
         "engine:install",
         "lease:None",
-        "patch_node",  # label + phase provisioned
-        "patch_status",  # condition KwasmProvisioned=True
+        "patch_status",  # label + phase provisioned + condition KwasmProvisioned=True: one write
         "event:Provisioned",
     ]
     assert api.node["metadata"]["labels"][PROVISIONED_LABEL] == "true"

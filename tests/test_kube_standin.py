@@ -174,8 +174,9 @@ def test_real_kubectl_annotates_and_selects(standin: StandIn, kubeconfig: Path):
 
 
 def test_node_status_subresource_and_condition_merge(standin: StandIn):
-    """nodes/NAME/status changes only the status, conditions merge by type ($patch: delete
-    removes one); a patch of nodes/NAME leaves the status alone, as kube-apiserver does."""
+    """nodes/NAME/status keeps the spec and changes metadata and status (kube-apiserver's
+    nodeStatusStrategy resets only spec), conditions merge by type ($patch: delete removes one);
+    a patch of nodes/NAME leaves the status alone, as kube-apiserver does."""
     standin.add_node("n1")
     smp = "application/strategic-merge-patch+json"
     cond = {"type": "KwasmProvisioned", "status": "True", "reason": "Provisioned"}
@@ -183,11 +184,15 @@ def test_node_status_subresource_and_condition_merge(standin: StandIn):
         standin,
         "PATCH",
         "/api/v1/nodes/n1/status",
-        {"status": {"conditions": [cond]}, "metadata": {"labels": {"x": "y"}}},
+        {
+            "status": {"conditions": [cond]},
+            "metadata": {"labels": {"x": "y"}},
+            "spec": {"unschedulable": True},
+        },
         smp,
     )
     assert code == 200 and [c["type"] for c in doc["status"]["conditions"]] == ["Ready", "KwasmProvisioned"]
-    assert "x" not in doc["metadata"]["labels"]
+    assert doc["metadata"]["labels"]["x"] == "y" and "unschedulable" not in doc.get("spec", {})
     code, doc = call(
         standin,
         "PATCH",

@@ -195,6 +195,23 @@ def test_the_agent_may_set_its_own_condition_through_the_status_subresource():
     assert admit(vap, request(newer, new, sub="status")) == []
 
 
+def test_the_agents_outcome_write_through_the_status_subresource_passes_and_foreign_labels_do_not():
+    """The outcome write (our labels, status annotation and condition in one nodes/status
+    update, see cluster/progress.py) passes; a foreign label in the same write is refused."""
+    vap = installed_policy()
+
+    def outcome(n: dict) -> None:
+        _our_condition(n)
+        _set_label(n, "kwasm.sh/kwasm-provisioned", "true")
+        n["metadata"]["annotations"]["kwasm.sh/status"] = "{}"
+
+    new, old = changed(outcome)
+    assert admit(vap, request(new, old, sub="status")) == []
+    bad = copy.deepcopy(new)
+    _set_label(bad, "node-role.kubernetes.io/control-plane", "")
+    assert admit(vap, request(bad, old, sub="status")) != []
+
+
 DENIED = {
     "foreign label added": (
         lambda n: _set_label(n, "node-role.kubernetes.io/control-plane", ""),

@@ -9,7 +9,9 @@ discovery for real `kubectl`. Semantics that the tests rely on:
   replaced, except a Node's ``status.conditions``, merged by ``type`` with ``$patch: delete``
   as Kubernetes does), JSON patch (RFC 6902);
 * nodes have the ``status`` subresource: writes to ``/nodes/NAME`` keep the stored status, and
-  writes to ``/nodes/NAME/status`` change only the status (the API server's node strategies);
+  writes to ``/nodes/NAME/status`` keep the stored spec, metadata and status changing as patched
+  (the API server's node strategies: ``nodeStatusStrategy`` resets only ``spec``,
+  kubernetes/kubernetes ``pkg/registry/core/node/strategy.go``);
   :meth:`StandIn.set_runtime_handlers` plays the kubelet reporting ``status.runtimeHandlers``;
 * list and watch honour ``fieldSelector`` (dotted paths, ``=``, ``==``, ``!=``) and
   ``labelSelector`` (``=``, ``==``, ``!=``, exists, ``!key``, ``in``, ``notin``);
@@ -576,8 +578,10 @@ class StandIn:
                     new = merge_patch(current, body)
             else:
                 raise ApiFailure(415, f"unsupported patch type {ctype!r}", "UnsupportedMediaType")
-            if res.plural == "nodes" and subresource == "status":
-                new = {**copy.deepcopy(current), "status": new.get("status") or {}}
+            if res.plural == "nodes" and subresource == "status":  # the spec is reset, not metadata
+                new.pop("spec", None)
+                if "spec" in current:
+                    new["spec"] = copy.deepcopy(current["spec"])
             elif res.plural == "nodes":
                 new["status"] = copy.deepcopy(current.get("status") or {})
             meta = new.setdefault("metadata", {})

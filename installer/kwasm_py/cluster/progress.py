@@ -5,10 +5,17 @@ the removal of its startup taint once provisioned (:mod:`~kwasm_py.cluster.untai
 
 Each phase (:data:`~kwasm_py.cluster.nodeview.Phase`) is one merge patch of the status
 annotation, built by :func:`~kwasm_py.cluster.nodeview.phase_status` from the annotation the
-Node carries. The condition is written for outcomes only (provisioned, failed, removed), so a
-provisioning costs one ``nodes/status`` request; it makes the outcome visible in ``kubectl
-describe node`` next to the kubelet's own conditions (a strategic-merge patch merges
-conditions by ``type``).
+Node carries. The condition is written for outcomes only (provisioned, failed, removed); it
+makes the outcome visible in ``kubectl describe node`` next to the kubelet's own conditions (a
+strategic-merge patch merges conditions by ``type``).
+
+An outcome is one request: labels, annotation and condition in one strategic-merge patch of
+``nodes/status``. The API server's status strategy for Nodes resets only ``spec`` (and
+``status.config``), so metadata written there is kept (kubernetes/kubernetes
+``pkg/registry/core/node/strategy.go``, ``nodeStatusStrategy.PrepareForUpdate`` and
+``GetResetFields``). Where that request is refused as such (403: a role without
+``nodes/status``; 404/405: no subresource), the labels and annotation go to the Node itself and
+the condition is left out, logged.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from kwasm_py.cluster.kube import AgentApi
 from kwasm_py.contract import Runtime
 from kwasm_py.errors import KubeError
 from kwasm_py.model import JSON, PROVISIONED_LABEL, STATUS_ANNOTATION
+
+#: Answers to a ``nodes/status`` patch that refuse the subresource itself (a role without it,
+#: an API without it), not the change: the labels then go to the Node alone.
+NO_STATUS_WRITE = frozenset({403, 404, 405})
 
 
 @dataclass
@@ -117,23 +128,18 @@ class Progress:
     def provisioned(self, node: JSON, runtimes: Sequence[Runtime], *, check: nodeview.Check) -> None:
         """Takes the Node, the verified runtimes and the check that confirmed them; labels the
         Node (provisioned, and one label per handler; handler labels of runtimes no longer
-        installed go), records phase provisioned, sets the condition True and removes the
-        startup taint. Raises KubeError when the label patch fails (nothing is labelled then)."""
-        self.api.patch_node(
-            self.name,
-            {
-                "metadata": {
-                    "labels": nodeview.label_patch(node, [r.handler for r in runtimes]),
-                    "annotations": {
-                        STATUS_ANNOTATION: self._annotation("provisioned", runtimes=runtimes, check=check)
-                    },
-                }
-            },
-        )
-        self._written()
+        installed go), records phase provisioned and sets the condition True, in one request
+        (:meth:`outcome`), then removes the startup taint. Raises KubeError when the label
+        patch fails (nothing is labelled then)."""
         handlers = ",".join(r.handler for r in runtimes)
         how = "containerd and the kubelet" if check == "kubelet" else "containerd"
-        self.condition(node, "provisioned", f"runtimes {handlers} verified by {how}")
+        self.outcome(
+            node,
+            "provisioned",
+            labels=nodeview.label_patch(node, [r.handler for r in runtimes]),
+            annotation=self._annotation("provisioned", runtimes=runtimes, check=check),
+            message=f"runtimes {handlers} verified by {how}",
+        )
         self.untaint(node)
 
     def untaint(self, node: JSON) -> bool:
@@ -144,37 +150,48 @@ class Progress:
 
     def failed(self, node: JSON, *, step: str, reason: str) -> None:
         """Takes the Node, the failed step and its reason; removes the provisioned and handler
-        labels (those the Node has), records phase failed and sets the condition False. Raises
-        KubeError when the patch fails."""
-        labels = nodeview.unlabel_patch(node)
-        text = self._annotation("failed", step=step, reason=reason)
-        self.api.patch_node(
-            self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: text}}}
+        labels (those the Node has), records phase failed and sets the condition False, in one
+        request (:meth:`outcome`). Raises KubeError when the patch fails."""
+        self.outcome(
+            node,
+            "failed",
+            labels=nodeview.unlabel_patch(node),
+            annotation=self._annotation("failed", step=step, reason=reason),
+            message=f"{step}: {reason}",
         )
-        self._written()
-        self.condition(node, "failed", f"{step}: {reason}")
 
     def removed(self, node: JSON) -> None:
         """Takes the Node; removes the labels (provisioned and per handler), status annotation
-        and condition. Raises KubeError when the label patch fails."""
+        and condition (one request). Raises KubeError when the label patch fails."""
         labels = {PROVISIONED_LABEL: None, **nodeview.unlabel_patch(node)}
-        self.api.patch_node(
-            self.name, {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: None}}}
-        )
+        meta: JSON = {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: None}}}
+        if nodeview.condition_of(node) is None:
+            self.api.patch_node(self.name, meta)
+        else:
+            self._with_status(meta, nodeview.condition_delete_patch(), "removed")
         self.last = {}
         self.floor = micro_time(self.wall_clock())
-        if nodeview.condition_of(node) is not None:
-            self._status_patch(nodeview.condition_delete_patch(), "removed")
 
-    def condition(self, node: JSON, phase: nodeview.Phase, message: str) -> None:
-        """Takes the Node, an outcome phase and its message; sets the ``KwasmProvisioned``
-        condition. Best effort: the label and annotation already say it, a lost condition is
-        logged and nothing is raised."""
+    def outcome(
+        self, node: JSON, phase: nodeview.Phase, *, labels: JSON, annotation: str, message: str
+    ) -> None:
+        """Takes the Node, an outcome phase, the label patch (value None removes), the status
+        annotation built for it and the condition's message; writes labels, annotation and the
+        ``KwasmProvisioned`` condition in one ``nodes/status`` request (see the module's text).
+        Raises KubeError when the labels and annotation could not be written."""
         now = micro_time(self.wall_clock())[:19] + "Z"  # conditions carry RFC 3339 seconds
-        self._status_patch(nodeview.condition_patch(node, phase=phase, message=message, now=now), phase)
+        meta: JSON = {"metadata": {"labels": labels, "annotations": {STATUS_ANNOTATION: annotation}}}
+        self._with_status(meta, nodeview.condition_patch(node, phase=phase, message=message, now=now), phase)
+        self._written()
 
-    def _status_patch(self, patch: JSON, what: str) -> None:
+    def _with_status(self, meta: JSON, status: JSON, what: str) -> None:
+        """One ``nodes/status`` patch of `meta` (labels, annotations) and `status` (the
+        condition); when the subresource refuses the request as such, `meta` alone to the Node
+        (the condition is lost, logged). Raises KubeError when `meta` was not written."""
         try:
-            self.api.patch_node_status(self.name, patch)
+            self.api.patch_node_status(self.name, {**meta, **status})
         except KubeError as ex:
+            if ex.status not in NO_STATUS_WRITE:
+                raise
+            self.api.patch_node(self.name, meta)
             self.log("condition_lost", level="warning", phase=what, error=ex.message)
